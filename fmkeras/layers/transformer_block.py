@@ -1,0 +1,110 @@
+"""What Transformer encoder and decoder blocks share: arguments, sublayers, residuals."""
+
+import keras
+
+from fmkeras.layers.multi_head_attention import MultiHeadAttention
+from fmkeras.layers.utils import built_dense, built_layer_norm, clone_initializer, get_activation
+
+
+class TransformerBlock(keras.layers.Layer):
+    """Base of `TransformerEncoderBlock` and `TransformerDecoderBlock`.
+
+    Args:
+        num_heads: int. Attention heads; the hidden size must divide by it.
+        intermediate_dim: int. Width of the feed-forward layer.
+        dropout: float. Dropout after each sublayer.
+        attention_dropout: float. Dropout on attention probabilities.
+            Defaults to `dropout`.
+        activation: str. Feed-forward activation: `"gelu"`,
+            `"gelu_approximate"`, `"relu"` or `"silu"`.
+        normalize_first: bool. Pre-LN (`x + f(LN(x))`) instead of post-LN
+            (`LN(x + f(x))`, BERT).
+        layer_norm_epsilon: float.
+        kernel_initializer: initializer for the dense kernels.
+        bias_initializer: initializer for the dense biases.
+    """
+
+    def __init__(
+        self,
+        num_heads,
+        intermediate_dim,
+        dropout=0.0,
+        attention_dropout=None,
+        activation="gelu",
+        normalize_first=False,
+        layer_norm_epsilon=1e-5,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        get_activation(activation)  # fail at construction, not at the first call
+        self.num_heads = num_heads
+        self.intermediate_dim = intermediate_dim
+        self.dropout = dropout
+        self.attention_dropout = attention_dropout
+        self.activation = activation
+        self.normalize_first = normalize_first
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+
+    def _check_hidden_dim(self, hidden_dim):
+        if hidden_dim % self.num_heads:
+            raise ValueError(
+                f"hidden_dim={hidden_dim} must be divisible by num_heads={self.num_heads}."
+            )
+
+    def _attention(self, name, hidden_dim):
+        dropout = self.dropout if self.attention_dropout is None else self.attention_dropout
+        return MultiHeadAttention(
+            num_heads=self.num_heads,
+            key_dim=hidden_dim // self.num_heads,
+            dropout=dropout,
+            kernel_initializer=clone_initializer(self.kernel_initializer),
+            bias_initializer=clone_initializer(self.bias_initializer),
+            dtype=self.dtype_policy,
+            name=name,
+        )
+
+    def _build_feedforward(self, shape):
+        """The feed-forward sublayers, named as in keras-hub."""
+        self.feedforward_intermediate_dense = built_dense(
+            self, self.intermediate_dim, "feedforward_intermediate_dense", shape
+        )
+        self.feedforward_output_dense = built_dense(
+            self, shape[-1], "feedforward_output_dense", (*shape[:-1], self.intermediate_dim)
+        )
+        self.feedforward_layer_norm = built_layer_norm(self, "feedforward_layer_norm", shape)
+
+    def _dropout(self, name):
+        return keras.layers.Dropout(self.dropout, dtype=self.dtype_policy, name=name)
+
+    def _feedforward(self, x):
+        x = get_activation(self.activation)(self.feedforward_intermediate_dense(x))
+        return self.feedforward_output_dense(x)
+
+    def _residual(self, x, layer_norm, function, dropout, training):
+        """`LN(x + drop(f(x)))`, or `x + drop(f(LN(x)))` when normalizing first."""
+        residual = x
+        if self.normalize_first:
+            x = layer_norm(x)
+        x = dropout(function(x), training=training) + residual
+        return x if self.normalize_first else layer_norm(x)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "num_heads": self.num_heads,
+                "intermediate_dim": self.intermediate_dim,
+                "dropout": self.dropout,
+                "attention_dropout": self.attention_dropout,
+                "activation": self.activation,
+                "normalize_first": self.normalize_first,
+                "layer_norm_epsilon": self.layer_norm_epsilon,
+                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+                "bias_initializer": keras.initializers.serialize(self.bias_initializer),
+            }
+        )
+        return config

@@ -1,0 +1,81 @@
+"""Transformer encoder block: self-attention + feed-forward."""
+
+import keras
+
+from fmkeras.layers.transformer_block import TransformerBlock
+from fmkeras.layers.utils import built_layer_norm, merge_masks
+
+
+@keras.saving.register_keras_serializable(package="fmkeras")
+class TransformerEncoderBlock(TransformerBlock):
+    """One Transformer encoder layer (BERT's post-LN or GPT-2's pre-LN).
+
+    Post-LN (`normalize_first=False`, BERT): `x = LN(x + Attn(x))`,
+    `x = LN(x + FFN(x))`. Pre-LN (`normalize_first=True`):
+    `x = x + Attn(LN(x))`, `x = x + FFN(LN(x))`. Sublayer names follow
+    `keras_hub.layers.TransformerEncoder`, whose outputs this layer matches
+    for the same weights.
+
+    Args:
+        num_heads: int. Attention heads; `hidden_dim` must divide by it.
+        intermediate_dim: int. Width of the feed-forward layer.
+        dropout: float. Dropout after attention and after the feed-forward.
+        attention_dropout: float. Dropout on attention probabilities.
+            Defaults to `dropout`.
+        activation: str. Feed-forward activation: `"gelu"`,
+            `"gelu_approximate"`, `"relu"` or `"silu"`.
+        normalize_first: bool. Pre-LN instead of post-LN.
+        layer_norm_epsilon: float. LayerNorm epsilon.
+        kernel_initializer: initializer for the dense kernels.
+        bias_initializer: initializer for the dense biases.
+
+    Example:
+
+    >>> import numpy as np, fmkeras
+    >>> block = fmkeras.layers.TransformerEncoderBlock(num_heads=2, intermediate_dim=32)
+    >>> x = np.random.rand(3, 5, 16).astype("float32")
+    >>> block(x, padding_mask=np.ones((3, 5), "int32")).shape
+    (3, 5, 16)
+    """
+
+    def __init__(self, num_heads, intermediate_dim, **kwargs):
+        super().__init__(num_heads, intermediate_dim, **kwargs)
+        self.supports_masking = True
+
+    def build(self, inputs_shape):
+        self._check_hidden_dim(inputs_shape[-1])
+        self.self_attention_layer = self._attention("self_attention_layer", inputs_shape[-1])
+        self.self_attention_layer.build(inputs_shape)
+        self.self_attention_layer_norm = built_layer_norm(
+            self, "self_attention_layer_norm", inputs_shape
+        )
+        self.self_attention_dropout = self._dropout("self_attention_dropout")
+        self._build_feedforward(inputs_shape)
+        self.feedforward_dropout = self._dropout("feedforward_dropout")
+        self.built = True
+
+    def call(self, inputs, padding_mask=None, attention_mask=None, training=None):
+        """Args:
+        inputs: `(batch, seq, hidden)`.
+        padding_mask: `(batch, seq)`, nonzero/True for real tokens.
+        attention_mask: boolean `(batch, seq, seq)`.
+        training: bool.
+        """
+        mask = merge_masks(padding_mask, attention_mask)  # (batch, 1|seq, seq)
+
+        def self_attend(x):
+            return self.self_attention_layer(x, x, attention_mask=mask, training=training)
+
+        x = self._residual(
+            inputs,
+            self.self_attention_layer_norm,
+            self_attend,
+            self.self_attention_dropout,
+            training,
+        )
+        return self._residual(
+            x, self.feedforward_layer_norm, self._feedforward, self.feedforward_dropout, training
+        )  # (batch, seq, hidden)
+
+    def compute_output_shape(self, inputs_shape):
+        return inputs_shape

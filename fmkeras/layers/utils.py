@@ -1,0 +1,65 @@
+"""Small helpers shared by the layers: masks, activations, initializers."""
+
+import keras
+from keras import ops
+
+ACTIVATIONS = {
+    "gelu": lambda x: keras.activations.gelu(x, approximate=False),
+    "gelu_approximate": lambda x: keras.activations.gelu(x, approximate=True),
+    "relu": keras.activations.relu,
+    "silu": keras.activations.silu,
+}
+
+
+def get_activation(name):
+    """Returns the activation function for one of `ACTIVATIONS`' names."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"Unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}.")
+    return ACTIVATIONS[name]
+
+
+def clone_initializer(initializer):
+    """A fresh initializer with the same config, so sublayers don't share seeds."""
+    initializer = keras.initializers.get(initializer)
+    return initializer.__class__.from_config(initializer.get_config())
+
+
+def causal_mask(target_length, source_length, offset=0):
+    """Boolean `(1, target, source)` mask; query `i` sees keys `<= i + offset`."""
+    rows = ops.expand_dims(ops.arange(target_length) + offset, axis=1)
+    cols = ops.expand_dims(ops.arange(source_length), axis=0)
+    return ops.expand_dims(ops.greater_equal(rows, cols), axis=0)
+
+
+def merge_masks(padding_mask=None, attention_mask=None):
+    """Combines a `(batch, source)` padding mask and a `(batch, target, source)`
+    attention mask into one boolean mask broadcastable to the latter."""
+    mask = None
+    if padding_mask is not None:
+        mask = ops.expand_dims(ops.cast(padding_mask, "bool"), axis=1)  # (batch, 1, source)
+    if attention_mask is not None:
+        attention_mask = ops.cast(attention_mask, "bool")
+        mask = attention_mask if mask is None else ops.logical_and(mask, attention_mask)
+    return mask
+
+
+def built_dense(parent, units, name, input_shape):
+    """A built `Dense` sublayer using `parent`'s initializers and dtype policy."""
+    layer = keras.layers.Dense(
+        units,
+        kernel_initializer=clone_initializer(parent.kernel_initializer),
+        bias_initializer=clone_initializer(parent.bias_initializer),
+        dtype=parent.dtype_policy,
+        name=name,
+    )
+    layer.build(input_shape)
+    return layer
+
+
+def built_layer_norm(parent, name, input_shape):
+    """A built `LayerNormalization` sublayer using `parent`'s epsilon and dtype policy."""
+    layer = keras.layers.LayerNormalization(
+        epsilon=parent.layer_norm_epsilon, dtype=parent.dtype_policy, name=name
+    )
+    layer.build(input_shape)
+    return layer

@@ -1,0 +1,163 @@
+"""BERT-style encoder backbone (same input/output contract as keras-hub's BertBackbone)."""
+
+import keras
+
+from fmkeras.layers.text_embedding import TextEmbedding
+from fmkeras.layers.transformer_encoder_block import TransformerEncoderBlock
+
+
+@keras.saving.register_keras_serializable(package="fmkeras")
+class Encoder(keras.Model):
+    """A Transformer encoder as a functional model.
+
+    Inputs: a dict of int32 `(batch, seq)` tensors `token_ids`, `segment_ids`
+    and `padding_mask` (1 for real tokens). Outputs: a dict with
+    `sequence_output` `(batch, seq, hidden)` and `pooled_output`
+    `(batch, hidden)` (tanh dense on the first token), like
+    `keras_hub.models.BertBackbone`. Intermediate outputs are reachable by
+    layer name, e.g. `keras.Model(encoder.input,
+    encoder.get_layer("transformer_layer_0").output)`.
+
+    Args:
+        vocabulary_size: int.
+        num_layers: int. Number of `TransformerEncoderBlock`s.
+        num_heads: int.
+        hidden_dim: int.
+        intermediate_dim: int. Feed-forward width.
+        dropout: float.
+        max_sequence_length: int. Learned positions.
+        num_segments: int. Segment ids (BERT uses 2).
+        activation: str. Feed-forward activation.
+        normalize_first: bool. Pre-LN blocks (adds a final LayerNorm).
+        layer_norm_epsilon: float.
+
+    Example:
+
+    >>> import numpy as np, fmkeras
+    >>> encoder = fmkeras.models.Encoder(
+    ...     vocabulary_size=100, num_layers=2, num_heads=2, hidden_dim=16,
+    ...     intermediate_dim=32, max_sequence_length=8)
+    >>> ids = np.array([[2, 7, 9, 3]], "int32")
+    >>> out = encoder({"token_ids": ids, "segment_ids": 0 * ids,
+    ...                "padding_mask": np.ones_like(ids)})
+    >>> out["sequence_output"].shape, out["pooled_output"].shape
+    ((1, 4, 16), (1, 16))
+    """
+
+    def __init__(
+        self,
+        vocabulary_size,
+        num_layers,
+        num_heads,
+        hidden_dim,
+        intermediate_dim,
+        dropout=0.1,
+        max_sequence_length=512,
+        num_segments=2,
+        activation="gelu",
+        normalize_first=False,
+        layer_norm_epsilon=1e-12,
+        dtype=None,
+        **kwargs,
+    ):
+        # === Layers ===
+        self.embedding = TextEmbedding(
+            vocabulary_size,
+            hidden_dim,
+            max_sequence_length,
+            num_segments=num_segments,
+            dropout=dropout,
+            layer_norm_epsilon=layer_norm_epsilon,
+            dtype=dtype,
+            name="embedding",
+        )
+        initializer = keras.initializers.TruncatedNormal(stddev=0.02)
+        self.transformer_layers = [
+            TransformerEncoderBlock(
+                num_heads=num_heads,
+                intermediate_dim=intermediate_dim,
+                dropout=dropout,
+                activation=activation,
+                normalize_first=normalize_first,
+                layer_norm_epsilon=layer_norm_epsilon,
+                kernel_initializer=initializer,
+                dtype=dtype,
+                name=f"transformer_layer_{i}",
+            )
+            for i in range(num_layers)
+        ]
+        self.final_layer_norm = (
+            keras.layers.LayerNormalization(
+                epsilon=layer_norm_epsilon, dtype=dtype, name="final_layer_norm"
+            )
+            if normalize_first
+            else None
+        )
+        self.pooler = keras.layers.Dense(
+            hidden_dim,
+            activation="tanh",
+            kernel_initializer=initializer,
+            dtype=dtype,
+            name="pooled_dense",
+        )
+
+        # === Functional Model ===
+        inputs = {
+            name: keras.Input(shape=(None,), dtype="int32", name=name)
+            for name in ("token_ids", "segment_ids", "padding_mask")
+        }
+        x = self.embedding(inputs["token_ids"], inputs["segment_ids"])
+        for block in self.transformer_layers:
+            x = block(x, padding_mask=inputs["padding_mask"])  # (batch, seq, hidden)
+        if self.final_layer_norm is not None:
+            x = self.final_layer_norm(x)
+        pooled = self.pooler(x[:, 0, :])  # (batch, hidden)
+        super().__init__(
+            inputs=inputs,
+            outputs={"sequence_output": x, "pooled_output": pooled},
+            dtype=dtype,
+            **kwargs,
+        )
+
+        # === Config ===
+        self.vocabulary_size = vocabulary_size
+        self.num_layers = num_layers
+        self.num_heads = num_heads
+        self.hidden_dim = hidden_dim
+        self.intermediate_dim = intermediate_dim
+        self.dropout = dropout
+        self.max_sequence_length = max_sequence_length
+        self.num_segments = num_segments
+        self.activation = activation
+        self.normalize_first = normalize_first
+        self.layer_norm_epsilon = layer_norm_epsilon
+
+    @property
+    def token_embedding(self):
+        """The `keras.layers.Embedding` holding the token table (for tied heads)."""
+        return self.embedding.token_embedding
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "dtype": keras.dtype_policies.serialize(self.dtype_policy),
+            "vocabulary_size": self.vocabulary_size,
+            "num_layers": self.num_layers,
+            "num_heads": self.num_heads,
+            "hidden_dim": self.hidden_dim,
+            "intermediate_dim": self.intermediate_dim,
+            "dropout": self.dropout,
+            "max_sequence_length": self.max_sequence_length,
+            "num_segments": self.num_segments,
+            "activation": self.activation,
+            "normalize_first": self.normalize_first,
+            "layer_norm_epsilon": self.layer_norm_epsilon,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        if isinstance(config.get("dtype"), dict):
+            config["dtype"] = keras.dtype_policies.deserialize(config["dtype"])
+        return cls(**config)

@@ -1,0 +1,1 @@
+"""Tasks: what `python -m fmkeras.train TASK` runs."""

@@ -1,0 +1,207 @@
+"""Masked-LM pretraining of an `Encoder` with `model.fit`."""
+
+import math
+import shutil
+import time
+
+import keras
+
+from fmkeras import distribute
+from fmkeras.data import read_lines, require_file
+from fmkeras.errors import ConfigError, DataError, TrainingError
+from fmkeras.flops import training_flops_per_token
+from fmkeras.models import Encoder, MaskedLM, encoder_kwargs
+from fmkeras.text.mlm import mlm_dataset, pack_sequences
+from fmkeras.text.wordpiece import WordPieceTokenizer, learn_vocabulary, write_vocabulary
+from fmkeras.training.callbacks import StopOnNaN, TrainingLogger
+from fmkeras.training.checkpoints import (
+    Backup,
+    latest_backup,
+    restore_backup,
+    save_model,
+    write_json,
+)
+from fmkeras.training.optimizer import create_optimizer
+from fmkeras.training.run_dir import RunDir
+from fmkeras.training.throughput import measure_matmul_gflops
+
+
+def epoch_length(steps, checkpoint_every):
+    """Steps per Keras epoch: the largest divisor of `steps` not above `checkpoint_every`."""
+    for length in range(min(checkpoint_every, steps), 0, -1):
+        if steps % length == 0:
+            return length
+
+
+def prepare_vocabulary(config, run: RunDir, train_lines, data_dir, origin, log):
+    """The run's `vocab.txt`: kept from an earlier attempt, copied, or learned."""
+    if run.vocab.is_file():
+        return WordPieceTokenizer(run.vocab, lowercase=config.data.lowercase)
+    if config.data.vocab_file:
+        source = require_file(config.data.vocab_file, data_dir, origin)
+        tokenizer = WordPieceTokenizer(source, lowercase=config.data.lowercase)
+        shutil.copyfile(source, run.vocab)
+        return tokenizer
+    vocabulary = learn_vocabulary(
+        train_lines, config.data.vocab_size, lowercase=config.data.lowercase, log=log
+    )
+    write_vocabulary(vocabulary, run.vocab)
+    return WordPieceTokenizer(vocabulary, lowercase=config.data.lowercase)
+
+
+def build_masked_lm(config, vocabulary_size):
+    if config.model.init != "random":
+        raise ConfigError(
+            f"model.init={config.model.init!r}: pretraining starts from 'random' "
+            "(other starting points arrive with fine-tuning)"
+        )
+    try:
+        return MaskedLM(Encoder(**encoder_kwargs(config.model, vocabulary_size)), name="masked_lm")
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+def resolve_jit_compile(setting, strategy):
+    if setting == "auto":
+        # Keras turns XLA off under tf.distribute; the embedding's sparse gradients
+        # do not compile with collectives (keras#18110, keras-hub#949).
+        return distribute.is_single_device(strategy)
+    return setting == "true"
+
+
+def run(config, run: RunDir, data_dir, origin, log=print):
+    """Trains, evaluates and saves; returns the metrics dict."""
+    data, train = config.data, config.train
+    train_lines = read_lines(require_file(data.train_file, data_dir, origin), data.max_lines)
+    valid_lines = read_lines(require_file(data.valid_file, data_dir, origin), data.max_lines)
+    tokenizer = prepare_vocabulary(config, run, train_lines, data_dir, origin, log)
+    try:
+        train_sequences = pack_sequences(train_lines, tokenizer, data.sequence_length)
+        valid_sequences = pack_sequences(valid_lines, tokenizer, data.sequence_length)
+    except ValueError as error:
+        raise DataError(f"{data.train_file}/{data.valid_file}: {error}") from None
+    predictions = data.max_predictions or max(1, round(data.mask_rate * data.sequence_length))
+    log(
+        f"data: {len(train_sequences):,} train / {len(valid_sequences):,} valid sequences of "
+        f"{data.sequence_length} tokens, vocabulary {tokenizer.vocabulary_size:,}, "
+        f"{predictions} masked per sequence"
+    )
+
+    strategy = distribute.create_strategy(config.distribute)
+    jit_compile = resolve_jit_compile(train.jit_compile, strategy)
+    with strategy.scope():
+        model = build_masked_lm(config, tokenizer.vocabulary_size)
+        model.compile(
+            optimizer=create_optimizer(train),
+            loss=keras.losses.SparseCategoricalCrossentropy(
+                from_logits=True, reduction="mean_with_sample_weight"
+            ),
+            weighted_metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+            jit_compile=jit_compile,
+            steps_per_execution=train.steps_per_execution,
+        )
+
+    steps_per_epoch = epoch_length(train.steps, train.checkpoint_every)
+    epochs = train.steps // steps_per_epoch
+    backup_path, state = latest_backup(run.backups)
+    initial_epoch = 0
+    if backup_path is not None:
+        if state["step"] % steps_per_epoch:
+            raise ConfigError(
+                f"{backup_path} is at step {state['step']}, which this run's checkpoint interval "
+                f"({steps_per_epoch} steps) cannot continue from; resume with the original "
+                "train.steps and train.checkpoint_every"
+            )
+        restore_backup(model, backup_path)
+        initial_epoch = state["step"] // steps_per_epoch
+        log(f"resuming from {backup_path} (step {state['step']} of {train.steps})")
+
+    start_step = initial_epoch * steps_per_epoch
+    train_data = mlm_dataset(
+        train_sequences,
+        tokenizer,
+        train.batch_size,
+        predictions,
+        seed=train.seed,
+        start_step=start_step,
+    )
+    valid_data = mlm_dataset(
+        valid_sequences,
+        tokenizer,
+        train.batch_size,
+        predictions,
+        seed=train.seed,
+        shuffle=False,
+        repeat=False,
+    )
+    if train.eval_steps:
+        valid_data = valid_data.take(train.eval_steps)
+
+    tokens_per_step = train.batch_size * data.sequence_length
+    arch = encoder_kwargs(config.model, tokenizer.vocabulary_size)
+    flops_per_step = tokens_per_step * training_flops_per_token(
+        arch, data.sequence_length, predictions
+    )
+    peak_gflops = train.peak_gflops or measure_matmul_gflops()
+    logger = TrainingLogger(
+        run.logs,
+        train.log_every,
+        tokens_per_step,
+        flops_per_step,
+        peak_gflops * 1e9,
+        print_fn=log,
+    )
+    stop_on_nan = StopOnNaN()
+    log(
+        f"model: {model.count_params():,} parameters, {flops_per_step / tokens_per_step / 1e6:.1f} "
+        f"MFLOP/token; {strategy.num_replicas_in_sync} replica(s), "
+        f"XLA {'on' if jit_compile else 'off'}, "
+        f"peak {peak_gflops:.0f} GFLOP/s; training steps {start_step}..{train.steps}"
+    )
+
+    started = time.time()
+    if initial_epoch < epochs:
+        model.fit(
+            train_data,
+            epochs=epochs,
+            initial_epoch=initial_epoch,
+            steps_per_epoch=steps_per_epoch,
+            validation_data=valid_data,
+            validation_freq=max(1, round(train.eval_every / steps_per_epoch)),
+            callbacks=[stop_on_nan, logger, Backup(run.backups, steps_per_epoch)],
+            shuffle=False,  # the dataset orders itself (see fmkeras.text.mlm)
+            verbose=0,
+        )
+    if stop_on_nan.bad_step is not None:
+        last, _ = latest_backup(run.backups)
+        raise TrainingError(
+            f"the loss became NaN or infinite at step {stop_on_nan.bad_step}; training stopped. "
+            f"Last good backup: {last or 'none'}. Lower train.learning_rate or raise "
+            "train.warmup_steps, then run the same command again to resume from that backup."
+        )
+
+    val_loss, val_accuracy = model.evaluate(valid_data, verbose=0)
+    logger.write_validation(train.steps, val_loss, val_accuracy)
+    save_model(model, run.model)
+    save_model(model.encoder, run.encoder)
+    throughput = sorted(logger.throughput)
+    tokens_per_second = throughput[len(throughput) // 2] if throughput else None
+    metrics = {
+        "task": "pretrain",
+        "steps": train.steps,
+        "resumed_from_step": start_step,
+        "valid_loss": val_loss,
+        "valid_masked_accuracy": val_accuracy,
+        "valid_perplexity": math.exp(min(val_loss, 50.0)),
+        "tokens_per_second": tokens_per_second,
+        "mfu": tokens_per_second * flops_per_step / tokens_per_step / (peak_gflops * 1e9)
+        if tokens_per_second
+        else None,
+        "peak_gflops": peak_gflops,
+        "parameters": model.count_params(),
+        "train_seconds_this_attempt": time.time() - started,
+        "replicas": strategy.num_replicas_in_sync,
+        "jit_compile": jit_compile,
+    }
+    write_json(run.metrics, metrics)
+    return metrics

@@ -1,0 +1,1 @@
+"""Text processing: WordPiece tokenization and masked-LM data pipelines."""

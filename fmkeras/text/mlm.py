@@ -1,0 +1,172 @@
+"""Masked-LM data: pack text into fixed-length sequences and mask them in tf.data.
+
+Packing runs once: every line is tokenized in-graph, closed with `[SEP]`,
+and the token stream is cut into `[CLS] ... [SEP]` sequences of exactly
+`sequence_length` ids, so no position is padding.
+
+The training stream is indexed by a global example counter: example `i` is
+sequence `index_shuffle(i mod N, seed=(seed, i div N))` and the masks of a
+batch are drawn with a stateless RNG seeded by the batch's first index. So
+every pass over the corpus has a fresh order and fresh masks, a run resumed
+at step `s` sees exactly the data it would have seen, and workers can take
+disjoint slices of each global batch (`shard_index`, `num_shards`).
+"""
+
+import numpy as np
+import tensorflow as tf
+
+
+def pack_sequences(lines, tokenizer, sequence_length, batch_size=4096):
+    """Tokenizes `lines` and packs them into an int32 array `(N, sequence_length)`."""
+    body = sequence_length - 2  # room for [CLS] and [SEP]
+    pieces = []
+    for start in range(0, len(lines), batch_size):
+        ids = tokenizer.tokenize(tf.constant(lines[start : start + batch_size]))
+        separators = tf.fill([ids.nrows(), 1], tokenizer.sep_id)
+        pieces.append(tf.concat([ids, separators], axis=1).flat_values.numpy())
+    stream = np.concatenate(pieces)
+    count = len(stream) // body
+    if count == 0:
+        raise ValueError(
+            f"the text holds {len(stream)} tokens, fewer than one sequence of {sequence_length}"
+        )
+    body_ids = stream[: count * body].reshape(count, body)
+    cls = np.full((count, 1), tokenizer.cls_id, np.int32)
+    sep = np.full((count, 1), tokenizer.sep_id, np.int32)
+    return np.concatenate([cls, body_ids, sep], axis=1).astype(np.int32)
+
+
+def mask_tokens(
+    token_ids,
+    seed,
+    max_predictions,
+    mask_id,
+    vocabulary_size,
+    special_ids,
+    mask_token_rate=0.8,
+    random_token_rate=0.1,
+    row_offset=0,
+    total_rows=None,
+):
+    """BERT masking of a batch: `max_predictions` positions per sequence,
+    chosen uniformly among non-special tokens; of those 80 % become `[MASK]`,
+    10 % a random id and 10 % stay (with the default rates).
+
+    Args:
+        token_ids: int32 `(batch, seq)`.
+        seed: int `(2,)` stateless seed.
+        row_offset, total_rows: `token_ids` are rows `[row_offset, row_offset
+            + batch)` of a global batch of `total_rows`; the random draws are
+            those of the global batch, so a batch masks the same way however
+            many workers share it.
+
+    Returns: `(masked_ids, mask_positions, mask_ids, mask_weights)`; weights
+    are 0 where a sequence had fewer candidates than `max_predictions`.
+    """
+    seeds = tf.random.experimental.stateless_split(seed, 3)
+    shape = tf.shape(token_ids)
+    rows = slice(row_offset, row_offset + token_ids.shape[0])
+
+    def draw(columns, seed, **kwargs):  # this shard's rows of the global batch's draws
+        global_shape = [total_rows or token_ids.shape[0], columns]
+        return tf.random.stateless_uniform(global_shape, seed, **kwargs)[rows]
+
+    candidate = tf.reduce_all(token_ids[..., None] != tf.constant(special_ids, tf.int32), axis=-1)
+    scores = tf.where(candidate, draw(shape[1], seeds[0]), -1.0)
+    _, positions = tf.math.top_k(scores, k=max_predictions)
+    positions = tf.sort(positions, axis=-1)  # (batch, predictions)
+    weights = tf.cast(tf.gather(candidate, positions, batch_dims=1), tf.float32)
+    original = tf.gather(token_ids, positions, batch_dims=1)
+
+    choice = draw(max_predictions, seeds[1])
+    random_ids = draw(max_predictions, seeds[2], minval=0, maxval=vocabulary_size, dtype=tf.int32)
+    replacement = tf.where(
+        choice < mask_token_rate,
+        mask_id,
+        tf.where(choice < mask_token_rate + random_token_rate, random_ids, original),
+    )
+    replacement = tf.where(weights > 0, replacement, original)
+    row_ids = tf.broadcast_to(tf.range(shape[0])[:, None], tf.shape(positions))
+    masked = tf.tensor_scatter_nd_update(
+        token_ids, tf.stack([row_ids, positions], axis=-1), replacement
+    )
+    return masked, positions, original, weights
+
+
+def mlm_dataset(
+    sequences,
+    tokenizer,
+    batch_size,
+    max_predictions,
+    seed=0,
+    start_step=0,
+    shuffle=True,
+    repeat=True,
+    shard_index=0,
+    num_shards=1,
+):
+    """A tf.data pipeline of `(inputs, mask_ids, mask_weights)` MLM batches.
+
+    Args:
+        sequences: int32 `(N, seq)` from `pack_sequences`.
+        tokenizer: the `WordPieceTokenizer` that made them (special ids).
+        batch_size: global batch size.
+        max_predictions: masked positions per sequence.
+        seed: int; order and masks are a pure function of it.
+        start_step: first global step (resuming skips in O(1)).
+        shuffle: reshuffle every pass (False: file order, for validation).
+        repeat: endless stream; else one pass of whole batches.
+        shard_index, num_shards: this worker's slice of every global batch.
+    """
+    count = len(sequences)
+    if count < batch_size:
+        raise ValueError(f"only {count} sequences, fewer than one batch of {batch_size}")
+    if batch_size % num_shards:
+        raise ValueError(f"batch_size={batch_size} does not split into {num_shards} shards")
+    local_batch = batch_size // num_shards
+    table = tf.constant(sequences, tf.int32)
+    special_ids = tokenizer.special_ids
+
+    def make_batch(step):
+        first = step * batch_size  # global index of the batch's first example
+        indices = first + shard_index * local_batch + tf.range(local_batch, dtype=tf.int64)
+        passes, position = indices // count, indices % count
+        if shuffle:
+            seeds = tf.stack(  # (local_batch, 3): one permutation per pass over the corpus
+                [tf.fill(tf.shape(passes), tf.cast(seed, tf.int64)), passes, tf.zeros_like(passes)],
+                axis=-1,
+            )
+            # The raw op: the Python wrapper mis-pads batched seeds (TF 2.20).
+            position = tf.raw_ops.RandomIndexShuffle(
+                index=position, seed=seeds, max_index=tf.constant(count - 1, tf.int64)
+            )
+        token_ids = tf.gather(table, position)  # (local_batch, seq)
+        masked, positions, mask_ids, weights = mask_tokens(
+            token_ids,
+            tf.stack([tf.cast(seed, tf.int64), first]),
+            max_predictions,
+            tokenizer.mask_id,
+            tokenizer.vocabulary_size,
+            special_ids,
+            row_offset=shard_index * local_batch,
+            total_rows=batch_size,
+        )
+        inputs = {
+            "token_ids": masked,
+            "segment_ids": tf.zeros_like(masked),
+            "padding_mask": tf.ones_like(masked),
+            "mask_positions": positions,
+        }
+        return inputs, mask_ids, weights
+
+    if repeat:
+        steps = tf.data.Dataset.counter(start_step)
+    else:
+        steps = tf.data.Dataset.range(start_step, count // batch_size)
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    return (
+        steps.map(make_batch, num_parallel_calls=tf.data.AUTOTUNE)
+        .prefetch(tf.data.AUTOTUNE)
+        .with_options(options)
+    )

@@ -1,0 +1,113 @@
+"""WordPiece vocabularies and in-graph BERT tokenization (tensorflow-text)."""
+
+import collections
+import threading
+import time
+from pathlib import Path
+
+import tensorflow as tf
+import tensorflow_text as tf_text
+from tensorflow_text.python.ops.bert_tokenizer import BasicTokenizer
+from tensorflow_text.tools.wordpiece_vocab import wordpiece_tokenizer_learner_lib as learner
+
+from fmkeras.errors import DataError
+
+PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
+RESERVED_TOKENS = [PAD, UNK, CLS, SEP, MASK]
+
+
+def learn_vocabulary(lines, vocabulary_size, lowercase=True, log=print, batch_size=4096):
+    """Learns a BERT WordPiece vocabulary (reserved tokens first) from text lines.
+
+    Words come from BERT's basic tokenizer (punctuation split, CJK characters
+    one per word, optional lower-casing and accent stripping); pieces from
+    tensorflow-text's WordPiece learner.
+    """
+    basic = BasicTokenizer(lower_case=lowercase)
+    counts = collections.Counter()
+    started = time.time()
+    for start in range(0, len(lines), batch_size):
+        words = basic.tokenize(tf.constant(lines[start : start + batch_size]))
+        counts.update(w.decode("utf-8") for w in words.flat_values.numpy())
+        counted = min(start + batch_size, len(lines))
+        if counted == len(lines) or (start // batch_size) % 10 == 0:
+            seconds = time.time() - started
+            log(f"vocabulary: counted words in {counted:,}/{len(lines):,} lines ({seconds:.0f} s)")
+    log(f"vocabulary: learning {vocabulary_size:,} pieces from {len(counts):,} distinct words")
+    finished = threading.Event()
+
+    def heartbeat():  # the learner is one long call: say it is alive
+        while not finished.wait(15):
+            log(f"vocabulary: still learning ({time.time() - started:.0f} s)")
+
+    threading.Thread(target=heartbeat, daemon=True).start()
+    try:
+        vocabulary = learner.learn(counts, vocabulary_size, RESERVED_TOKENS)
+    finally:
+        finished.set()
+    log(f"vocabulary: {len(vocabulary):,} pieces in {time.time() - started:.0f} s")
+    return vocabulary
+
+
+def read_vocabulary(path):
+    """Reads a BERT `vocab.txt` (one piece per line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"vocabulary file {path} does not exist")
+    try:
+        vocabulary = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not valid UTF-8 ({error.reason})") from None
+    return vocabulary
+
+
+def write_vocabulary(vocabulary, path):
+    Path(path).write_text("".join(f"{piece}\n" for piece in vocabulary), encoding="utf-8")
+
+
+class WordPieceTokenizer:
+    """BERT tokenization (basic + WordPiece) that runs inside TF graphs.
+
+    Args:
+        vocabulary: list of pieces, or the path of a `vocab.txt`. Must contain
+            `[PAD] [UNK] [CLS] [SEP] [MASK]` (any ids).
+        lowercase: bool. Lower-case and strip accents (uncased BERT).
+
+    Example:
+
+    >>> tokenizer = WordPieceTokenizer(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hi", "##s"])
+    >>> tokenizer.tokenize(["His hi"]).to_list()
+    [[5, 6, 5]]
+    """
+
+    def __init__(self, vocabulary, lowercase=True):
+        if isinstance(vocabulary, str | Path):
+            vocabulary = read_vocabulary(vocabulary)
+        self.vocabulary = list(vocabulary)
+        self.lowercase = lowercase
+        index = {piece: i for i, piece in enumerate(self.vocabulary)}
+        missing = [t for t in RESERVED_TOKENS if t not in index]
+        if missing:
+            raise DataError(f"vocabulary lacks the special tokens {missing}")
+        self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (
+            index[t] for t in RESERVED_TOKENS
+        )
+        self._tokenizer = tf_text.FastBertTokenizer(
+            vocab=self.vocabulary,
+            suffix_indicator="##",
+            token_out_type=tf.int32,
+            unknown_token=UNK,
+            lower_case_nfd_strip_accents=lowercase,
+        )
+
+    @property
+    def vocabulary_size(self):
+        return len(self.vocabulary)
+
+    @property
+    def special_ids(self):
+        return [self.pad_id, self.cls_id, self.sep_id, self.mask_id]
+
+    def tokenize(self, texts):
+        """`(batch,)` strings -> ragged int32 `(batch, pieces)`."""
+        return self._tokenizer.tokenize(texts)

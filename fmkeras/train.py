@@ -1,0 +1,110 @@
+"""`python -m fmkeras.train [TASK] [--recipe FILE] [--set key=value ...]`: train a model.
+
+With no arguments it runs the quickstart: a tiny encoder pretrained briefly
+on the Gutenberg corpus, on the local CPU, in a few minutes.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from fmkeras.config import TASKS, build_config
+from fmkeras.data import resolve_data_dir
+from fmkeras.errors import ConfigError, FmkerasError
+
+QUICKSTART = {
+    "model.size": "tiny",
+    "data.max_lines": 6000,
+    "data.vocab_size": 8000,
+    "train.steps": 300,
+    "train.learning_rate": 1e-3,
+    "train.checkpoint_every": 100,
+    "train.eval_every": 100,
+    "train.eval_steps": 10,
+    "train.log_every": 50,
+}
+
+
+def log(message):
+    print(f"[fmkeras {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def find_recipe(name):
+    """A recipe path, or a bare name looked up in `trainers/`."""
+    for candidate in (Path(name), Path("trainers") / name, Path("trainers") / f"{name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"recipe {name!r} not found (looked for it as a path and in trainers/)")
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="python -m fmkeras.train", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "task", nargs="?", choices=TASKS, help="what to train (default: the recipe's)"
+    )
+    parser.add_argument("--recipe", help="YAML recipe: a path or a name in trainers/")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe key, e.g. --set train.steps=100 (repeatable)",
+    )
+    parser.add_argument(
+        "--data-dir", help="data directory (default: data.dir, then $FMKERAS_DATA_DIR)"
+    )
+    parser.add_argument("--out", help="run directory (default: runs/<recipe name>)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        recipe = find_recipe(args.recipe) if args.recipe else None
+        config = build_config(recipe, args.overrides, base=None if recipe else QUICKSTART)
+        if args.task and recipe and config.task != args.task:
+            raise ConfigError(f"{recipe} is a {config.task!r} recipe, not {args.task!r}")
+        if args.task:
+            config.task = args.task
+        from fmkeras.distribute import configure_cpu_devices
+
+        configure_cpu_devices(config.distribute.cpu_devices)  # before TensorFlow runs anything
+        data_dir, origin = resolve_data_dir(args.data_dir, config.data.dir)
+        from fmkeras.training.run_dir import RunDir
+
+        run = RunDir(args.out or Path("runs") / (recipe.stem if recipe else "quickstart"))
+        run.prepare(config)
+        log(f"{config.task}: run directory {run.root}, data directory {data_dir} ({origin})")
+        from fmkeras.tasks import pretrain
+
+        metrics = pretrain.run(config, run, data_dir, origin, log=log)
+    except FmkerasError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "interrupted: run the same command again to resume from the last backup",
+            file=sys.stderr,
+        )
+        return 130
+    summary = ", ".join(
+        f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+        for k, v in metrics.items()
+        if k
+        in ("valid_loss", "valid_masked_accuracy", "valid_perplexity", "tokens_per_second", "mfu")
+    )
+    log(f"done: {summary}")
+    log(
+        f"run directory {run.root}: model {run.model.name}, encoder {run.encoder.name}, "
+        f"vocabulary {run.vocab.name}, metrics {run.metrics.name}, "
+        f"TensorBoard: tensorboard --logdir {run.logs}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Atomic files and resumable backups of a training run.
+
+A backup is a directory `backup/step-NNNNNNNN/` holding the model and
+optimizer state (`state.weights.h5`, keyed by layer path) and `state.json`.
+It is written under a temporary name and renamed into place, so a run
+killed at any moment leaves either the previous backup or the new one,
+never a torn one.
+"""
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import keras
+
+STATE_FILE = "state.json"
+WEIGHTS_FILE = "state.weights.h5"
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yields a temporary path beside `path`; renames it onto `path` on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(
+        prefix=f".{path.stem}-", suffix=path.suffix, dir=path.parent
+    )
+    os.close(handle)
+    os.unlink(temporary)  # writers such as h5py/zip want to create the file themselves
+    try:
+        yield Path(temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.isdir(temporary):
+            shutil.rmtree(temporary, ignore_errors=True)
+        elif os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+def write_json(path, data):
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def save_model(model, path):
+    """`model.save` to `path` (`.keras`), atomically."""
+    with atomic_path(path) as temporary:
+        model.save(temporary)
+
+
+def latest_backup(directory):
+    """`(path, state)` of the newest complete backup in `directory`, or `(None, None)`."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None, None
+    for candidate in sorted(directory.glob("step-*"), reverse=True):
+        state_path = candidate / STATE_FILE
+        if state_path.is_file() and (candidate / WEIGHTS_FILE).is_file():
+            return candidate, json.loads(state_path.read_text(encoding="utf-8"))
+    return None, None
+
+
+def restore_backup(model, backup_path):
+    """Loads weights and optimizer state (iterations, moments) into `model`."""
+    if model.optimizer is not None and not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
+    model.load_weights(Path(backup_path) / WEIGHTS_FILE)
+
+
+class Backup(keras.callbacks.Callback):
+    """Saves a backup at the end of every Keras epoch (= `train.checkpoint_every`
+    steps); keeps the newest `keep`.
+
+    Args:
+        directory: where `step-*` backups go.
+        steps_per_epoch: steps between backups.
+        keep: how many backups to keep.
+    """
+
+    def __init__(self, directory, steps_per_epoch, keep=2):
+        super().__init__()
+        self.directory = Path(directory)
+        self.steps_per_epoch = steps_per_epoch
+        self.keep = keep
+
+    def on_train_begin(self, logs=None):
+        for partial in self.directory.glob(".partial-*"):  # left by a killed run
+            shutil.rmtree(partial, ignore_errors=True)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.model.stop_training:  # e.g. NaN loss: keep the last good backup
+            return
+        step = (epoch + 1) * self.steps_per_epoch
+        final = self.directory / f"step-{step:08d}"
+        self.directory.mkdir(parents=True, exist_ok=True)
+        temporary = Path(tempfile.mkdtemp(prefix=".partial-", dir=self.directory))
+        try:
+            self.model.save_weights(temporary / WEIGHTS_FILE)
+            (temporary / STATE_FILE).write_text(
+                json.dumps({"step": step, "epoch": epoch + 1}), encoding="utf-8"
+            )
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(temporary, final)
+        finally:
+            shutil.rmtree(temporary, ignore_errors=True)
+        for old in sorted(self.directory.glob("step-*"))[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,60 @@
+"""AdamW with warmup + decay, no weight decay on LayerNorm and bias."""
+
+import math
+
+import keras
+from keras import ops
+
+NO_DECAY_NAMES = ["bias", "gamma", "beta"]  # LayerNorm scale/offset and all biases
+
+
+@keras.saving.register_keras_serializable(package="fmkeras")
+class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warmup to `peak`, then linear, cosine or no decay to 0 at `total_steps`."""
+
+    def __init__(self, peak, warmup_steps, total_steps, decay="linear"):
+        self.peak = peak
+        self.warmup_steps = warmup_steps
+        self.total_steps = total_steps
+        self.decay = decay
+
+    def __call__(self, step):
+        step = ops.cast(step, "float32")
+        warmup = ops.cast(max(self.warmup_steps, 1), "float32")
+        decay_steps = ops.cast(max(self.total_steps - self.warmup_steps, 1), "float32")
+        progress = ops.clip((step - self.warmup_steps) / decay_steps, 0.0, 1.0)
+        if self.decay == "linear":
+            after = 1.0 - progress
+        elif self.decay == "cosine":
+            after = 0.5 * (1.0 + ops.cos(math.pi * progress))
+        else:
+            after = ops.ones_like(progress)
+        scale = ops.where(step < self.warmup_steps, (step + 1.0) / warmup, after)
+        return self.peak * scale
+
+    def get_config(self):
+        return {
+            "peak": self.peak,
+            "warmup_steps": self.warmup_steps,
+            "total_steps": self.total_steps,
+            "decay": self.decay,
+        }
+
+
+def create_optimizer(train_config):
+    """AdamW from a `TrainConfig`: schedule, weight-decay exclusions, clipping."""
+    warmup = train_config.warmup_steps
+    if warmup is None:
+        warmup = train_config.steps // 10
+    optimizer = keras.optimizers.AdamW(
+        learning_rate=WarmupDecay(
+            train_config.learning_rate, warmup, train_config.steps, train_config.decay
+        ),
+        weight_decay=train_config.weight_decay,
+        beta_1=0.9,
+        beta_2=0.999,
+        epsilon=1e-6,
+        global_clipnorm=train_config.clip_norm or None,
+    )
+    optimizer.exclude_from_weight_decay(var_names=NO_DECAY_NAMES)
+    return optimizer

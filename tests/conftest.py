@@ -1,0 +1,37 @@
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("FMKERAS_DATA_DIR", REPO.parent / "shared" / "data")).resolve()
+
+
+def pytest_configure(config):
+    if not (DATA_DIR / "gutenberg_en" / "train.txt").is_file():
+        raise pytest.UsageError(
+            f"no datasets at {DATA_DIR}: set FMKERAS_DATA_DIR to the shared data directory"
+        )
+    os.environ["FMKERAS_DATA_DIR"] = str(DATA_DIR)
+
+
+@pytest.fixture(scope="session")
+def data_dir():
+    return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def gutenberg_lines():
+    from fmkeras.data import read_lines
+
+    return read_lines(DATA_DIR / "gutenberg_en" / "train.txt", max_lines=1500)
+
+
+@pytest.fixture(scope="session")
+def small_vocab(tmp_path_factory, gutenberg_lines):
+    """A WordPiece vocabulary learned once from a slice of the corpus."""
+    from fmkeras.text.wordpiece import learn_vocabulary, write_vocabulary
+
+    path = tmp_path_factory.mktemp("vocab") / "vocab.txt"
+    write_vocabulary(learn_vocabulary(gutenberg_lines, 2000, log=lambda _: None), path)
+    return path

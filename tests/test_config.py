@@ -1,0 +1,76 @@
+from pathlib import Path
+
+import pytest
+
+from fmkeras.config import build_config, parse_override
+from fmkeras.errors import ConfigError
+
+TRAINERS = Path(__file__).resolve().parents[1] / "trainers"
+
+
+def write(tmp_path, text):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("recipe", sorted(TRAINERS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_recipe_loads_and_shrinks(recipe):
+    config = build_config(recipe, ["model.size=tiny", "train.steps=30"])
+    assert (config.model.size, config.train.steps) == ("tiny", 30)
+
+
+def test_overrides_are_typed():
+    config = build_config(
+        None, ["train.steps=100", "train.learning_rate=3e-4", "model.normalize_first=true"]
+    )
+    assert config.train.steps == 100 and config.train.learning_rate == 3e-4
+    assert config.model.normalize_first is True
+    assert build_config(None, ["train.jit_compile=false"]).train.jit_compile == "false"
+    assert build_config(None, ["train.warmup_steps=null"]).train.warmup_steps is None
+
+
+def test_unknown_key_is_named_with_valid_keys_and_hint():
+    with pytest.raises(ConfigError) as error:
+        build_config(None, ["train.stpes=5"])
+    message = str(error.value)
+    assert "'train.stpes'" in message and "Did you mean 'train.steps'" in message
+    assert "train.batch_size" in message
+    with pytest.raises(
+        ConfigError, match=r"unknown key 'optim.lr'.*Valid keys: data, distribute, model"
+    ):
+        build_config(None, ["optim.lr=1"])
+
+
+def test_wrong_type_and_bad_choice_are_named():
+    with pytest.raises(ConfigError, match=r"train.steps expects int, got 'many'"):
+        build_config(None, ["train.steps=many"])
+    with pytest.raises(ConfigError, match=r"train.batch_size expects int, got 1.5"):
+        build_config(None, ["train.batch_size=1.5"])
+    with pytest.raises(ConfigError, match=r"distribute.strategy='gpus' is not one of"):
+        build_config(None, ["distribute.strategy=gpus"])
+    with pytest.raises(ConfigError, match="train.steps must be positive"):
+        build_config(None, ["train.steps=0"])
+    with pytest.raises(ConfigError, match="expects key=value"):
+        parse_override("train.steps")
+    with pytest.raises(ConfigError, match="model is a section"):
+        build_config(None, ["model=tiny"])
+
+
+def test_recipe_errors_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"recipe.yaml: unknown key 'train.epochs'"):
+        build_config(write(tmp_path, "train:\n  epochs: 3\n"))
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        build_config(write(tmp_path, "train: [\n"))
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        build_config(write(tmp_path, "- 1\n- 2\n"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        build_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="exceeds model.max_sequence_length"):
+        build_config(None, ["data.sequence_length=1024"])
+
+
+def test_overrides_beat_recipe_which_beats_base(tmp_path):
+    recipe = write(tmp_path, "model:\n  size: small\ntrain:\n  steps: 7\n")
+    config = build_config(recipe, ["train.steps=9"], base={"model.size": "tiny", "train.seed": 5})
+    assert (config.model.size, config.train.steps, config.train.seed) == ("small", 9, 5)

@@ -1,0 +1,120 @@
+import keras
+import keras_hub
+import numpy as np
+import pytest
+
+from fmkeras.config import ModelConfig
+from fmkeras.flops import parameter_counts, size_table, training_flops_per_token
+from fmkeras.models import SIZES, Encoder, MaskedLM, encoder_kwargs
+
+IDS = np.array([[2, 7, 9, 11, 3, 0], [2, 5, 3, 0, 0, 0]], "int32")
+INPUTS = {
+    "token_ids": IDS,
+    "segment_ids": np.zeros_like(IDS),
+    "padding_mask": (IDS > 0).astype("int32"),
+}
+
+
+TINY = dict(
+    vocabulary_size=40,
+    num_layers=2,
+    num_heads=2,
+    hidden_dim=16,
+    intermediate_dim=32,
+    max_sequence_length=16,
+)
+
+
+def tiny_encoder(**overrides):
+    return Encoder(**{**TINY, **overrides})
+
+
+def test_encoder_has_bert_backbone_contract():
+    encoder = tiny_encoder()
+    reference = keras_hub.models.BertBackbone(**TINY)
+    assert set(encoder.input) == set(reference.input)
+    assert set(encoder.output) == set(reference.output)
+    outputs = encoder(INPUTS)
+    assert outputs["sequence_output"].shape == (2, 6, 16)
+    assert outputs["pooled_output"].shape == (2, 16)
+
+
+def test_encoder_ignores_padding():
+    encoder = tiny_encoder(dropout=0.0)
+    short = {k: v[1:, :3] for k, v in INPUTS.items()}  # the second example without its padding
+    padded = encoder(INPUTS)["sequence_output"][1, :3]
+    np.testing.assert_allclose(encoder(short)["sequence_output"][0], padded, atol=1e-5)
+
+
+@pytest.mark.parametrize("normalize_first", [False, True])
+def test_encoder_and_masked_lm_round_trip(tmp_path, normalize_first):
+    encoder = tiny_encoder(normalize_first=normalize_first)
+    model = MaskedLM(encoder)
+    assert model.head.token_embedding is encoder.token_embedding
+    # Tied: the logits projection adds no (vocabulary x hidden) kernel of its own.
+    head_params = sum(
+        int(np.prod(w.shape)) for w in model.head.weights if "embedding" not in w.path
+    )
+    assert head_params == 16 * 16 + 16 + 2 * 16 + 40
+    inputs = {**INPUTS, "mask_positions": np.array([[1, 2], [1, 1]], "int32")}
+    expected = model.predict(inputs, verbose=0)
+    model.save(tmp_path / "mlm.keras")
+    encoder.save(tmp_path / "encoder.keras")
+    reloaded = keras.saving.load_model(tmp_path / "mlm.keras")
+    np.testing.assert_allclose(reloaded.predict(inputs, verbose=0), expected, atol=1e-6)
+    assert reloaded.head.token_embedding is reloaded.encoder.token_embedding
+    assert reloaded.encoder.get_config() == encoder.get_config()
+    encoder_again = keras.saving.load_model(tmp_path / "encoder.keras")
+    np.testing.assert_allclose(
+        encoder_again.predict(INPUTS, verbose=0)["sequence_output"],
+        encoder.predict(INPUTS, verbose=0)["sequence_output"],
+        atol=1e-6,
+    )
+
+
+def test_masked_lm_freezes_unused_pooler_only():
+    model = MaskedLM(tiny_encoder())
+    trainable = {v.path for v in model.trainable_variables}
+    assert not any("pooled_dense" in p for p in trainable)
+    assert any("token_embedding" in p for p in trainable)
+
+
+def test_named_sizes_and_custom_sizes():
+    mini = encoder_kwargs(ModelConfig(size="mini"), 30522)
+    assert (mini["num_layers"], mini["hidden_dim"]) == (4, 256)
+    assert {k: SIZES[k]["hidden_dim"] for k in SIZES} == {
+        "tiny": 128,
+        "mini": 256,
+        "small": 512,
+        "medium": 512,
+        "base": 768,
+    }
+    wide = encoder_kwargs(ModelConfig(size="tiny", hidden_dim=256, num_heads=4), 100)
+    assert (wide["num_layers"], wide["hidden_dim"], wide["num_heads"]) == (2, 256, 4)
+    custom = ModelConfig(
+        size="custom", num_layers=3, hidden_dim=96, num_heads=3, intermediate_dim=128
+    )
+    assert encoder_kwargs(custom, 100)["hidden_dim"] == 96
+    with pytest.raises(ValueError, match="model.num_layers"):
+        encoder_kwargs(ModelConfig(size="custom", hidden_dim=96), 100)
+    with pytest.raises(ValueError, match="not a known size"):
+        encoder_kwargs(ModelConfig(size="huge"), 100)
+
+
+@pytest.mark.parametrize("size", ["tiny", "mini"])
+def test_parameter_count_matches_built_model(size):
+    arch = encoder_kwargs(ModelConfig(size=size), 1000)
+    model = MaskedLM(Encoder(**arch))
+    counts = parameter_counts(arch)
+    assert counts["masked_lm"] == model.count_params()
+    assert counts["encoder"] == model.encoder.count_params()
+
+
+def test_training_flops_are_six_n_plus_attention():
+    arch = dict(num_layers=4, hidden_dim=256, intermediate_dim=1024, vocabulary_size=30522)
+    flops = training_flops_per_token(arch, 128, 19)
+    n = 4 * (4 * 256 * 256 + 2 * 256 * 1024)
+    head = 6 * (256 * 256 + 256 * 30522) * 19 / 128
+    assert flops == pytest.approx(6 * n + 12 * 4 * 128 * 256 + head)
+    rows = {r["size"]: r for r in size_table()}
+    assert rows["base"]["params_total"] == pytest.approx(110e6, rel=0.02)  # BERT-Base: 110M

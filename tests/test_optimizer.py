@@ -1,0 +1,48 @@
+import keras
+import numpy as np
+import pytest
+
+from fmkeras.config import TrainConfig
+from fmkeras.tasks.pretrain import epoch_length
+from fmkeras.training.optimizer import WarmupDecay, create_optimizer
+
+
+def rate(schedule, step):
+    return float(keras.ops.convert_to_numpy(schedule(step)))
+
+
+def test_warmup_then_linear_or_cosine_decay():
+    linear = WarmupDecay(1e-3, warmup_steps=10, total_steps=110, decay="linear")
+    assert rate(linear, 0) == pytest.approx(1e-4)
+    assert rate(linear, 9) == pytest.approx(1e-3)
+    assert rate(linear, 60) == pytest.approx(5e-4)
+    assert rate(linear, 110) == pytest.approx(0.0, abs=1e-12)
+    cosine = WarmupDecay(1e-3, 10, 110, decay="cosine")
+    assert rate(cosine, 60) == pytest.approx(5e-4)
+    assert rate(cosine, 35) == pytest.approx(1e-3 * 0.5 * (1 + np.cos(np.pi / 4)))
+    assert rate(WarmupDecay(1e-3, 10, 110, decay="constant"), 100) == pytest.approx(1e-3)
+    assert WarmupDecay.from_config(linear.get_config()).get_config() == linear.get_config()
+
+
+def test_weight_decay_skips_layer_norm_and_biases():
+    model = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(4), keras.layers.LayerNormalization()]
+    )
+    model.layers[1].gamma.assign(2.0 * np.ones(4))
+    optimizer = create_optimizer(
+        TrainConfig(steps=10, learning_rate=0.1, warmup_steps=0, weight_decay=0.5, clip_norm=0.0)
+    )
+    before = {v.path: v.numpy().copy() for v in model.trainable_variables}
+    # Zero gradients: Adam's step is 0, so only decoupled weight decay moves weights.
+    zeros = [np.zeros(v.shape, "float32") for v in model.trainable_variables]
+    optimizer.apply_gradients(zip(zeros, model.trainable_variables, strict=True))
+    for variable in model.trainable_variables:
+        moved = not np.allclose(variable.numpy(), before[variable.path])
+        assert moved == variable.path.endswith("kernel"), variable.path
+
+
+def test_epoch_length_divides_steps():
+    assert epoch_length(1600, 200) == 200
+    assert epoch_length(250, 200) == 125
+    assert epoch_length(30, 200) == 30
+    assert epoch_length(7, 5) == 1

@@ -1,0 +1,162 @@
+"""End-to-end pretraining: files, curves, errors, NaN, resume after SIGKILL, mirrored."""
+
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from fmkeras.text.wordpiece import read_vocabulary
+from fmkeras.train import main
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = str(REPO / "trainers" / "pretrain_gutenberg.yaml")
+
+
+def tiny_args(vocab, steps=40, **extra):
+    settings = {
+        "model.size": "tiny",
+        "data.max_lines": 1500,
+        "data.vocab_file": vocab,
+        "train.batch_size": 16,
+        "train.learning_rate": 1e-3,
+        "train.steps": steps,
+        "train.checkpoint_every": 20,
+        "train.eval_every": 20,
+        "train.eval_steps": 4,
+        "train.log_every": 10,
+        "train.steps_per_execution": 1,
+        "train.peak_gflops": 100,
+        **extra,
+    }
+    args = ["pretrain", "--recipe", RECIPE]
+    for key, value in settings.items():
+        args += ["--set", f"{key}={value}"]
+    return args
+
+
+def scalars(log_dir, tag):
+    """`[(step, value)]` of one TensorBoard scalar."""
+    events = EventAccumulator(str(log_dir), size_guidance={"tensors": 0})
+    events.Reload()
+    return [(e.step, float(tf.make_ndarray(e.tensor_proto))) for e in events.Tensors(tag)]
+
+
+def test_pretraining_writes_a_complete_run(tmp_path, small_vocab, capsys):
+    run = tmp_path / "run"
+    assert main(tiny_args(small_vocab) + ["--out", str(run)]) == 0
+    for name in ("config.yaml", "vocab.txt", "model.keras", "encoder.keras", "metrics.json"):
+        assert (run / name).is_file(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["steps"] == 40 and metrics["tokens_per_second"] > 0 and 0 < metrics["mfu"]
+    assert metrics["valid_perplexity"] == pytest.approx(math.exp(metrics["valid_loss"]))
+    assert metrics["valid_loss"] < math.log(2000) - 1.0  # well below a uniform guess
+
+    train_tags = ("loss", "accuracy", "perplexity", "learning_rate", "tokens_per_second", "mfu")
+    for tag in train_tags:
+        assert scalars(run / "logs" / "train", tag), f"no train/{tag} in TensorBoard"
+    validation = scalars(run / "logs" / "validation", "loss")
+    assert [step for step, _ in validation] == [20, 40]
+    assert validation[1][1] < validation[0][1]  # the loss goes down
+    learning_rates = [v for _, v in scalars(run / "logs" / "train", "learning_rate")]
+    assert max(learning_rates) <= 1e-3 + 1e-9
+
+    model = keras.saving.load_model(run / "model.keras")
+    assert int(model.optimizer.iterations.numpy()) == 40
+    ids = np.array([[2, 10, 4, 30, 3]], "int32")
+    logits = model.predict(
+        {
+            "token_ids": ids,
+            "segment_ids": 0 * ids,
+            "padding_mask": 1 + 0 * ids,
+            "mask_positions": np.array([[2]], "int32"),
+        },
+        verbose=0,
+    )
+    assert logits.shape == (1, 1, len(read_vocabulary(small_vocab)))
+    assert "done:" in capsys.readouterr().out
+
+
+def test_config_and_data_errors_are_one_line(tmp_path, small_vocab, capsys):
+    assert main(["--set", "train.stpes=3", "--out", str(tmp_path / "a")]) == 2
+    assert "unknown key 'train.stpes'" in capsys.readouterr().err
+    assert (
+        main(tiny_args(small_vocab) + ["--data-dir", str(tmp_path), "--out", str(tmp_path / "b")])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "gutenberg_en/train.txt" in err and str(tmp_path) in err and "Traceback" not in err
+    assert main(["--recipe", "no_such_recipe"]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_nan_loss_stops_with_a_clear_message(tmp_path, small_vocab, capsys):
+    args = tiny_args(small_vocab, **{"train.learning_rate": 1e30, "train.warmup_steps": 0})
+    assert main(args + ["--out", str(tmp_path / "nan")]) == 2
+    err = capsys.readouterr().err
+    assert "loss became NaN or infinite at step" in err and "train.learning_rate" in err
+    assert not (tmp_path / "nan" / "model.keras").exists()
+
+
+def test_changed_config_does_not_resume_silently(tmp_path, small_vocab, capsys):
+    run = str(tmp_path / "run")
+    assert main(tiny_args(small_vocab, steps=20) + ["--out", run]) == 0
+    assert main(tiny_args(small_vocab, steps=20, **{"model.size": "mini"}) + ["--out", run]) == 2
+    assert "model.size: 'tiny' -> 'mini'" in capsys.readouterr().err
+
+
+def run_cli(args, **kwargs):
+    return subprocess.run(
+        [sys.executable, "-m", "fmkeras.train", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        **kwargs,
+    )
+
+
+def test_killed_run_resumes_from_its_last_backup(tmp_path, small_vocab):
+    run = tmp_path / "run"
+    args = tiny_args(small_vocab, steps=200, **{"train.eval_every": 200}) + ["--out", str(run)]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fmkeras.train", *args],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    while not (run / "backup" / "step-00000020").is_dir():
+        assert process.poll() is None, "the run ended before its first backup"
+        assert time.time() < deadline, "no backup within 300 s"
+        time.sleep(0.05)
+    process.kill()  # SIGKILL: no chance to clean up
+    process.wait()
+    assert not (run / "metrics.json").exists(), "the run finished before it was killed"
+
+    resumed = run_cli(args)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stdout
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["steps"] == 200 and 20 <= metrics["resumed_from_step"] < 200
+    model = keras.saving.load_model(run / "model.keras")
+    assert int(model.optimizer.iterations.numpy()) == 200
+    assert not list((run / "backup").glob(".partial-*"))
+
+
+def test_mirrored_on_two_logical_cpus(tmp_path, small_vocab):
+    args = tiny_args(
+        small_vocab, steps=20, **{"distribute.strategy": "mirrored", "distribute.cpu_devices": 2}
+    )
+    result = run_cli(args + ["--out", str(tmp_path / "mirrored")])
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "mirrored" / "metrics.json").read_text())
+    assert metrics["replicas"] == 2 and metrics["jit_compile"] is False
+    assert metrics["valid_loss"] < math.log(2000)

@@ -1,0 +1,282 @@
+"""MLM training throughput: fmkeras vs keras-hub vs Model Garden, side by side.
+
+    python tools/bench_train.py [--sizes mini small] [--impls fmkeras keras-hub model-garden]
+                                [--xla on off] [--repeats 2] [--steps 20] [--json PATH]
+
+Every run trains the same configuration (BERT vocabulary 30,522, sequence
+128, global batch 32, 20 masked positions, AdamW 1e-4 with weight decay and
+global-norm clipping) on the same synthetic batch with `fit`, in its own
+process (fair peak-RSS numbers; Model Garden is Keras 2 and cannot share a
+process with Keras 3 models). Runs are interleaved — every implementation
+once per repeat round — and the table reports medians. MFU is measured
+against the matmul ceiling measured in the same invocation (XLA, 2048^3
+float32), which is printed too. Model Garden needs the `bench` extra
+(`pip install -e ".[bench]"`); without it those rows are skipped.
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+SEQUENCE_LENGTH, BATCH_SIZE, VOCABULARY_SIZE, PREDICTIONS = 128, 32, 30522, 20
+IMPLS = ("fmkeras", "keras-hub", "model-garden")
+
+
+def synthetic_batch():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    token_ids = rng.integers(1000, VOCABULARY_SIZE, (BATCH_SIZE, SEQUENCE_LENGTH)).astype("int32")
+    positions = np.sort(
+        np.stack(
+            [
+                rng.choice(np.arange(1, SEQUENCE_LENGTH - 1), PREDICTIONS, replace=False)
+                for _ in range(BATCH_SIZE)
+            ]
+        ),
+        axis=1,
+    ).astype("int32")
+    labels = np.take_along_axis(token_ids, positions, 1)
+    return token_ids, positions, labels
+
+
+def keras3_model(impl, dims):
+    if impl == "fmkeras":
+        from fmkeras.models import Encoder, MaskedLM
+
+        return MaskedLM(Encoder(vocabulary_size=VOCABULARY_SIZE, max_sequence_length=512, **dims))
+    import keras_hub
+
+    backbone = keras_hub.models.BertBackbone(
+        vocabulary_size=VOCABULARY_SIZE, max_sequence_length=512, **dims
+    )
+    return keras_hub.models.BertMaskedLM(backbone, preprocessor=None)
+
+
+def run_keras3(impl, dims, xla, steps, warmup):
+    import keras
+    import tensorflow as tf
+
+    token_ids, positions, labels = synthetic_batch()
+    model = keras3_model(impl, dims)
+    optimizer = keras.optimizers.AdamW(1e-4, weight_decay=0.01, global_clipnorm=1.0)
+    optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=xla,
+    )
+    inputs = {
+        "token_ids": token_ids,
+        "segment_ids": 0 * token_ids,
+        "padding_mask": 1 + 0 * token_ids,
+        "mask_positions": positions,
+    }
+    dataset = tf.data.Dataset.from_tensors((inputs, labels)).repeat()
+    return time_fit(model, dataset, steps, warmup, keras.callbacks.Callback)
+
+
+def run_model_garden(dims, xla, steps, warmup):
+    import tensorflow as tf
+    import tf_keras
+    from official.nlp.modeling import models, networks
+
+    token_ids, positions, labels = synthetic_batch()
+    encoder = networks.BertEncoderV2(
+        vocab_size=VOCABULARY_SIZE,
+        hidden_size=dims["hidden_dim"],
+        num_layers=dims["num_layers"],
+        num_attention_heads=dims["num_heads"],
+        inner_dim=dims["intermediate_dim"],
+        max_sequence_length=512,
+        type_vocab_size=2,
+    )
+    pretrainer = models.BertPretrainerV2(
+        encoder_network=encoder, mlm_activation=tf_keras.activations.gelu
+    )
+    names = ("input_word_ids", "input_mask", "input_type_ids")
+    inputs = {n: tf_keras.Input((SEQUENCE_LENGTH,), dtype=tf.int32, name=n) for n in names}
+    inputs["masked_lm_positions"] = tf_keras.Input(
+        (PREDICTIONS,), dtype=tf.int32, name="masked_lm_positions"
+    )
+    model = tf_keras.Model(inputs, pretrainer(inputs)["mlm_logits"])
+    optimizer = tf_keras.optimizers.AdamW(1e-4, weight_decay=0.01, global_clipnorm=1.0)
+    optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta", "LayerNorm"])
+    model.compile(
+        optimizer=optimizer,
+        loss=tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=xla,
+    )
+    features = {
+        "input_word_ids": token_ids,
+        "input_mask": 1 + 0 * token_ids,
+        "input_type_ids": 0 * token_ids,
+        "masked_lm_positions": positions,
+    }
+    dataset = tf.data.Dataset.from_tensors((features, labels)).repeat()
+    return time_fit(model, dataset, steps, warmup, tf_keras.callbacks.Callback)
+
+
+def time_fit(model, dataset, steps, warmup, callback_base):
+    """Median seconds per step over `steps` steps after `warmup` (compile) steps.
+
+    `callback_base` is Keras 3's or tf_keras's `Callback`, matching the model.
+    """
+    times = []
+
+    class StepTimer(callback_base):
+        def on_train_batch_begin(self, batch, logs=None):
+            self.start = time.perf_counter()
+
+        def on_train_batch_end(self, batch, logs=None):
+            if batch >= warmup:
+                times.append(time.perf_counter() - self.start)
+
+    model.fit(dataset, steps_per_epoch=warmup + steps, epochs=1, verbose=0, callbacks=[StepTimer()])
+    return statistics.median(times)
+
+
+def child(args):
+    """Runs one measurement in this process and prints one JSON line."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if args.child == "ceiling":
+        from fmkeras.training.throughput import measure_matmul_gflops
+
+        print(json.dumps({"ceiling_gflops": measure_matmul_gflops(repeats=10)}))
+        return
+    from fmkeras.models.sizes import SIZES
+
+    dims = SIZES[args.size]
+    xla = args.xla == "on"
+    if args.child == "model-garden":
+        seconds = run_model_garden(dims, xla, args.steps, args.warmup)
+    else:
+        seconds = run_keras3(args.child, dims, xla, args.steps, args.warmup)
+    rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"step_seconds": seconds, "peak_rss_mib": rss_mib}))
+
+
+def measure(kind, size="mini", xla="on", steps=20, warmup=3):
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        kind,
+        "--size",
+        size,
+        "--xla",
+        xla,
+        "--steps",
+        str(steps),
+        "--warmup",
+        str(warmup),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    if result.returncode != 0 or not lines:
+        tail = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": tail[:300]}
+    return json.loads(lines[-1])
+
+
+def model_garden_available():
+    try:
+        import importlib.util
+
+        return importlib.util.find_spec("official") is not None
+    except ImportError:
+        return False
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", nargs="+", default=["mini", "small"])
+    parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    parser.add_argument("--xla", nargs="+", default=["on", "off"], choices=["on", "off"])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--json", help="write one record per run here")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--size", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args)
+
+    from fmkeras.flops import training_flops_per_token
+    from fmkeras.models.sizes import SIZES
+
+    impls = [i for i in args.impls if i != "model-garden" or model_garden_available()]
+    if len(impls) < len(args.impls):
+        print("model-garden skipped: install the bench extra (pip install -e '.[bench]')")
+    ceilings, samples = [], {}
+    for round_index in range(args.repeats):
+        ceilings.append(measure("ceiling")["ceiling_gflops"])
+        for size in args.sizes:
+            for impl in impls:
+                for xla in args.xla:
+                    result = measure(impl, size, xla, args.steps, args.warmup)
+                    samples.setdefault((impl, size, xla), []).append(result)
+                    print(
+                        f"round {round_index + 1}: {impl:13} {size:6} xla={xla:3} {result}",
+                        flush=True,
+                    )
+    ceiling = statistics.median(ceilings)
+    tokens = BATCH_SIZE * SEQUENCE_LENGTH
+    records = []
+    for (impl, size, xla), results in samples.items():
+        good = [r for r in results if "error" not in r]
+        arch = dict(SIZES[size], vocabulary_size=VOCABULARY_SIZE)
+        flops_per_token = training_flops_per_token(arch, SEQUENCE_LENGTH, PREDICTIONS)
+        record = {"impl": impl, "size": size, "xla": xla == "on", "repeats": len(good)}
+        if good:
+            step = statistics.median(r["step_seconds"] for r in good)
+            record.update(
+                step_ms=1000 * step,
+                tokens_per_s=tokens / step,
+                gflop_per_s=tokens / step * flops_per_token / 1e9,
+                mfu=tokens / step * flops_per_token / (ceiling * 1e9),
+                peak_rss_mib=statistics.median(r["peak_rss_mib"] for r in good),
+            )
+        else:
+            record["error"] = results[-1]["error"]
+        records.append(record)
+
+    print(f"\nmatmul ceiling (XLA, 2048^3 fp32, median of {len(ceilings)}): {ceiling:.0f} GFLOP/s")
+    print(
+        f"sequence {SEQUENCE_LENGTH}, batch {BATCH_SIZE}, vocabulary {VOCABULARY_SIZE}, "
+        f"{PREDICTIONS} predictions, median of {args.repeats} interleaved runs "
+        f"x {args.steps} steps\n"
+    )
+    print(
+        f"{'impl':14}{'size':7}{'xla':5}{'step ms':>9}{'tokens/s':>10}{'GFLOP/s':>9}"
+        f"{'MFU':>7}{'RSS MiB':>9}  fmkeras/impl"
+    )
+    best = {}
+    for r in records:
+        if r["impl"] == "fmkeras" and "tokens_per_s" in r:
+            best[r["size"]] = max(best.get(r["size"], 0), r["tokens_per_s"])
+    for r in sorted(records, key=lambda r: (r["size"], IMPLS.index(r["impl"]), not r["xla"])):
+        if "error" in r:
+            print(
+                f"{r['impl']:14}{r['size']:7}{'on' if r['xla'] else 'off':5}  failed: {r['error']}"
+            )
+            continue
+        ratio = best.get(r["size"], float("nan")) / r["tokens_per_s"]
+        print(
+            f"{r['impl']:14}{r['size']:7}{'on' if r['xla'] else 'off':5}{r['step_ms']:>9.0f}"
+            f"{r['tokens_per_s']:>10,.0f}{r['gflop_per_s']:>9.1f}{r['mfu']:>7.1%}"
+            f"{r['peak_rss_mib']:>9.0f}  {ratio:.2f}x"
+        )
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump({"ceiling_gflops": ceiling, "runs": records}, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
