@@ -160,3 +160,12 @@ def test_mirrored_on_two_logical_cpus(tmp_path, small_vocab):
     metrics = json.loads((tmp_path / "mirrored" / "metrics.json").read_text())
     assert metrics["replicas"] == 2 and metrics["jit_compile"] is False
     assert metrics["valid_loss"] < math.log(2000)
+
+
+@pytest.mark.slow
+def test_quickstart_runs_end_to_end(tmp_path):
+    result = run_cli(["--out", str(tmp_path / "quickstart")])
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "quickstart" / "metrics.json").read_text())
+    assert metrics["steps"] == 300 and metrics["valid_loss"] < math.log(8000) - 1.5
+    assert "tensorboard --logdir" in result.stdout

@@ -45,25 +45,28 @@ def synthetic_batch():
     return token_ids, positions, labels
 
 
-def keras3_model(impl, dims):
+def keras3_model(impl, dims, dtype_policy):
     if impl == "fmkeras":
         from fmkeras.models import Encoder, MaskedLM
 
-        return MaskedLM(Encoder(vocabulary_size=VOCABULARY_SIZE, max_sequence_length=512, **dims))
+        encoder = Encoder(
+            vocabulary_size=VOCABULARY_SIZE, max_sequence_length=512, dtype=dtype_policy, **dims
+        )
+        return MaskedLM(encoder)
     import keras_hub
 
     backbone = keras_hub.models.BertBackbone(
-        vocabulary_size=VOCABULARY_SIZE, max_sequence_length=512, **dims
+        vocabulary_size=VOCABULARY_SIZE, max_sequence_length=512, dtype=dtype_policy, **dims
     )
     return keras_hub.models.BertMaskedLM(backbone, preprocessor=None)
 
 
-def run_keras3(impl, dims, xla, steps, warmup):
+def run_keras3(impl, dims, xla, steps, warmup, dtype_policy):
     import keras
     import tensorflow as tf
 
     token_ids, positions, labels = synthetic_batch()
-    model = keras3_model(impl, dims)
+    model = keras3_model(impl, dims, dtype_policy)
     optimizer = keras.optimizers.AdamW(1e-4, weight_decay=0.01, global_clipnorm=1.0)
     optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
     model.compile(
@@ -81,11 +84,12 @@ def run_keras3(impl, dims, xla, steps, warmup):
     return time_fit(model, dataset, steps, warmup, keras.callbacks.Callback)
 
 
-def run_model_garden(dims, xla, steps, warmup):
+def run_model_garden(dims, xla, steps, warmup, dtype_policy):
     import tensorflow as tf
     import tf_keras
     from official.nlp.modeling import models, networks
 
+    tf_keras.mixed_precision.set_global_policy(dtype_policy)
     token_ids, positions, labels = synthetic_batch()
     encoder = networks.BertEncoderV2(
         vocab_size=VOCABULARY_SIZE,
@@ -154,14 +158,14 @@ def child(args):
     dims = SIZES[args.size]
     xla = args.xla == "on"
     if args.child == "model-garden":
-        seconds = run_model_garden(dims, xla, args.steps, args.warmup)
+        seconds = run_model_garden(dims, xla, args.steps, args.warmup, args.dtype_policy)
     else:
-        seconds = run_keras3(args.child, dims, xla, args.steps, args.warmup)
+        seconds = run_keras3(args.child, dims, xla, args.steps, args.warmup, args.dtype_policy)
     rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"step_seconds": seconds, "peak_rss_mib": rss_mib}))
 
 
-def measure(kind, size="mini", xla="on", steps=20, warmup=3):
+def measure(kind, size="mini", xla="on", steps=20, warmup=3, dtype_policy="float32"):
     command = [
         sys.executable,
         __file__,
@@ -175,6 +179,8 @@ def measure(kind, size="mini", xla="on", steps=20, warmup=3):
         str(steps),
         "--warmup",
         str(warmup),
+        "--dtype-policy",
+        dtype_policy,
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=1800)
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
@@ -201,6 +207,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--dtype-policy", default="float32", help="e.g. mixed_bfloat16")
     parser.add_argument("--json", help="write one record per run here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--size", help=argparse.SUPPRESS)
@@ -220,7 +227,7 @@ def main():
         for size in args.sizes:
             for impl in impls:
                 for xla in args.xla:
-                    result = measure(impl, size, xla, args.steps, args.warmup)
+                    result = measure(impl, size, xla, args.steps, args.warmup, args.dtype_policy)
                     samples.setdefault((impl, size, xla), []).append(result)
                     print(
                         f"round {round_index + 1}: {impl:13} {size:6} xla={xla:3} {result}",
@@ -233,7 +240,13 @@ def main():
         good = [r for r in results if "error" not in r]
         arch = dict(SIZES[size], vocabulary_size=VOCABULARY_SIZE)
         flops_per_token = training_flops_per_token(arch, SEQUENCE_LENGTH, PREDICTIONS)
-        record = {"impl": impl, "size": size, "xla": xla == "on", "repeats": len(good)}
+        record = {
+            "impl": impl,
+            "size": size,
+            "xla": xla == "on",
+            "dtype_policy": args.dtype_policy,
+            "repeats": len(good),
+        }
         if good:
             step = statistics.median(r["step_seconds"] for r in good)
             record.update(
