@@ -169,3 +169,10 @@ def test_quickstart_runs_end_to_end(tmp_path):
     metrics = json.loads((tmp_path / "quickstart" / "metrics.json").read_text())
     assert metrics["steps"] == 300 and metrics["valid_loss"] < math.log(8000) - 1.5
     assert "tensorboard --logdir" in result.stdout
+
+
+def test_too_little_data_is_reported_not_raised(tmp_path, small_vocab, capsys):
+    args = tiny_args(small_vocab, **{"data.max_lines": 20, "train.batch_size": 64})
+    assert main(args + ["--out", str(tmp_path / "small")]) == 2
+    err = capsys.readouterr().err
+    assert "gutenberg_en/valid.txt" in err and "train.batch_size=64" in err

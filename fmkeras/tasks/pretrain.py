@@ -49,6 +49,13 @@ def prepare_vocabulary(config, run: RunDir, train_lines, data_dir, origin, log):
     return WordPieceTokenizer(vocabulary, lowercase=config.data.lowercase)
 
 
+def packed(lines, tokenizer, sequence_length, name):
+    try:
+        return pack_sequences(lines, tokenizer, sequence_length)
+    except ValueError as error:
+        raise DataError(f"{name}: {error}") from None
+
+
 def build_masked_lm(config, vocabulary_size):
     if config.model.init != "random":
         raise ConfigError(
@@ -75,11 +82,14 @@ def run(config, run: RunDir, data_dir, origin, log=print):
     train_lines = read_lines(require_file(data.train_file, data_dir, origin), data.max_lines)
     valid_lines = read_lines(require_file(data.valid_file, data_dir, origin), data.max_lines)
     tokenizer = prepare_vocabulary(config, run, train_lines, data_dir, origin, log)
-    try:
-        train_sequences = pack_sequences(train_lines, tokenizer, data.sequence_length)
-        valid_sequences = pack_sequences(valid_lines, tokenizer, data.sequence_length)
-    except ValueError as error:
-        raise DataError(f"{data.train_file}/{data.valid_file}: {error}") from None
+    train_sequences = packed(train_lines, tokenizer, data.sequence_length, data.train_file)
+    valid_sequences = packed(valid_lines, tokenizer, data.sequence_length, data.valid_file)
+    if min(len(train_sequences), len(valid_sequences)) < train.batch_size:
+        raise DataError(
+            f"{data.train_file} packs into {len(train_sequences)} and {data.valid_file} into "
+            f"{len(valid_sequences)} sequences of {data.sequence_length} tokens; each needs at "
+            f"least train.batch_size={train.batch_size}"
+        )
     predictions = data.max_predictions or max(1, round(data.mask_rate * data.sequence_length))
     log(
         f"data: {len(train_sequences):,} train / {len(valid_sequences):,} valid sequences of "
@@ -89,6 +99,7 @@ def run(config, run: RunDir, data_dir, origin, log=print):
 
     strategy = distribute.create_strategy(config.distribute)
     jit_compile = resolve_jit_compile(train.jit_compile, strategy)
+    keras.utils.set_random_seed(train.seed)  # initialisation (data order and masks use it too)
     with strategy.scope():
         model = build_masked_lm(config, tokenizer.vocabulary_size)
         model.compile(
