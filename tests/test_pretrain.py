@@ -150,6 +150,12 @@ def test_killed_run_resumes_from_its_last_backup(tmp_path, small_vocab):
     assert int(model.optimizer.iterations.numpy()) == 200
     assert not list((run / "backup").glob(".partial-*"))
 
+    # Same data, masks, weights and optimizer state: the result matches a run never killed.
+    uninterrupted = run_cli(args[:-1] + [str(tmp_path / "uninterrupted")])
+    assert uninterrupted.returncode == 0, uninterrupted.stderr
+    reference = json.loads((tmp_path / "uninterrupted" / "metrics.json").read_text())
+    assert metrics["valid_loss"] == pytest.approx(reference["valid_loss"], abs=1e-4)
+
 
 def test_mirrored_on_two_logical_cpus(tmp_path, small_vocab):
     args = tiny_args(
