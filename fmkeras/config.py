@@ -83,7 +83,6 @@ class RunConfig:
 
 CHOICES = {
     "task": TASKS,
-    "model.init": None,  # free-form: checked when the model is built
     "train.decay": ("linear", "cosine", "constant"),
     "train.jit_compile": ("auto", "true", "false"),
     "distribute.strategy": ("auto", "one_device", "mirrored", "multi_worker", "tpu"),

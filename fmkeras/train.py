@@ -11,7 +11,10 @@ from pathlib import Path
 
 from fmkeras.config import TASKS, build_config
 from fmkeras.data import resolve_data_dir
+from fmkeras.distribute import configure_cpu_devices
 from fmkeras.errors import ConfigError, FmkerasError
+from fmkeras.tasks import pretrain
+from fmkeras.training.run_dir import RunDir
 
 QUICKSTART = {
     "model.size": "tiny",
@@ -70,17 +73,11 @@ def main(argv=None):
             raise ConfigError(f"{recipe} is a {config.task!r} recipe, not {args.task!r}")
         if args.task:
             config.task = args.task
-        from fmkeras.distribute import configure_cpu_devices
-
         configure_cpu_devices(config.distribute.cpu_devices)  # before TensorFlow runs anything
         data_dir, origin = resolve_data_dir(args.data_dir, config.data.dir)
-        from fmkeras.training.run_dir import RunDir
-
         run = RunDir(args.out or Path("runs") / (recipe.stem if recipe else "quickstart"))
         run.prepare(config)
         log(f"{config.task}: run directory {run.root}, data directory {data_dir} ({origin})")
-        from fmkeras.tasks import pretrain
-
         metrics = pretrain.run(config, run, data_dir, origin, log=log)
     except FmkerasError as error:
         print(f"error: {error}", file=sys.stderr)

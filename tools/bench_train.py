@@ -191,12 +191,9 @@ def measure(kind, size="mini", xla="on", steps=20, warmup=3, dtype_policy="float
 
 
 def model_garden_available():
-    try:
-        import importlib.util
+    import importlib.util
 
-        return importlib.util.find_spec("official") is not None
-    except ImportError:
-        return False
+    return importlib.util.find_spec("official") is not None
 
 
 def main():
