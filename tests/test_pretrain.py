@@ -56,6 +56,7 @@ def test_pretraining_writes_a_complete_run(tmp_path, small_vocab, capsys):
         assert (run / name).is_file(), name
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["steps"] == 40 and metrics["tokens_per_second"] > 0 and 0 < metrics["mfu"]
+    assert metrics["train_tokens"] == 40 * 16 * 128 and metrics["non_embedding_parameters"] > 0
     assert metrics["valid_perplexity"] == pytest.approx(math.exp(metrics["valid_loss"]))
     assert metrics["valid_loss"] < math.log(2000) - 1.0  # well below a uniform guess
 
@@ -82,6 +83,12 @@ def test_pretraining_writes_a_complete_run(tmp_path, small_vocab, capsys):
     )
     assert logits.shape == (1, 1, len(read_vocabulary(small_vocab)))
     assert "done:" in capsys.readouterr().out
+
+    # The same command on a finished run trains no more and reports the same result.
+    assert main(tiny_args(small_vocab) + ["--out", str(run)]) == 0
+    again = json.loads((run / "metrics.json").read_text())
+    assert again["resumed_from_step"] == 40
+    assert again["valid_loss"] == pytest.approx(metrics["valid_loss"], abs=1e-6)
 
 
 def test_config_and_data_errors_are_one_line(tmp_path, small_vocab, capsys):
@@ -181,4 +188,4 @@ def test_too_little_data_is_reported_not_raised(tmp_path, small_vocab, capsys):
     args = tiny_args(small_vocab, **{"data.max_lines": 20, "train.batch_size": 64})
     assert main(args + ["--out", str(tmp_path / "small")]) == 2
     err = capsys.readouterr().err
-    assert "gutenberg_en/valid.txt" in err and "train.batch_size=64" in err
+    assert "gutenberg_en/train.txt: only 59 sequences" in err and "train.batch_size=64" in err

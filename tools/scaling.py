@@ -22,10 +22,7 @@ import numpy as np
 
 from fmkeras.config import build_config
 from fmkeras.data import resolve_data_dir
-from fmkeras.flops import parameter_counts, training_flops_per_token
-from fmkeras.models import encoder_kwargs
 from fmkeras.tasks import pretrain
-from fmkeras.text.wordpiece import read_vocabulary
 from fmkeras.training.run_dir import RunDir
 
 # (layers, width): heads = width // 32 (at least 2), feed-forward = 4 * width.
@@ -111,16 +108,12 @@ def main():
         metrics = pretrain.run(config, run, data_dir, origin, log=lambda m: None)
         if not (out / "vocab.txt").is_file():
             os.link(run.vocab, out / "vocab.txt")
-        arch = encoder_kwargs(config.model, len(read_vocabulary(run.vocab)))
-        predictions = round(0.25 * budget["sequence_length"])
-        tokens = budget["steps"] * budget["batch_size"] * budget["sequence_length"]
         row = {
             "name": name,
-            "non_embedding_params": parameter_counts(arch)["non_embedding"],
+            "non_embedding_params": metrics["non_embedding_parameters"],
             "params": metrics["parameters"],
-            "tokens": tokens,
-            "compute_flops": tokens
-            * training_flops_per_token(arch, budget["sequence_length"], predictions),
+            "tokens": metrics["train_tokens"],
+            "compute_flops": metrics["train_tokens"] * metrics["train_flops_per_token"],
             "valid_loss": metrics["valid_loss"],
             "valid_masked_accuracy": metrics["valid_masked_accuracy"],
             "tokens_per_second": metrics["tokens_per_second"],

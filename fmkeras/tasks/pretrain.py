@@ -9,7 +9,7 @@ import keras
 from fmkeras import distribute
 from fmkeras.data import read_lines, require_file
 from fmkeras.errors import ConfigError, DataError, TrainingError
-from fmkeras.flops import training_flops_per_token
+from fmkeras.flops import parameter_counts, training_flops_per_token
 from fmkeras.models import Encoder, MaskedLM, encoder_kwargs
 from fmkeras.text.mlm import mlm_dataset, pack_sequences
 from fmkeras.text.wordpiece import WordPieceTokenizer, learn_vocabulary, write_vocabulary
@@ -56,6 +56,19 @@ def packed(lines, tokenizer, sequence_length, name):
         raise DataError(f"{name}: {error}") from None
 
 
+def batches(sequences, name, tokenizer, train, predictions, **kwargs):
+    """`mlm_dataset` over one file's sequences; too little data names the file."""
+    try:
+        return mlm_dataset(
+            sequences, tokenizer, train.batch_size, predictions, seed=train.seed, **kwargs
+        )
+    except ValueError as error:
+        raise DataError(
+            f"{name}: {error}; use more text (data.max_lines) or a smaller "
+            f"train.batch_size={train.batch_size}"
+        ) from None
+
+
 def build_masked_lm(config, vocabulary_size):
     if config.model.init != "random":
         raise ConfigError(
@@ -84,12 +97,6 @@ def run(config, run: RunDir, data_dir, origin, log=print):
     tokenizer = prepare_vocabulary(config, run, train_lines, data_dir, origin, log)
     train_sequences = packed(train_lines, tokenizer, data.sequence_length, data.train_file)
     valid_sequences = packed(valid_lines, tokenizer, data.sequence_length, data.valid_file)
-    if min(len(train_sequences), len(valid_sequences)) < train.batch_size:
-        raise DataError(
-            f"{data.train_file} packs into {len(train_sequences)} and {data.valid_file} into "
-            f"{len(valid_sequences)} sequences of {data.sequence_length} tokens; each needs at "
-            f"least train.batch_size={train.batch_size}"
-        )
     predictions = data.max_predictions or max(1, round(data.mask_rate * data.sequence_length))
     log(
         f"data: {len(train_sequences):,} train / {len(valid_sequences):,} valid sequences of "
@@ -128,22 +135,11 @@ def run(config, run: RunDir, data_dir, origin, log=print):
         log(f"resuming from {backup_path} (step {state['step']} of {train.steps})")
 
     start_step = initial_epoch * steps_per_epoch
-    train_data = mlm_dataset(
-        train_sequences,
-        tokenizer,
-        train.batch_size,
-        predictions,
-        seed=train.seed,
-        start_step=start_step,
+    train_data = batches(
+        train_sequences, data.train_file, tokenizer, train, predictions, start_step=start_step
     )
-    valid_data = mlm_dataset(
-        valid_sequences,
-        tokenizer,
-        train.batch_size,
-        predictions,
-        seed=train.seed,
-        shuffle=False,
-        repeat=False,
+    valid_data = batches(
+        valid_sequences, data.valid_file, tokenizer, train, predictions, shuffle=False, repeat=False
     )
     if train.eval_steps:
         valid_data = valid_data.take(train.eval_steps)
@@ -210,6 +206,9 @@ def run(config, run: RunDir, data_dir, origin, log=print):
         else None,
         "peak_gflops": peak_gflops,
         "parameters": model.count_params(),
+        "non_embedding_parameters": parameter_counts(arch)["non_embedding"],
+        "train_tokens": train.steps * tokens_per_step,
+        "train_flops_per_token": flops_per_step / tokens_per_step,
         "train_seconds_this_attempt": time.time() - started,
         "replicas": strategy.num_replicas_in_sync,
         "jit_compile": jit_compile,

@@ -42,10 +42,12 @@ class TrainingLogger(keras.callbacks.Callback):
         self.print_fn = print_fn
         self.throughput = []  # tokens/s of each logged interval
         self.last_validation_step = None
-
-    def on_train_begin(self, logs=None):
+        # Made here, not in on_train_begin: a finished run that is started again skips
+        # `fit` but still writes its final validation.
         self.train_writer = tf.summary.create_file_writer(f"{self.log_dir}/train")
         self.valid_writer = tf.summary.create_file_writer(f"{self.log_dir}/validation")
+
+    def on_train_begin(self, logs=None):
         self._mark = None
 
     def _step(self):
