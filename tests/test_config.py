@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from fmkeras.config import build_config, parse_override
+from fmkeras.config import build_config, lora_targets, parse_override
 from fmkeras.errors import ConfigError
 
 TRAINERS = Path(__file__).resolve().parents[1] / "trainers"
@@ -37,7 +37,7 @@ def test_unknown_key_is_named_with_valid_keys_and_hint():
     assert "'train.stpes'" in message and "Did you mean 'train.steps'" in message
     assert "train.batch_size" in message
     with pytest.raises(
-        ConfigError, match=r"unknown key 'optim.lr'.*Valid keys: data, distribute, model"
+        ConfigError, match=r"unknown key 'optim.lr'.*Valid keys: data, distribute, finetune, model"
     ):
         build_config(None, ["optim.lr=1"])
 
@@ -74,3 +74,14 @@ def test_overrides_beat_recipe_which_beats_base(tmp_path):
     recipe = write(tmp_path, "model:\n  size: small\ntrain:\n  steps: 7\n")
     config = build_config(recipe, ["train.steps=9"], base={"model.size": "tiny", "train.seed": 5})
     assert (config.model.size, config.train.steps, config.train.seed) == ("small", 9, 5)
+
+
+def test_finetune_keys_are_checked():
+    config = build_config(None, ["finetune.method=lora", "finetune.lora_targets=query, output"])
+    assert lora_targets(config.finetune) == ["query", "output"]
+    with pytest.raises(ConfigError, match="finetune.method='qlora' is not one of full, lora"):
+        build_config(None, ["finetune.method=qlora"])
+    with pytest.raises(ConfigError, match="use a comma-separated subset of query, key, value"):
+        build_config(None, ["finetune.lora_targets=query,ffn"])
+    with pytest.raises(ConfigError, match="data.bad_rows='ignore' is not one of fail, skip"):
+        build_config(None, ["data.bad_rows=ignore"])

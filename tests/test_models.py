@@ -5,7 +5,7 @@ import pytest
 
 from fmkeras.config import ModelConfig
 from fmkeras.flops import parameter_counts, size_table, training_flops_per_token
-from fmkeras.models import SIZES, Encoder, MaskedLM, encoder_kwargs
+from fmkeras.models import SIZES, Classifier, Encoder, MaskedLM, Tagger, encoder_kwargs
 
 IDS = np.array([[2, 7, 9, 11, 3, 0], [2, 5, 3, 0, 0, 0]], "int32")
 INPUTS = {
@@ -70,6 +70,29 @@ def test_encoder_and_masked_lm_round_trip(tmp_path, normalize_first):
         encoder.predict(INPUTS, verbose=0)["sequence_output"],
         atol=1e-6,
     )
+
+
+@pytest.mark.parametrize(
+    "build, shape",
+    [
+        (lambda e: Classifier(e, num_classes=3, dropout=0.2), (2, 3)),
+        (lambda e: Tagger(e, num_tags=5, dropout=0.2), (2, 6, 5)),
+    ],
+)
+def test_task_models_round_trip(tmp_path, build, shape):
+    model = build(tiny_encoder())
+    expected = model.predict(INPUTS, verbose=0)
+    assert expected.shape == shape
+    model.save(tmp_path / "task.keras")
+    reloaded = keras.saving.load_model(tmp_path / "task.keras")
+    assert type(reloaded) is type(model) and reloaded.get_config() == model.get_config()
+    np.testing.assert_allclose(reloaded.predict(INPUTS, verbose=0), expected, atol=1e-6)
+
+
+def test_tagger_freezes_the_pooler_it_does_not_use():
+    trainable = {v.path for v in Tagger(tiny_encoder(), 3).trainable_variables}
+    assert not any("pooled_dense" in p for p in trainable)
+    assert any("pooled_dense" in v.path for v in Classifier(tiny_encoder(), 3).trainable_variables)
 
 
 def test_masked_lm_freezes_unused_pooler_only():

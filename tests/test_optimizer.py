@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 
 from fmkeras.config import TrainConfig
-from fmkeras.tasks.pretrain import epoch_length
 from fmkeras.training.optimizer import WarmupDecay, create_optimizer
+from fmkeras.training.trainer import epoch_length
 
 
 def rate(schedule, step):

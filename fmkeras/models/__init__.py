@@ -1,7 +1,9 @@
 """fmkeras models: functional Keras models built from `fmkeras.layers`."""
 
+from fmkeras.models.classifier import Classifier
 from fmkeras.models.encoder import Encoder
 from fmkeras.models.masked_lm import MaskedLM
 from fmkeras.models.sizes import SIZES, encoder_kwargs
+from fmkeras.models.tagger import Tagger
 
-__all__ = ["SIZES", "Encoder", "MaskedLM", "encoder_kwargs"]
+__all__ = ["SIZES", "Classifier", "Encoder", "MaskedLM", "Tagger", "encoder_kwargs"]

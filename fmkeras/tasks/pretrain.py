@@ -8,29 +8,17 @@ import keras
 
 from fmkeras import distribute
 from fmkeras.data import read_lines, require_file
-from fmkeras.errors import ConfigError, DataError, TrainingError
+from fmkeras.errors import ConfigError, DataError
 from fmkeras.flops import parameter_counts, training_flops_per_token
 from fmkeras.models import Encoder, MaskedLM, encoder_kwargs
 from fmkeras.text.mlm import mlm_dataset, pack_sequences
 from fmkeras.text.wordpiece import WordPieceTokenizer, learn_vocabulary, write_vocabulary
-from fmkeras.training.callbacks import StopOnNaN, TrainingLogger
-from fmkeras.training.checkpoints import (
-    Backup,
-    latest_backup,
-    restore_backup,
-    save_model,
-    write_json,
-)
+from fmkeras.training import trainer
+from fmkeras.training.callbacks import TrainingLogger
+from fmkeras.training.checkpoints import save_model, write_json
 from fmkeras.training.optimizer import create_optimizer
 from fmkeras.training.run_dir import RunDir
 from fmkeras.training.throughput import measure_matmul_gflops
-
-
-def epoch_length(steps, checkpoint_every):
-    """Steps per Keras epoch: the largest divisor of `steps` not above `checkpoint_every`."""
-    for length in range(min(checkpoint_every, steps), 0, -1):
-        if steps % length == 0:
-            return length
 
 
 def prepare_vocabulary(config, run: RunDir, train_lines, data_dir, origin, log):
@@ -73,20 +61,12 @@ def build_masked_lm(config, vocabulary_size):
     if config.model.init != "random":
         raise ConfigError(
             f"model.init={config.model.init!r}: pretraining starts from 'random' "
-            "(other starting points arrive with fine-tuning)"
+            "(continued pretraining of a checkpoint is not supported yet)"
         )
     try:
         return MaskedLM(Encoder(**encoder_kwargs(config.model, vocabulary_size)), name="masked_lm")
     except ValueError as error:
         raise ConfigError(str(error)) from None
-
-
-def resolve_jit_compile(setting, strategy):
-    if setting == "auto":
-        # Keras turns XLA off under tf.distribute; the embedding's sparse gradients
-        # do not compile with collectives (keras#18110, keras-hub#949).
-        return distribute.is_single_device(strategy)
-    return setting == "true"
 
 
 def run(config, run: RunDir, data_dir, origin, log=print):
@@ -105,7 +85,7 @@ def run(config, run: RunDir, data_dir, origin, log=print):
     )
 
     strategy = distribute.create_strategy(config.distribute)
-    jit_compile = resolve_jit_compile(train.jit_compile, strategy)
+    jit_compile = trainer.resolve_jit_compile(train.jit_compile, strategy)
     keras.utils.set_random_seed(train.seed)  # initialisation (data order and masks use it too)
     with strategy.scope():
         model = build_masked_lm(config, tokenizer.vocabulary_size)
@@ -119,22 +99,7 @@ def run(config, run: RunDir, data_dir, origin, log=print):
             steps_per_execution=train.steps_per_execution,
         )
 
-    steps_per_epoch = epoch_length(train.steps, train.checkpoint_every)
-    epochs = train.steps // steps_per_epoch
-    backup_path, state = latest_backup(run.backups)
-    initial_epoch = 0
-    if backup_path is not None:
-        if state["step"] % steps_per_epoch:
-            raise ConfigError(
-                f"{backup_path} is at step {state['step']}, which this run's checkpoint interval "
-                f"({steps_per_epoch} steps) cannot continue from; resume with the original "
-                "train.steps and train.checkpoint_every"
-            )
-        restore_backup(model, backup_path)
-        initial_epoch = state["step"] // steps_per_epoch
-        log(f"resuming from {backup_path} (step {state['step']} of {train.steps})")
-
-    start_step = initial_epoch * steps_per_epoch
+    start_step = trainer.resume(model, run, train, log)
     train_data = batches(
         train_sequences, data.train_file, tokenizer, train, predictions, start_step=start_step
     )
@@ -151,14 +116,8 @@ def run(config, run: RunDir, data_dir, origin, log=print):
     )
     peak_gflops = train.peak_gflops or measure_matmul_gflops()
     logger = TrainingLogger(
-        run.logs,
-        train.log_every,
-        tokens_per_step,
-        flops_per_step,
-        peak_gflops * 1e9,
-        print_fn=log,
+        run.logs, train.log_every, tokens_per_step, flops_per_step, peak_gflops * 1e9, print_fn=log
     )
-    stop_on_nan = StopOnNaN()
     log(
         f"model: {model.count_params():,} parameters, {flops_per_step / tokens_per_step / 1e6:.1f} "
         f"MFLOP/token; {strategy.num_replicas_in_sync} replica(s), "
@@ -167,32 +126,13 @@ def run(config, run: RunDir, data_dir, origin, log=print):
     )
 
     started = time.time()
-    if initial_epoch < epochs:
-        model.fit(
-            train_data,
-            epochs=epochs,
-            initial_epoch=initial_epoch,
-            steps_per_epoch=steps_per_epoch,
-            validation_data=valid_data,
-            validation_freq=max(1, round(train.eval_every / steps_per_epoch)),
-            callbacks=[stop_on_nan, logger, Backup(run.backups, steps_per_epoch)],
-            shuffle=False,  # the dataset orders itself (see fmkeras.text.mlm)
-            verbose=0,
-        )
-    if stop_on_nan.bad_step is not None:
-        last, _ = latest_backup(run.backups)
-        raise TrainingError(
-            f"the loss became NaN or infinite at step {stop_on_nan.bad_step}; training stopped. "
-            f"Last good backup: {last or 'none'}. Lower train.learning_rate or raise "
-            "train.warmup_steps, then run the same command again to resume from that backup."
-        )
+    trainer.fit(model, train_data, train, run, start_step, [logger], validation_data=valid_data)
 
     val_loss, val_accuracy = model.evaluate(valid_data, verbose=0)
     logger.write_validation(train.steps, val_loss, val_accuracy)
     save_model(model, run.model)
     save_model(model.encoder, run.encoder)
-    throughput = sorted(logger.throughput)
-    tokens_per_second = throughput[len(throughput) // 2] if throughput else None
+    tokens_per_second = logger.median_throughput()
     metrics = {
         "task": "pretrain",
         "steps": train.steps,

