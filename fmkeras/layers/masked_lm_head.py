@@ -15,6 +15,8 @@ class MaskedLMHead(keras.layers.Layer):
     `batch * sequence`, rows. Then dense + activation + LayerNorm, and logits
     through the transposed `token_embedding` matrix plus a bias (weight
     tying). Without `token_embedding` the head owns its output kernel.
+    Without `mask_positions` it predicts every position (a decoder's
+    language-model head).
 
     Args:
         vocabulary_size: int. Number of output classes.
@@ -94,14 +96,16 @@ class MaskedLMHead(keras.layers.Layer):
         )
         self.built = True
 
-    def call(self, inputs, mask_positions):
+    def call(self, inputs, mask_positions=None):
         """Args:
         inputs: `(batch, seq, hidden)` encoder output.
-        mask_positions: int `(batch, predictions)`.
+        mask_positions: int `(batch, predictions)`, or None for every position.
 
         Returns: logits `(batch, predictions, vocabulary_size)`.
         """
-        x = ops.take_along_axis(inputs, ops.expand_dims(mask_positions, -1), axis=1)
+        x = inputs
+        if mask_positions is not None:
+            x = ops.take_along_axis(inputs, ops.expand_dims(mask_positions, -1), axis=1)
         x = get_activation(self.intermediate_activation)(self.transform_dense(x))
         x = self.layer_norm(x)  # (batch, predictions, hidden)
         if self.token_embedding is not None:
@@ -111,8 +115,9 @@ class MaskedLMHead(keras.layers.Layer):
         logits = ops.matmul(x, kernel)
         return logits + ops.cast(self.output_bias, self.compute_dtype)
 
-    def compute_output_shape(self, inputs_shape, mask_positions_shape):
-        return (*mask_positions_shape, self.vocabulary_size)
+    def compute_output_shape(self, inputs_shape, mask_positions_shape=None):
+        rows = inputs_shape[:-1] if mask_positions_shape is None else mask_positions_shape
+        return (*rows, self.vocabulary_size)
 
     def get_config(self):
         config = super().get_config()

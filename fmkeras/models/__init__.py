@@ -5,5 +5,6 @@ from fmkeras.models.encoder import Encoder
 from fmkeras.models.masked_lm import MaskedLM
 from fmkeras.models.sizes import SIZES, encoder_kwargs
 from fmkeras.models.tagger import Tagger
+from fmkeras.models.translator import Translator
 
-__all__ = ["SIZES", "Classifier", "Encoder", "MaskedLM", "Tagger", "encoder_kwargs"]
+__all__ = ["SIZES", "Classifier", "Encoder", "MaskedLM", "Tagger", "Translator", "encoder_kwargs"]
