@@ -15,7 +15,7 @@ import yaml
 
 from fmkeras.errors import ConfigError
 
-TASKS = ("pretrain", "classify", "tag")
+TASKS = ("pretrain", "classify", "tag", "translate")
 
 
 @dataclasses.dataclass
@@ -51,6 +51,17 @@ class DataConfig:
     text_column: str = "sentence"  # classify: TSV column names (header line required)
     label_column: str = "label"
     bad_rows: str = "fail"  # classify/tag: fail | skip (skipped rows are counted and reported)
+    source_language: str = "en"  # translate: files are <train_file>.<language>
+    target_language: str = "zh"
+    target_vocab_file: str | None = None  # translate: learned from the target side when unset
+
+
+@dataclasses.dataclass
+class DecodeConfig:
+    beam_width: int = 4  # 1 = greedy
+    length_penalty: float = 0.6  # GNMT: score / ((5 + length) / 6) ** length_penalty
+    max_length: int | None = None  # target tokens; default data.sequence_length
+    batch_size: int = 64
 
 
 @dataclasses.dataclass
@@ -76,6 +87,7 @@ class TrainConfig:
     eval_every: int = 1000  # steps between validations
     eval_steps: int | None = None  # validation batches; default the whole valid file
     log_every: int = 50  # steps between TensorBoard scalars
+    label_smoothing: float = 0.0  # translate
     peak_gflops: float | None = None  # per-replica peak for MFU; default measured matmul ceiling
     seed: int = 42
 
@@ -93,6 +105,7 @@ class RunConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
+    decode: DecodeConfig = dataclasses.field(default_factory=DecodeConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     distribute: DistributeConfig = dataclasses.field(default_factory=DistributeConfig)
 
@@ -247,6 +260,10 @@ def validate(config):
             f"finetune.lora_targets={finetune.lora_targets!r}: use a comma-separated subset of "
             f"{', '.join(LORA_TARGETS)}"
         )
+    if config.decode.beam_width < 1 or config.decode.batch_size < 1:
+        raise ConfigError("decode.beam_width and decode.batch_size must be at least 1")
+    if not 0.0 <= train.label_smoothing < 1.0:
+        raise ConfigError(f"train.label_smoothing must be in [0, 1), got {train.label_smoothing}")
     if config.distribute.cpu_devices < 1:
         raise ConfigError("distribute.cpu_devices must be at least 1")
 

@@ -15,7 +15,7 @@ from fmkeras.config import TASKS, build_config
 from fmkeras.data import resolve_data_dir
 from fmkeras.distribute import configure_cpu_devices
 from fmkeras.errors import ConfigError, FmkerasError
-from fmkeras.tasks import classify, pretrain, tag
+from fmkeras.tasks import classify, pretrain, tag, translate
 from fmkeras.training.run_dir import RunDir
 
 QUICKSTART_PRETRAIN = {
@@ -51,6 +51,8 @@ SUMMARY_KEYS = (
     "macro_f1",
     "f1",
     "examples_per_second",
+    "bleu",
+    "chrf",
 )
 
 
@@ -96,7 +98,9 @@ def train_one(config, out, data_dir_option):
     run = RunDir(out)
     run.prepare(config)
     log(f"{config.task}: run directory {run.root}, data directory {data_dir} ({origin})")
-    task = {"pretrain": pretrain, "classify": classify, "tag": tag}[config.task]
+    task = {"pretrain": pretrain, "classify": classify, "tag": tag, "translate": translate}[
+        config.task
+    ]
     metrics = task.run(config, run, data_dir, origin, log=log)
     summary = ", ".join(
         f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"

@@ -37,7 +37,8 @@ def test_unknown_key_is_named_with_valid_keys_and_hint():
     assert "'train.stpes'" in message and "Did you mean 'train.steps'" in message
     assert "train.batch_size" in message
     with pytest.raises(
-        ConfigError, match=r"unknown key 'optim.lr'.*Valid keys: data, distribute, finetune, model"
+        ConfigError,
+        match=r"unknown key 'optim.lr'.*Valid keys: data, decode, distribute, finetune, model",
     ):
         build_config(None, ["optim.lr=1"])
 

@@ -1,13 +1,22 @@
 """Encoder-decoder model and decoding: cached steps equal full recomputation,
 beam search finds what greedy misses, XLA gives the same tokens."""
 
+import json
+
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import DATA_DIR, REPO
+from run_helpers import scalars, train_args
 
 from fmkeras.decoding import beam_search, greedy_search
+from fmkeras.errors import DataError
+from fmkeras.evaluate import main as evaluate_main
 from fmkeras.models import Encoder, Translator
+from fmkeras.text.parallel import detokenize, read_parallel
+from fmkeras.train import main
+from fmkeras.translate import main as translate_main
 
 PAD, START, END = 0, 1, 2
 SOURCE = np.array([[5, 9, 4, 7, 3, 0], [8, 6, 3, 0, 0, 0]], "int32")
@@ -97,3 +106,56 @@ def test_beam_search_finds_the_sequence_greedy_misses():
     assert np.asarray(greedy)[0, 0] == 3
     np.testing.assert_array_equal(beam, [[4, 2, 0]])
     assert float(score[0]) == pytest.approx(np.log(0.4 * 0.9), abs=1e-3)
+
+
+def test_parallel_files_must_align_and_decode(tmp_path):
+    source, target = tmp_path / "a.en", tmp_path / "a.zh"
+    source.write_text("one\ntwo\n\nfour\n", encoding="utf-8")
+    target.write_text("一\n二\n三\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"a.en has 4 lines but .*a.zh has 3"):
+        read_parallel(source, target)
+    target.write_bytes("一\n二\n三\n".encode() + b"\xff\n")
+    with pytest.raises(DataError, match=r"a.zh:4: not valid UTF-8"):
+        read_parallel(source, target)
+    target.write_text("一\n二\n三\n四\n", encoding="utf-8")
+    pairs = read_parallel(source, target)
+    assert pairs.sources == ["one", "two", "four"] and pairs.dropped == {"empty_line": 1}
+
+
+def test_detokenize_joins_pieces_cjk_and_punctuation():
+    assert (
+        detokenize(["i", "don", "'", "t", "like", "new", "##york", "."]) == "i don't like newyork."
+    )
+    assert detokenize(["我", "喜", "欢", "茶", "。"]) == "我喜欢茶。"
+    assert detokenize(["ein", "hund", "(", "braun", ")", "!"]) == "ein hund (braun)!"
+
+
+def test_translate_end_to_end(tmp_path, capsys):
+    run = tmp_path / "en_zh"
+    settings = {
+        "model.size": "tiny",
+        "data.max_lines": 1500,
+        "data.vocab_size": 1500,
+        "train.steps": 40,
+        "train.batch_size": 32,
+        "train.checkpoint_every": 20,
+        "train.eval_every": 20,
+        "train.log_every": 10,
+        "train.jit_compile": "false",
+        "decode.beam_width": 2,
+    }
+    assert main(train_args("translate", REPO / "trainers" / "en_zh.yaml", settings, run)) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {"bleu", "chrf", "greedy", "beam2"} <= set(metrics)
+    assert metrics["dropped_pairs"]["valid"]["too_long"] >= 0
+    losses = [value for _, value in scalars(run / "logs" / "train", "loss")]
+    assert losses[-1] < losses[0]
+    assert [step for step, _ in scalars(run / "logs" / "validation", "chrf")] == [20, 40]
+    capsys.readouterr()
+    assert translate_main([str(run), "I like tea.", "Where is it?", "--beam", "2"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2
+    valid = DATA_DIR / "tatoeba_en_zh"
+    out = ["--src", str(valid / "valid.en"), "--ref", str(valid / "valid.zh"), "--beam", "1"]
+    assert evaluate_main([str(run), *out]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["chrf"] == pytest.approx(metrics["greedy"]["chrf"], abs=0.5)

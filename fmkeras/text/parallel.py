@@ -1,0 +1,134 @@
+"""Parallel text for translation: aligned line files, encoding, bucketed
+batches, and detokenization of WordPiece output.
+
+A corpus is two UTF-8 files whose line `i` are translations of each other,
+e.g. `train.en` + `train.zh`. Line-count mismatches are errors; empty lines
+and pairs longer than the sequence length are dropped and counted.
+"""
+
+import dataclasses
+import re
+
+import numpy as np
+import tensorflow as tf
+
+from fmkeras.errors import DataError
+
+# Han, kana, hangul and CJK punctuation: written without spaces between characters.
+_CJK = (
+    r"\u3000-\u303f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af"
+    r"\uf900-\ufaff\uff00-\uffef"
+)
+_SPACE_BETWEEN_CJK = re.compile(rf"(?<=[{_CJK}]) (?=[{_CJK}])")
+_SPACE_BEFORE_PUNCTUATION = re.compile(r" (?=[.,!?;:%)\]}])|(?<=[(\[{]) ")
+_SPACE_AROUND_APOSTROPHE = re.compile(r"(?<=\w) ' (?=\w)")
+
+
+@dataclasses.dataclass
+class Pairs:
+    sources: list
+    targets: list
+    dropped: dict  # reason -> count
+
+
+def _lines(path):
+    lines = []
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                lines.append(raw.decode("utf-8").strip())
+            except UnicodeDecodeError as error:
+                raise DataError(
+                    f"{path}:{number}: not valid UTF-8 ({error.reason} at byte {error.start})"
+                ) from None
+    return lines
+
+
+def read_parallel(source_path, target_path, max_lines=None):
+    """Aligned non-empty pairs of two line files (empty on either side dropped)."""
+    sources, targets = _lines(source_path), _lines(target_path)
+    if len(sources) != len(targets):
+        raise DataError(
+            f"{source_path} has {len(sources):,} lines but {target_path} has "
+            f"{len(targets):,}; parallel files must be aligned line by line"
+        )
+    pairs = [(s, t) for s, t in zip(sources, targets, strict=True) if s and t]
+    empty = len(sources) - len(pairs)
+    if max_lines is not None:
+        pairs = pairs[:max_lines]
+    if not pairs:
+        raise DataError(f"{source_path} / {target_path} hold no non-empty pairs")
+    return Pairs([s for s, _ in pairs], [t for _, t in pairs], {"empty_line": empty})
+
+
+def encode_pairs(pairs, source_tokenizer, target_tokenizer, sequence_length):
+    """`(source_ids, target_ids)` ragged int32: `[CLS] source [SEP]` and
+    `[CLS] target [SEP]` (the target's `[CLS]`/`[SEP]` are start/end);
+    pairs longer than `sequence_length` on either side are dropped and counted."""
+    source = source_tokenizer.tokenize(tf.constant(pairs.sources))
+    target = target_tokenizer.tokenize(tf.constant(pairs.targets))
+    keep = tf.logical_and(
+        source.row_lengths() <= sequence_length - 2, target.row_lengths() <= sequence_length - 2
+    ).numpy()
+    pairs.dropped["too_long"] = int((~keep).sum())
+    if not keep.any():
+        raise DataError(f"every pair is longer than data.sequence_length={sequence_length}")
+    source = tf.ragged.boolean_mask(source, keep)
+    target = tf.ragged.boolean_mask(target, keep)
+
+    def wrap(ids, tokenizer):
+        rows = ids.nrows()
+        return tf.concat(
+            [tf.fill([rows, 1], tokenizer.cls_id), ids, tf.fill([rows, 1], tokenizer.sep_id)],
+            axis=1,
+        )
+
+    kept = np.flatnonzero(keep)
+    return wrap(source, source_tokenizer), wrap(target, target_tokenizer), kept
+
+
+def translation_batches(source_ids, target_ids, batch_size, sequence_length, boundaries,
+                        shuffle=False, seed=0, repeat=False):  # fmt: skip
+    """`({"source_ids", "target_ids"}, labels, weights)` batches bucketed by the
+    longer side; `target_ids` is the target without its last token (teacher
+    forcing), `labels` without its first, `weights` 0 on padding."""
+    data = tf.data.Dataset.from_tensor_slices((source_ids, target_ids))
+    if shuffle:
+        data = data.shuffle(int(source_ids.nrows()), seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        data = data.repeat()
+
+    def split(source, target):
+        inputs = {"source_ids": source, "target_ids": target[:-1]}
+        return inputs, target[1:], tf.ones_like(target[1:], tf.float32)
+
+    return (
+        data.map(split, num_parallel_calls=tf.data.AUTOTUNE)
+        .bucket_by_sequence_length(
+            lambda inputs, *_: tf.maximum(
+                tf.shape(inputs["source_ids"])[0], tf.shape(inputs["target_ids"])[0]
+            ),
+            bucket_boundaries=[b + 1 for b in boundaries],
+            bucket_batch_sizes=[batch_size] * (len(boundaries) + 1),
+            padded_shapes=({"source_ids": [None], "target_ids": [None]}, [None], [None]),
+            padding_values=({"source_ids": 0, "target_ids": 0}, 0, 0.0),
+            pad_to_bucket_boundary=True,
+            drop_remainder=repeat,
+        )
+        .prefetch(tf.data.AUTOTUNE)
+    )
+
+
+def detokenize(pieces):
+    """WordPiece pieces -> text: `##` pieces join the previous one, no spaces
+    between CJK characters or before closing punctuation."""
+    words = []
+    for piece in pieces:
+        if piece.startswith("##") and words:
+            words[-1] += piece[2:]
+        else:
+            words.append(piece)
+    text = " ".join(words)
+    text = _SPACE_BETWEEN_CJK.sub("", text)
+    text = _SPACE_AROUND_APOSTROPHE.sub("'", text)
+    return _SPACE_BEFORE_PUNCTUATION.sub("", text)

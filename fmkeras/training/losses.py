@@ -1,0 +1,33 @@
+"""Losses that Keras does not ship in the form fmkeras needs."""
+
+import keras
+from keras import ops
+
+
+@keras.saving.register_keras_serializable(package="fmkeras")
+class SmoothedSparseCrossEntropy(keras.losses.Loss):
+    """Sparse categorical cross-entropy from logits with label smoothing.
+
+    `(1 - label_smoothing) * NLL(true class) + label_smoothing * mean over
+    classes of -log p`, without materialising one-hot targets (the
+    vocabulary may be large). Averaged over positions with non-zero sample
+    weight (padding carries weight 0).
+
+    Args:
+        label_smoothing: float in [0, 1).
+    """
+
+    def __init__(self, label_smoothing=0.1, name="smoothed_cross_entropy", **kwargs):
+        kwargs.setdefault("reduction", "mean_with_sample_weight")
+        super().__init__(name=name, **kwargs)
+        self.label_smoothing = label_smoothing
+
+    def call(self, y_true, y_pred):
+        log_probs = ops.log_softmax(ops.cast(y_pred, "float32"), axis=-1)
+        y_true = ops.cast(y_true, "int32")
+        nll = -ops.squeeze(ops.take_along_axis(log_probs, y_true[..., None], axis=-1), -1)
+        uniform = -ops.mean(log_probs, axis=-1)
+        return (1.0 - self.label_smoothing) * nll + self.label_smoothing * uniform
+
+    def get_config(self):
+        return {**super().get_config(), "label_smoothing": self.label_smoothing}
