@@ -159,3 +159,26 @@ def test_translate_end_to_end(tmp_path, capsys):
     assert evaluate_main([str(run), *out]) == 0
     scored = json.loads(capsys.readouterr().out)
     assert scored["chrf"] == pytest.approx(metrics["greedy"]["chrf"], abs=0.5)
+
+
+@pytest.mark.slow  # a 6-layer MiniLM encoder and decoder: ~1 minute
+def test_translation_warm_starts_the_encoder_from_a_checkpoint(tmp_path, minilm_dir):
+    run = tmp_path / "warm"
+    settings = {
+        "model.init": str(minilm_dir),
+        "data.max_lines": 200,
+        "data.vocab_size": 500,
+        "data.sequence_length": 32,
+        "train.steps": 2,
+        "train.batch_size": 8,
+        "train.checkpoint_every": 2,
+        "train.eval_every": 2,
+        "train.jit_compile": "false",
+        "decode.beam_width": 1,
+        "decode.max_length": 4,
+    }
+    assert main(train_args("translate", REPO / "trainers" / "en_de.yaml", settings, run)) == 0
+    model = keras.saving.load_model(run / "model.keras")
+    assert (model.encoder.num_layers, model.encoder.hidden_dim) == (6, 384)
+    assert len(model.decoder_layers) == 6
+    assert (run / "vocab.txt").read_bytes() == (minilm_dir / "vocab.txt").read_bytes()
