@@ -10,6 +10,10 @@ failure mode of keras-hub#2701, which matches by position).
 Saving a model with adapters (`model.save`, `save_weights`) writes the
 merged kernels: `model.keras` of a LoRA run is the merged model. Backups
 therefore also store the adapters, and `restore_adapters` un-merges.
+
+Keras factorises an attention projection's `(hidden, heads, head_dim)`
+kernel per head: A is `(hidden, heads, rank)` and B `(rank, head_dim)`, so
+the update has rank `rank` within each head (as in keras-hub).
 """
 
 import json
@@ -19,6 +23,7 @@ import numpy as np
 from keras import ops
 
 from fmkeras.errors import DataError
+from fmkeras.training.checkpoints import atomic_path
 
 ADAPTER_FILE = "adapters.safetensors"
 PROJECTIONS = {"query": "query_dense", "key": "key_dense", "value": "value_dense",
@@ -51,11 +56,13 @@ def enable_lora(model, encoder, rank, alpha, targets):
 
 
 def save_adapters(model, path, settings):
-    """Writes every trainable variable of `model`, keyed by its path, plus `settings`."""
+    """Writes every trainable variable of `model`, keyed by its path, plus
+    `settings`, atomically (a temporary file renamed into place)."""
     from safetensors.numpy import save_file
 
     tensors = {v.path: np.asarray(ops.convert_to_numpy(v)) for v in model.trainable_weights}
-    save_file(tensors, str(path), metadata={"fmkeras_lora": json.dumps(settings)})
+    with atomic_path(path) as temporary:
+        save_file(tensors, str(temporary), metadata={"fmkeras_lora": json.dumps(settings)})
 
 
 def read_adapters(path):
