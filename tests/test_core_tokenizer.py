@@ -1,0 +1,66 @@
+"""The core-ops BERT tokenizer gives exactly the training tokenizer's ids and
+loads in a process that has neither tensorflow-text nor fmkeras."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import tensorflow as tf
+
+from fmkeras.text.core_tokenizer import CoreBertTokenizer
+from fmkeras.text.wordpiece import WordPieceTokenizer, read_vocabulary
+
+
+def shared_lines(data_dir):
+    def lines(name):
+        return (data_dir / name).read_text(encoding="utf-8").splitlines()
+
+    conll = [line.split(" ")[0] for line in lines("conll2003/valid.txt") if line.strip()]
+    return (
+        [row.split("\t")[0] for row in lines("sst2/dev.tsv")[1:]]
+        + conll
+        + lines("tatoeba_en_zh/valid.en")
+        + lines("tatoeba_en_zh/valid.zh")
+        + lines("multi30k_en_de/valid.de")
+        + [
+            "soft\u00adhyphen zero\u200bwidth \x00control\x07 tab\there",
+            "İstanbul ß ﬁ don't U.S.A. Héllo Wörld",
+            "ＡＢＣ，全角 東京タワー is 333m",
+            "x" * 150,
+            "supercalifragilisticexpialidocious" * 3,
+        ]
+    )
+
+
+@pytest.mark.parametrize("lowercase", [True, False], ids=["uncased", "cased"])
+def test_same_ids_as_the_training_tokenizer(minilm_dir, data_dir, lowercase):
+    vocabulary = read_vocabulary(minilm_dir / "vocab.txt")
+    lines = shared_lines(data_dir)
+    expected = WordPieceTokenizer(vocabulary, lowercase=lowercase).tokenize(lines).to_list()
+    got = CoreBertTokenizer(vocabulary, lowercase=lowercase).tokenize(tf.constant(lines)).to_list()
+    mismatches = [line for line, a, b in zip(lines, got, expected, strict=True) if a != b]
+    assert not mismatches, mismatches[:3]
+
+
+def test_saved_tokenizer_loads_without_tensorflow_text(tmp_path, minilm_dir):
+    tokenizer = CoreBertTokenizer(read_vocabulary(minilm_dir / "vocab.txt"))
+    tokenizer.serve = tf.function(
+        lambda texts: tokenizer.tokenize(texts).to_tensor(-1),
+        input_signature=[tf.TensorSpec([None], tf.string)],
+    )
+    texts = ["A charming, funny film!", "東京タワー", ""]
+    expected = tokenizer.serve(tf.constant(texts)).numpy().tolist()
+    tf.saved_model.save(tokenizer, str(tmp_path / "tokenizer"))
+    script = textwrap.dedent(f"""
+        import sys
+        import tensorflow as tf
+        loaded = tf.saved_model.load({str(tmp_path / "tokenizer")!r})
+        print(loaded.serve(tf.constant({texts!r})).numpy().tolist())
+        assert "tensorflow_text" not in sys.modules and "fmkeras" not in sys.modules
+    """)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == str(expected)
