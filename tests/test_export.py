@@ -1,0 +1,92 @@
+"""SavedModel export of a classifier, loaded the ways TF Serving loads it, in
+a process without tensorflow-text or fmkeras."""
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from conftest import REPO
+from run_helpers import train_args
+
+from fmkeras.export import main as export_main
+from fmkeras.inference import load_run
+from fmkeras.train import main as train_main
+
+TEXTS = ["a gorgeous , witty , seductive movie .", "dull and tedious", "Héllo 東京 !"]
+
+CHECK = textwrap.dedent("""
+    import json, sys
+    import tensorflow as tf
+    path, texts = sys.argv[1], json.loads(sys.argv[2])
+    loaded = tf.saved_model.load(path)
+    eager = loaded.signatures["serving_default"](texts=tf.constant(texts))
+    with tf.compat.v1.Session(graph=tf.Graph()) as session:  # TF Serving's C++ path
+        meta = tf.compat.v1.saved_model.loader.load(session, ["serve"], path)
+        signature = meta.signature_def["serving_default"]
+        fetches = {k: v.name for k, v in signature.outputs.items()}
+        graph = session.run(fetches, {signature.inputs["texts"].name: texts})
+    assert "tensorflow_text" not in sys.modules and "fmkeras" not in sys.modules
+    print(json.dumps({
+        "eager": eager["probabilities"].numpy().tolist(),
+        "session": graph["probabilities"].tolist(),
+        "labels": [label.decode() for label in graph["label"]],
+    }))
+""")
+
+
+@pytest.fixture(scope="module")
+def classify_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("export") / "sst2"
+    settings = {
+        "model.size": "tiny",
+        "model.init": "random",
+        "data.max_lines": 800,
+        "data.vocab_size": 800,
+        "train.batch_size": 16,
+        "train.steps": 6,
+        "train.checkpoint_every": 6,
+        "train.eval_every": 6,
+        "train.jit_compile": "false",
+    }
+    assert train_main(train_args("classify", REPO / "trainers" / "sst2.yaml", settings, run)) == 0
+    return run
+
+
+def test_export_loads_like_tf_serving_with_the_same_outputs(classify_run, tmp_path, capsys):
+    out = tmp_path / "saved_models"
+    assert export_main([str(classify_run), "--name", "sst2", "--out", str(out)]) == 0
+    version = out / "sst2" / "1"
+    assert (version / "saved_model.pb").is_file()
+    result = subprocess.run(
+        [sys.executable, "-c", CHECK, str(version), json.dumps(TEXTS)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    served = json.loads(result.stdout.strip().splitlines()[-1])
+    expected = load_run(classify_run).classify(TEXTS)
+    for probabilities in (served["eager"], served["session"]):
+        np.testing.assert_allclose(
+            probabilities, [[p for p in scores.values()] for _, scores in expected], atol=1e-5
+        )
+    assert served["labels"] == [label for label, _ in expected]
+
+    cli = shutil.which("saved_model_cli", path=str(REPO / ".venv" / "bin")) or "saved_model_cli"
+    shown = subprocess.run([cli, "show", "--all", "--dir", str(version)], capture_output=True,
+                           text=True, timeout=300)  # fmt: skip
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert "serving_default" in shown.stdout and "serve_token_ids" in shown.stdout
+
+
+def test_versions_are_never_overwritten_silently(classify_run, tmp_path, capsys):
+    out = str(tmp_path / "saved_models")
+    assert export_main([str(classify_run), "--name", "m", "--out", out]) == 0
+    assert export_main([str(classify_run), "--name", "m", "--out", out]) == 0
+    assert sorted(p.name for p in (tmp_path / "saved_models" / "m").iterdir()) == ["1", "2"]
+    assert export_main([str(classify_run), "--name", "m", "--out", out, "--version", "1"]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert export_main([str(classify_run), "--name", "m", "--out", out, "--version", "1",
+                        "--overwrite"]) == 0  # fmt: skip
