@@ -11,6 +11,11 @@ Signatures (classify runs):
   so stock TF Serving can load it.
 - `serve_token_ids`: `token_ids`, `segment_ids`, `padding_mask` int32
   `(batch, seq)` -> the same outputs, for clients that tokenize themselves.
+
+Tag runs: `serving_default` takes `texts`, splits them on whitespace into
+words and returns `words` and `tags` `(batch, max_words)` (padded with
+""; words beyond the sequence length are tagged O); `serve_token_ids`
+returns per-token `tag_ids` and `probabilities`.
 """
 
 import argparse
@@ -68,6 +73,63 @@ def classifier_archive(run):
             {"token_ids": token_ids, "segment_ids": segment_ids, "padding_mask": padding_mask}
         )
 
+    return _archive(model, tokenizer, serve_texts, serve_token_ids)
+
+
+def _ragged_fill(lengths, value):
+    """Ragged rows holding `value`, `lengths[i]` times in row `i`."""
+    return tf.RaggedTensor.from_row_lengths(tf.fill([tf.reduce_sum(lengths)], value), lengths)
+
+
+def tagger_archive(run):
+    """An `ExportArchive` with the text and token-id signatures of a tag run."""
+    model, length = run.model, run.info["sequence_length"]
+    tokenizer = CoreBertTokenizer(run.tokenizer.vocabulary, lowercase=run.tokenizer.lowercase)
+    cls_id, sep_id, pad_id = run.tokenizer.cls_id, run.tokenizer.sep_id, run.tokenizer.pad_id
+    tag_names = tf.constant(run.labels)
+
+    def serve_texts(texts):
+        words = tf.strings.split(texts)  # (batch, words)
+        pieces = tokenizer.tokenize(words.flat_values)  # (all words, pieces)
+        empty = tf.cast(tf.equal(pieces.row_lengths(), 0), tf.int64)  # e.g. only control chars
+        pieces = tf.concat([pieces, _ragged_fill(empty, run.tokenizer.unk_id)], axis=1)
+        first = _ragged_fill(pieces.row_lengths(), False)
+        first = tf.concat([tf.ones_like(first[:, :1]), first[:, 1:]], axis=1)
+        # (batch, pieces), cut to the length, with a flag on each word's first piece.
+        ids = words.with_flat_values(pieces).merge_dims(1, 2)[:, : length - 2]
+        flags = words.with_flat_values(first).merge_dims(1, 2)[:, : length - 2]
+        rows = ids.nrows()
+        ids = tf.concat([tf.fill([rows, 1], cls_id), ids, tf.fill([rows, 1], sep_id)], axis=1)
+        token_ids = ids.to_tensor(pad_id)
+        features = {
+            "token_ids": token_ids,
+            "segment_ids": tf.zeros_like(token_ids),
+            "padding_mask": tf.cast(tf.ones_like(ids).to_tensor(0), tf.int32),
+        }
+        flags = flags.to_tensor(False)  # (batch, pieces)
+        logits = model(features, training=False)[:, 1 : 1 + tf.shape(flags)[1]]
+        tag_ids = tf.ragged.boolean_mask(tf.argmax(logits, axis=-1, output_type=tf.int32), flags)
+        tags = tf.ragged.map_flat_values(tf.gather, tag_names, tag_ids)
+        missing = words.row_lengths() - tags.row_lengths()  # words cut off by the length
+        tags = tf.concat([tags, _ragged_fill(missing, "O")], axis=1)
+        return {"words": words.to_tensor(""), "tags": tags.to_tensor("")}
+
+    def serve_token_ids(token_ids, segment_ids, padding_mask):
+        features = {
+            "token_ids": token_ids,
+            "segment_ids": segment_ids,
+            "padding_mask": padding_mask,
+        }
+        logits = model(features, training=False)
+        return {
+            "tag_ids": tf.argmax(logits, axis=-1, output_type=tf.int32),
+            "probabilities": tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1),
+        }
+
+    return _archive(model, tokenizer, serve_texts, serve_token_ids)
+
+
+def _archive(model, tokenizer, serve_texts, serve_token_ids):
     archive = keras.export.ExportArchive()
     archive.track(model)
     archive.track(tokenizer._characters)  # lookup tables: tracked by hand
@@ -88,8 +150,9 @@ def classifier_archive(run):
 def export(run_dir, name, out="saved_models", version=None, overwrite=False):
     """Exports a classify run; returns the version directory."""
     run = load_run(run_dir)
-    if run.info["task"] != "classify":
-        raise ConfigError(f"export supports classify runs so far, not {run.info['task']!r}")
+    archives = {"classify": classifier_archive, "tag": tagger_archive}
+    if run.info["task"] not in archives:
+        raise ConfigError(f"export supports classify and tag runs so far, not {run.info['task']!r}")
     base = Path(out) / name
     version = version or next_version(base)
     target = base / str(version)
@@ -98,7 +161,7 @@ def export(run_dir, name, out="saved_models", version=None, overwrite=False):
     base.mkdir(parents=True, exist_ok=True)
     temporary = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=base))
     try:
-        classifier_archive(run).write_out(str(temporary / "model"), verbose=False)
+        archives[run.info["task"]](run).write_out(str(temporary / "model"), verbose=False)
         (temporary / "model" / "assets.extra").mkdir(exist_ok=True)
         (temporary / "model" / "assets.extra" / "fmkeras.json").write_text(
             json.dumps({**run.info, "source": str(run_dir)}, indent=2), encoding="utf-8"
@@ -115,7 +178,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m fmkeras.export", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("run_dir", help="a finished classify run directory")
+    parser.add_argument("run_dir", help="a finished classify or tag run directory")
     parser.add_argument("--name", required=True, help="model name (TF Serving's model_name)")
     parser.add_argument("--version", type=int, help="version number (default: next free)")
     parser.add_argument("--out", default="saved_models", help="base directory")

@@ -90,3 +90,46 @@ def test_versions_are_never_overwritten_silently(classify_run, tmp_path, capsys)
     assert "exists; pass --overwrite" in capsys.readouterr().err
     assert export_main([str(classify_run), "--name", "m", "--out", out, "--version", "1",
                         "--overwrite"]) == 0  # fmt: skip
+
+
+TAG_CHECK = textwrap.dedent("""
+    import json, sys
+    import tensorflow as tf
+    loaded = tf.saved_model.load(sys.argv[1])
+    out = loaded.signatures["serving_default"](texts=tf.constant(json.loads(sys.argv[2])))
+    assert "tensorflow_text" not in sys.modules and "fmkeras" not in sys.modules
+    print(json.dumps([[t.decode() for t in row if t] for row in out["tags"].numpy()]))
+""")
+
+
+def test_tagger_export_tags_words_like_the_run(tmp_path):
+    run = tmp_path / "ner"
+    settings = {
+        "model.size": "tiny",
+        "model.init": "random",
+        "model.max_sequence_length": 16,
+        "data.sequence_length": 16,  # long sentences get cut: their last words are O
+        "data.max_lines": 300,
+        "data.vocab_size": 500,
+        "train.batch_size": 16,
+        "train.steps": 20,
+        "train.learning_rate": 3e-3,
+        "train.checkpoint_every": 20,
+        "train.eval_every": 20,
+        "train.jit_compile": "false",
+    }
+    assert train_main(train_args("tag", REPO / "trainers" / "conll2003.yaml", settings, run)) == 0
+    assert export_main([str(run), "--name", "ner", "--out", str(tmp_path / "sm")]) == 0
+    texts = [
+        "EU rejects German call to boycott British lamb .",
+        "Peter Blackburn of London said the U.S. team played well in the final game on Sunday",
+        "Rome",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-c", TAG_CHECK, str(tmp_path / "sm" / "ner" / "1"), json.dumps(texts)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = load_run(run).tag([text.split() for text in texts])
+    served = json.loads(result.stdout.strip().splitlines()[-1])
+    assert served == [[tag for _, tag in sentence] for sentence in expected]
