@@ -6,6 +6,10 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -14,6 +18,7 @@ from run_helpers import train_args
 
 from fmkeras.export import main as export_main
 from fmkeras.inference import load_run
+from fmkeras.serve import create_server
 from fmkeras.train import main as train_main
 
 TEXTS = ["a gorgeous , witty , seductive movie .", "dull and tedious", "Héllo 東京 !"]
@@ -133,3 +138,53 @@ def test_tagger_export_tags_words_like_the_run(tmp_path):
     expected = load_run(run).tag([text.split() for text in texts])
     served = json.loads(result.stdout.strip().splitlines()[-1])
     assert served == [[tag for _, tag in sentence] for sentence in expected]
+
+
+def test_local_server_speaks_tf_serving_rest(classify_run, tmp_path):
+    out = tmp_path / "saved_models"
+    assert export_main([str(classify_run), "--name", "sst2", "--out", str(out)]) == 0
+    server, _ = create_server(out / "sst2", port=0, max_batch=8)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1/models"
+
+    def call(path, body=None):
+        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+        request = urllib.request.Request(url + path, data=data)
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+    try:
+        status, body = call("/sst2")
+        assert status == 200 and body["model_version_status"][0]["version"] == "1"
+        expected = load_run(classify_run).classify(TEXTS)
+        status, body = call("/sst2:predict", {"instances": TEXTS})
+        assert status == 200
+        assert [p["label"] for p in body["predictions"]] == [label for label, _ in expected]
+        status, body = call("/sst2/versions/1:predict", {"inputs": {"texts": TEXTS[:2]}})
+        assert status == 200 and len(body["outputs"]["probabilities"]) == 2
+        for bad, fragment in [
+            (b"{not json", "JSON Parse error"),
+            ({"instances": [1, 2]}, "expected a list of strings"),
+            ({"instances": ["x"] * 9}, "exceeds the maximum of 8"),
+            ({"rows": ["x"]}, "Missing 'inputs' or 'instances'"),
+        ]:
+            status, body = call("/sst2:predict", bad)
+            assert status == 400 and fragment in body["error"]
+        assert call("/other:predict", {"instances": ["x"]})[0] == 404
+        assert call("/sst2/versions/7:predict", {"instances": ["x"]})[0] == 404
+
+        # A new export is served without a restart.
+        assert export_main([str(classify_run), "--name", "sst2", "--out", str(out)]) == 0
+        assert [s["version"] for s in call("/sst2")[1]["model_version_status"]] == ["1", "2"]
+
+        def one(i):
+            return call("/sst2:predict", {"instances": [TEXTS[i % 3]]})[0]
+
+        with ThreadPoolExecutor(16) as pool:  # concurrent requests are batched together
+            statuses = list(pool.map(one, range(200)))
+        assert statuses == [200] * 200
+    finally:
+        server.shutdown()
