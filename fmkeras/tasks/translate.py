@@ -48,7 +48,9 @@ def score(hypotheses, references, language):
 class Translate:
     """Batched, XLA-compiled decoding of raw source texts with a `Translator`."""
 
-    def __init__(self, model, source_tokenizer, target_tokenizer, sequence_length, decode):
+    def __init__(
+        self, model, source_tokenizer, target_tokenizer, sequence_length, decode, jit_compile=True
+    ):
         self.model = model
         self.source_tokenizer = source_tokenizer
         self.target_tokenizer = target_tokenizer
@@ -56,6 +58,7 @@ class Translate:
         self.max_length = decode.max_length or sequence_length
         self.batch_size = decode.batch_size
         self.length_penalty = decode.length_penalty
+        self.jit_compile = jit_compile
         self._compiled = {}
 
     def _function(self, beam_width):
@@ -77,7 +80,9 @@ class Translate:
                                      beam_width, self.length_penalty)  # fmt: skip
                 return ids
 
-            self._compiled[beam_width] = tf.function(run, jit_compile=True, reduce_retracing=True)
+            self._compiled[beam_width] = tf.function(
+                run, jit_compile=self.jit_compile, reduce_retracing=True
+            )
         return self._compiled[beam_width]
 
     def __call__(self, texts, beam_width=1):
@@ -205,7 +210,9 @@ def run(config, run: RunDir, data_dir, origin, log=print):
                                      shuffle=True, seed=train_config.seed + start_step,
                                      repeat=True)  # fmt: skip
     valid_data = translation_batches(valid_source, valid_target, batch, length, boundaries)
-    translate = Translate(model, source, target, length, decode)
+    translate = Translate(
+        model, source, target, length, decode, jit_compile=train_config.jit_compile != "false"
+    )
     valid_sources = [valid.sources[i] for i in kept]
     valid_references = [valid.targets[i] for i in kept]
     logger = TrainingLogger(run.logs, train_config.log_every, examples_per_step=batch, print_fn=log)
