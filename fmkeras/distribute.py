@@ -18,6 +18,7 @@ import threading
 import tensorflow as tf
 
 from fmkeras.errors import ConfigError
+from fmkeras.workarounds import patch_multi_worker_fit
 
 TPU_CONNECT_TIMEOUT_SECONDS = 60
 
@@ -66,6 +67,19 @@ def _connect_tpu(name):
 def create_strategy(distribute_config):
     """A `tf.distribute.Strategy` for a `DistributeConfig`."""
     kind = distribute_config.strategy
+    # Multi-worker collectives must be configured before anything lists devices.
+    if kind == "multi_worker":
+        if "TF_CONFIG" not in os.environ:
+            raise ConfigError(
+                "distribute.strategy=multi_worker needs the TF_CONFIG environment variable "
+                "describing the cluster"
+            )
+        try:
+            json.loads(os.environ["TF_CONFIG"])
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"TF_CONFIG is not valid JSON: {error}") from None
+        patch_multi_worker_fit()  # keras#20585 and the scalar-reduction error
+        return tf.distribute.MultiWorkerMirroredStrategy()
     gpus = tf.config.list_logical_devices("GPU")
     cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
     if kind == "auto":
@@ -79,17 +93,6 @@ def create_strategy(distribute_config):
         return tf.distribute.get_strategy()
     if kind == "mirrored":
         return tf.distribute.MirroredStrategy([d.name for d in gpus] or cpus)
-    if kind == "multi_worker":
-        if "TF_CONFIG" not in os.environ:
-            raise ConfigError(
-                "distribute.strategy=multi_worker needs the TF_CONFIG environment variable "
-                "describing the cluster"
-            )
-        try:
-            json.loads(os.environ["TF_CONFIG"])
-        except json.JSONDecodeError as error:
-            raise ConfigError(f"TF_CONFIG is not valid JSON: {error}") from None
-        return tf.distribute.MultiWorkerMirroredStrategy()
     if kind == "tpu":
         return _connect_tpu(distribute_config.tpu)
     raise ConfigError(f"unknown distribute.strategy {kind!r}")
