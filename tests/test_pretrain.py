@@ -10,6 +10,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+import yaml
 from run_helpers import scalars
 
 from fmkeras.text.wordpiece import read_vocabulary
@@ -109,6 +110,11 @@ def test_changed_config_does_not_resume_silently(tmp_path, small_vocab, capsys):
     assert main(tiny_args(small_vocab, steps=20) + ["--out", run]) == 0
     assert main(tiny_args(small_vocab, steps=20, **{"model.size": "mini"}) + ["--out", run]) == 2
     assert "model.size: 'tiny' -> 'mini'" in capsys.readouterr().err
+    # A run made before keys were added (here: finetune.*, data.text_column) still resumes.
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    del saved["finetune"], saved["data"]["text_column"]
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert main(tiny_args(small_vocab, steps=20) + ["--out", run]) == 0
 
 
 def run_cli(args, **kwargs):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from fmkeras.config import to_dict
+from fmkeras.config import RunConfig, to_dict
 from fmkeras.errors import ConfigError
 from fmkeras.training.checkpoints import atomic_path, latest_backup
 
@@ -61,10 +61,13 @@ class RunDir:
         new = dict(_flat(to_dict(config)))
         if self.config.is_file() and latest_backup(self.backups)[0] is not None:
             old = dict(_flat(yaml.safe_load(self.config.read_text(encoding="utf-8")) or {}))
+            # A key the run's fmkeras version did not have yet counts as its default value.
+            defaults = dict(_flat(to_dict(RunConfig())))
             changed = [
                 f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
-                for key in sorted(set(old) | set(new))
-                if old.get(key) != new.get(key) and not key.startswith(RESUMABLE_CHANGES)
+                for key in sorted(new)
+                if old.get(key, defaults.get(key)) != new.get(key)
+                and not key.startswith(RESUMABLE_CHANGES)
             ]
             if changed:
                 raise ConfigError(
