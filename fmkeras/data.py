@@ -6,6 +6,7 @@ README's "Data" section lists each dataset's official source.
 """
 
 import os
+import sys
 from pathlib import Path
 
 from fmkeras.errors import DataError
@@ -55,8 +56,9 @@ def require_file(relative, data_dir, origin):
     return path
 
 
-def read_lines(path, max_lines=None):
-    """Non-empty, stripped lines of a UTF-8 text file; bad bytes name the line."""
+def read_lines(path, max_lines=None, keep_empty=False):
+    """Stripped lines of a UTF-8 text file (empty ones dropped unless
+    `keep_empty`, e.g. to keep two files aligned); bad bytes name the line."""
     lines = []
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
@@ -69,8 +71,23 @@ def read_lines(path, max_lines=None):
                     f"{path}:{number}: not valid UTF-8 ({error.reason} at byte {error.start}); "
                     "convert the file to UTF-8"
                 ) from None
-            if line:
+            if line or keep_empty:
                 lines.append(line)
     if not lines:
         raise DataError(f"{path} contains no text")
     return lines
+
+
+def read_input_texts(arguments, file=None, keep_empty=False):
+    """Texts for the inference commands: `arguments`, then the lines of `file`
+    (`-`: standard input); empty lines are kept only with `keep_empty` (so
+    outputs stay aligned with input lines)."""
+    texts = list(arguments)
+    if file == "-":
+        lines = [line.strip() for line in sys.stdin]
+        texts += [line for line in lines if line or keep_empty]
+    elif file:
+        if not Path(file).is_file():
+            raise DataError(f"input file {file} does not exist")
+        texts += read_lines(file, keep_empty=keep_empty)
+    return texts

@@ -32,6 +32,7 @@ import tensorflow as tf
 from fmkeras.errors import ConfigError, FmkerasError
 from fmkeras.inference import load_run
 from fmkeras.text.core_tokenizer import CoreBertTokenizer
+from fmkeras.text.labelled import add_cls_sep
 
 
 def next_version(directory):
@@ -56,9 +57,7 @@ def classifier_archive(run):
         }
 
     def serve_texts(texts):
-        pieces = tokenizer.tokenize(texts)[:, : length - 2]
-        rows = pieces.nrows()
-        ids = tf.concat([tf.fill([rows, 1], cls_id), pieces, tf.fill([rows, 1], sep_id)], axis=1)
+        ids = add_cls_sep(tokenizer.tokenize(texts)[:, : length - 2], cls_id, sep_id)
         token_ids = ids.to_tensor(pad_id)
         padding_mask = tf.cast(tf.ones_like(ids).to_tensor(0), tf.int32)
         features = {
@@ -98,8 +97,7 @@ def tagger_archive(run):
         # (batch, pieces), cut to the length, with a flag on each word's first piece.
         ids = words.with_flat_values(pieces).merge_dims(1, 2)[:, : length - 2]
         flags = words.with_flat_values(first).merge_dims(1, 2)[:, : length - 2]
-        rows = ids.nrows()
-        ids = tf.concat([tf.fill([rows, 1], cls_id), ids, tf.fill([rows, 1], sep_id)], axis=1)
+        ids = add_cls_sep(ids, cls_id, sep_id)
         token_ids = ids.to_tensor(pad_id)
         features = {
             "token_ids": token_ids,

@@ -49,18 +49,12 @@ class FinetunedRun:
         # sentence a batch row is, since bucketing reorders sentences.
         marks = [[i] * len(words) for i, words in enumerate(sentences)]
         ids, pieces, _ = encode_words(self.tokenizer, sentences, marks, length)
-        results = [None] * len(sentences)
+        tags = [["O"] * len(words) for words in sentences]  # also for empty sentences
         for logits, index in finetune.collect(self.model, self._batches(ids, pieces, batch_size)):
-            sentence = sentences[int(index[0])] if len(index) else None
-            if sentence is None:
-                continue
-            tags = [self.labels[i] for i in logits.argmax(-1)]
-            tags += ["O"] * (len(sentence) - len(tags))
-            results[int(index[0])] = list(zip(sentence, tags, strict=True))
-        return [
-            r if r is not None else [(w, "O") for w in s]
-            for r, s in zip(results, sentences, strict=True)
-        ]
+            if len(index):
+                predicted = [self.labels[i] for i in logits.argmax(-1)]
+                tags[int(index[0])][: len(predicted)] = predicted
+        return [list(zip(s, t, strict=True)) for s, t in zip(sentences, tags, strict=True)]
 
     def evaluate(self, path, bad_rows="fail", batch_size=32):
         """Metrics of the run's task on a labelled file of the training format."""

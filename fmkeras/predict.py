@@ -8,6 +8,7 @@ import argparse
 import json
 import sys
 
+from fmkeras.data import read_input_texts
 from fmkeras.errors import FmkerasError
 from fmkeras.inference import load_run
 
@@ -21,11 +22,7 @@ def main(argv=None):
     parser.add_argument("--file", help="read texts one per line from this file ('-': stdin)")
     args = parser.parse_args(argv)
     try:
-        texts = list(args.texts)
-        if args.file:
-            handle = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")
-            with handle:
-                texts += [line.strip() for line in handle if line.strip()]
+        texts = read_input_texts(args.texts, args.file)
         if not texts:
             parser.error("give texts as arguments or --file")
         run = load_run(args.run_dir)

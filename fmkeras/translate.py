@@ -8,6 +8,7 @@ import argparse
 import sys
 
 from fmkeras.config import DecodeConfig
+from fmkeras.data import read_input_texts
 from fmkeras.errors import FmkerasError
 from fmkeras.tasks.translate import load_translator
 
@@ -23,15 +24,6 @@ def decode_config(args):
                         max_length=args.max_length)  # fmt: skip
 
 
-def read_texts(args):
-    texts = list(args.texts)
-    if args.file:
-        handle = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")
-        with handle:
-            texts += [line.strip() for line in handle]
-    return texts
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m fmkeras.translate", description=__doc__.split("\n")[0]
@@ -43,7 +35,7 @@ def main(argv=None):
     decode_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        texts = read_texts(args)
+        texts = read_input_texts(args.texts, args.file, keep_empty=True)
         if not texts:
             parser.error("give sentences as arguments or --file")
         translate, _ = load_translator(args.run_dir, decode_config(args))

@@ -35,7 +35,7 @@ QUICK = {
 }
 
 
-def test_classify_end_to_end_with_evaluate_and_predict(tmp_path, capsys):
+def test_classify_end_to_end_with_evaluate_and_predict(tmp_path, capsys, data_dir):
     run = tmp_path / "sst2"
     assert main(train_args("classify", REPO / "trainers" / "sst2.yaml", QUICK, run)) == 0
     for name in ("model.keras", "encoder.keras", "vocab.txt", "task.json", "metrics.json"):
@@ -48,7 +48,7 @@ def test_classify_end_to_end_with_evaluate_and_predict(tmp_path, capsys):
     assert [step for step, _ in scalars(run / "logs" / "validation", "macro_f1")] == [20, 40]
 
     capsys.readouterr()
-    assert evaluate_main([str(run), "--data", str(QUICK_DEV)]) == 0
+    assert evaluate_main([str(run), "--data", str(data_dir / "sst2" / "dev.tsv")]) == 0
     scored = json.loads(capsys.readouterr().out)
     assert scored["accuracy"] == pytest.approx(metrics["accuracy"])
     assert predict_main([str(run), "a gorgeous , witty film", "dull"]) == 0
@@ -58,15 +58,6 @@ def test_classify_end_to_end_with_evaluate_and_predict(tmp_path, capsys):
 
     assert evaluate_main([str(run), "--data", str(tmp_path / "missing.tsv")]) == 2
     assert "missing.tsv does not exist" in capsys.readouterr().err
-
-
-QUICK_DEV = None
-
-
-@pytest.fixture(autouse=True)
-def _dev_path(data_dir):
-    global QUICK_DEV
-    QUICK_DEV = data_dir / "sst2" / "dev.tsv"
 
 
 def test_tag_end_to_end_scores_entities(tmp_path, capsys):

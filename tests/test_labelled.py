@@ -106,3 +106,16 @@ def test_batches_are_bucketed_padded_and_weighted():
         weights += float(weight.numpy().sum())
     assert sorted(shapes) == [16, 16, 32] and weights == 26  # one weight per word
     assert np.all(np.isin(shapes, [16, 32, 64]))
+
+
+def test_inference_input_files(tmp_path):
+    from fmkeras.data import read_input_texts
+
+    path = write(tmp_path / "in.txt", "first\n\n second \n")
+    assert read_input_texts(["arg"], str(path)) == ["arg", "first", "second"]
+    assert read_input_texts([], str(path), keep_empty=True) == ["first", "", "second"]
+    write(path, b"ok\nbad \xff\n")
+    with pytest.raises(DataError, match=r"in.txt:2: not valid UTF-8"):
+        read_input_texts([], str(path))
+    with pytest.raises(DataError, match="input file .*missing.txt does not exist"):
+        read_input_texts([], str(tmp_path / "missing.txt"))

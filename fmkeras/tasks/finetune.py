@@ -185,10 +185,8 @@ def train_and_save(ready: Prepared, train_data, evaluate, config, run, info, log
     )
     metrics = evaluate(model)
     write_validation(logger, train.steps, metrics)
-    if config.finetune.method == "lora":
-        targets = config_lib.lora_targets(config.finetune)
-        settings = lora.adapter_settings(config.finetune, targets)
-        lora.save_adapters(model, lora.adapter_file(run.root), settings)
+    if write_extra is not None:  # LoRA: the adapters beside model.keras, as in backups
+        write_extra(run.root)
     save_model(model, run.model)  # LoRA kernels are merged on save
     save_model(encoder, run.encoder)
     write_json(run.root / TASK_FILE, info)
@@ -208,5 +206,8 @@ def train_and_save(ready: Prepared, train_data, evaluate, config, run, info, log
 def read_task_info(run_root):
     path = run_root / TASK_FILE
     if not path.is_file():
-        raise ConfigError(f"{run_root} is not a finished classify/tag run (no {TASK_FILE})")
+        raise ConfigError(
+            f"{run_root} is not a finished classify/tag/translate run (no {TASK_FILE}); train "
+            "it with python -m fmkeras.train, or run the same command again to finish it"
+        )
     return json.loads(path.read_text(encoding="utf-8"))

@@ -146,19 +146,17 @@ def tokenizers(config, run, train, data_dir, origin, log):
 
 
 def build_translator(config, source, target, encoder):
-    try:
-        if encoder is None:
-            encoder = Encoder(
-                **encoder_kwargs(config.model, source.vocabulary_size), name="encoder"
-            )
-        arch = encoder_kwargs(config.model, source.vocabulary_size)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-    num_layers = arch["num_layers"] if config.model.init == "random" else encoder.num_layers
+    """The decoder mirrors the encoder's depth and widths (random or loaded)."""
+    if encoder is None:
+        try:
+            kwargs = encoder_kwargs(config.model, source.vocabulary_size)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        encoder = Encoder(**kwargs, name="encoder")
     return Translator(
         encoder,
         target.vocabulary_size,
-        num_layers=num_layers,
+        num_layers=encoder.num_layers,
         num_heads=encoder.num_heads,
         intermediate_dim=encoder.intermediate_dim,
         dropout=config.model.dropout,

@@ -17,6 +17,7 @@ only `tf.strings`, `tf.lookup` and a while loop:
    (or over 100 characters) becomes `[UNK]`.
 """
 
+import functools
 import sys
 import unicodedata
 
@@ -67,6 +68,7 @@ def _normalized(char, lowercase):
     return "".join(f" {c} " if _is_punctuation(c) else c for c in text)
 
 
+@functools.cache  # ~3 s over all of Unicode: once per process and casing
 def character_table(lowercase):
     """`{character: replacement}` for every character the basic tokenizer changes."""
     table = {}

@@ -142,13 +142,16 @@ def read_conll(path, bad_rows="fail", max_rows=None, tags=None):
     return Rows(sentences, tag_lists, reject.skipped)
 
 
+def add_cls_sep(ids, cls_id, sep_id):
+    """Ragged `(batch, pieces)` -> `[CLS] pieces [SEP]` per row (core ops only)."""
+    rows = ids.nrows()
+    return tf.concat([tf.fill([rows, 1], cls_id), ids, tf.fill([rows, 1], sep_id)], axis=1)
+
+
 def encode_texts(tokenizer, texts, sequence_length):
     """`[CLS] pieces [SEP]` ids per text, truncated to `sequence_length`: ragged int32."""
     ids = tokenizer.tokenize(tf.constant(texts))[:, : sequence_length - 2]
-    rows = ids.nrows()
-    return tf.concat(
-        [tf.fill([rows, 1], tokenizer.cls_id), ids, tf.fill([rows, 1], tokenizer.sep_id)], axis=1
-    )
+    return add_cls_sep(ids, tokenizer.cls_id, tokenizer.sep_id)
 
 
 def encode_words(tokenizer, sentences, tag_ids, sequence_length):

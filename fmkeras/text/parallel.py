@@ -12,7 +12,9 @@ import re
 import numpy as np
 import tensorflow as tf
 
+from fmkeras.data import read_lines
 from fmkeras.errors import DataError
+from fmkeras.text.labelled import add_cls_sep
 
 # Han, kana, hangul and CJK punctuation: written without spaces between characters.
 _CJK = (
@@ -31,22 +33,10 @@ class Pairs:
     dropped: dict  # reason -> count
 
 
-def _lines(path):
-    lines = []
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            try:
-                lines.append(raw.decode("utf-8").strip())
-            except UnicodeDecodeError as error:
-                raise DataError(
-                    f"{path}:{number}: not valid UTF-8 ({error.reason} at byte {error.start})"
-                ) from None
-    return lines
-
-
 def read_parallel(source_path, target_path, max_lines=None):
     """Aligned non-empty pairs of two line files (empty on either side dropped)."""
-    sources, targets = _lines(source_path), _lines(target_path)
+    sources = read_lines(source_path, keep_empty=True)
+    targets = read_lines(target_path, keep_empty=True)
     if len(sources) != len(targets):
         raise DataError(
             f"{source_path} has {len(sources):,} lines but {target_path} has "
@@ -76,15 +66,12 @@ def encode_pairs(pairs, source_tokenizer, target_tokenizer, sequence_length):
     source = tf.ragged.boolean_mask(source, keep)
     target = tf.ragged.boolean_mask(target, keep)
 
-    def wrap(ids, tokenizer):
-        rows = ids.nrows()
-        return tf.concat(
-            [tf.fill([rows, 1], tokenizer.cls_id), ids, tf.fill([rows, 1], tokenizer.sep_id)],
-            axis=1,
-        )
-
     kept = np.flatnonzero(keep)
-    return wrap(source, source_tokenizer), wrap(target, target_tokenizer), kept
+    return (
+        add_cls_sep(source, source_tokenizer.cls_id, source_tokenizer.sep_id),
+        add_cls_sep(target, target_tokenizer.cls_id, target_tokenizer.sep_id),
+        kept,
+    )
 
 
 def translation_batches(source_ids, target_ids, batch_size, sequence_length, boundaries,
