@@ -54,6 +54,7 @@ class DataConfig:
     source_language: str = "en"  # translate: files are <train_file>.<language>
     target_language: str = "zh"
     target_vocab_file: str | None = None  # translate: learned from the target side when unset
+    shared_vocabulary: bool = False  # translate: one vocabulary for both sides (the source's)
 
 
 @dataclasses.dataclass

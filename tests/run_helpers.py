@@ -17,3 +17,16 @@ def train_args(task, recipe, settings, out):
     for key, value in settings.items():
         args += ["--set", f"{key}={value}"]
     return args
+
+
+def quick_settings(steps, **settings):
+    """Overrides for a tiny run of `steps` steps with one backup and one
+    evaluation at the end, without XLA; `settings` use `__` for dots."""
+    quick = {
+        "model.size": "tiny",
+        "train.steps": steps,
+        "train.checkpoint_every": steps,
+        "train.eval_every": steps,
+        "train.jit_compile": "false",
+    }
+    return quick | {key.replace("__", "."): value for key, value in settings.items()}

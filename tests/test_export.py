@@ -11,22 +11,34 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
+import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from conftest import REPO
-from run_helpers import train_args
+from run_helpers import quick_settings, train_args
 
+from fmkeras.config import DecodeConfig
 from fmkeras.export import main as export_main
 from fmkeras.inference import load_run
 from fmkeras.serve import create_server
+from fmkeras.tasks.translate import load_translator
+from fmkeras.text.wordpiece import WordPieceTokenizer
 from fmkeras.train import main as train_main
 
 TEXTS = ["a gorgeous , witty , seductive movie .", "dull and tedious", "Héllo 東京 !"]
 
-CHECK = textwrap.dedent("""
+SERVE_CHECK = textwrap.dedent("""
     import json, sys
     import tensorflow as tf
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    def plain(outputs):
+        return {k: tf.convert_to_tensor(v).numpy().tolist() for k, v in outputs.items()}
+
     path, texts = sys.argv[1], json.loads(sys.argv[2])
+    warmup_file = f"{path}/assets.extra/tf_serving_warmup_requests"
+    records = [record.numpy() for record in tf.data.TFRecordDataset(warmup_file)]
     loaded = tf.saved_model.load(path)
     eager = loaded.signatures["serving_default"](texts=tf.constant(texts))
     with tf.compat.v1.Session(graph=tf.Graph()) as session:  # TF Serving's C++ path
@@ -34,13 +46,37 @@ CHECK = textwrap.dedent("""
         signature = meta.signature_def["serving_default"]
         fetches = {k: v.name for k, v in signature.outputs.items()}
         graph = session.run(fetches, {signature.inputs["texts"].name: texts})
+        # TF Serving replays assets.extra/tf_serving_warmup_requests at load time.
+        for record in records:
+            log = prediction_log_pb2.PredictionLog.FromString(record)
+            request = log.predict_log.request
+            name = request.model_spec.signature_name
+            feeds = {meta.signature_def[name].inputs[key].name: tf.make_ndarray(proto)
+                     for key, proto in request.inputs.items()}
+            session.run(fetches, feeds)
     assert "tensorflow_text" not in sys.modules and "fmkeras" not in sys.modules
-    print(json.dumps({
-        "eager": eager["probabilities"].numpy().tolist(),
-        "session": graph["probabilities"].tolist(),
-        "labels": [label.decode() for label in graph["label"]],
-    }))
+    print(json.dumps({"eager": plain(eager), "session": plain(graph), "warmup": len(records)},
+                     default=bytes.decode))
 """)
+
+
+def serve_in_fresh_process(version, texts):
+    """Outputs of `serving_default` in a TF-only process, loaded as
+    `tf.saved_model.load` (eager) and as TF Serving does (session), after
+    replaying the warm-up requests; the two must agree."""
+    result = subprocess.run(
+        [sys.executable, "-c", SERVE_CHECK, str(version), json.dumps(texts)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    served = json.loads(result.stdout.strip().splitlines()[-1])
+    assert served["warmup"] == 2
+    for key, value in served["eager"].items():
+        if isinstance(np.asarray(value).flat[0], float):
+            np.testing.assert_allclose(served["session"][key], value, atol=1e-5)
+        else:
+            assert served["session"][key] == value, key
+    return served["eager"]
 
 
 @pytest.fixture(scope="module")
@@ -66,18 +102,12 @@ def test_export_loads_like_tf_serving_with_the_same_outputs(classify_run, tmp_pa
     assert export_main([str(classify_run), "--name", "sst2", "--out", str(out)]) == 0
     version = out / "sst2" / "1"
     assert (version / "saved_model.pb").is_file()
-    result = subprocess.run(
-        [sys.executable, "-c", CHECK, str(version), json.dumps(TEXTS)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    served = json.loads(result.stdout.strip().splitlines()[-1])
+    served = serve_in_fresh_process(version, TEXTS)
     expected = load_run(classify_run).classify(TEXTS)
-    for probabilities in (served["eager"], served["session"]):
-        np.testing.assert_allclose(
-            probabilities, [[p for p in scores.values()] for _, scores in expected], atol=1e-5
-        )
-    assert served["labels"] == [label for label, _ in expected]
+    np.testing.assert_allclose(
+        served["probabilities"], [list(scores.values()) for _, scores in expected], atol=1e-5
+    )
+    assert served["label"] == [label for label, _ in expected]
 
     cli = shutil.which("saved_model_cli", path=str(REPO / ".venv" / "bin")) or "saved_model_cli"
     shown = subprocess.run([cli, "show", "--all", "--dir", str(version)], capture_output=True,
@@ -95,16 +125,6 @@ def test_versions_are_never_overwritten_silently(classify_run, tmp_path, capsys)
     assert "exists; pass --overwrite" in capsys.readouterr().err
     assert export_main([str(classify_run), "--name", "m", "--out", out, "--version", "1",
                         "--overwrite"]) == 0  # fmt: skip
-
-
-TAG_CHECK = textwrap.dedent("""
-    import json, sys
-    import tensorflow as tf
-    loaded = tf.saved_model.load(sys.argv[1])
-    out = loaded.signatures["serving_default"](texts=tf.constant(json.loads(sys.argv[2])))
-    assert "tensorflow_text" not in sys.modules and "fmkeras" not in sys.modules
-    print(json.dumps([[t.decode() for t in row if t] for row in out["tags"].numpy()]))
-""")
 
 
 def test_tagger_export_tags_words_like_the_run(tmp_path):
@@ -130,14 +150,11 @@ def test_tagger_export_tags_words_like_the_run(tmp_path):
         "Peter Blackburn of London said the U.S. team played well in the final game on Sunday",
         "Rome",
     ]
-    result = subprocess.run(
-        [sys.executable, "-c", TAG_CHECK, str(tmp_path / "sm" / "ner" / "1"), json.dumps(texts)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    served = serve_in_fresh_process(tmp_path / "sm" / "ner" / "1", texts)
     expected = load_run(run).tag([text.split() for text in texts])
-    served = json.loads(result.stdout.strip().splitlines()[-1])
-    assert served == [[tag for _, tag in sentence] for sentence in expected]
+    assert [[t for t in row if t] for row in served["tags"]] == [
+        [tag for _, tag in sentence] for sentence in expected
+    ]
 
 
 def test_local_server_speaks_tf_serving_rest(classify_run, tmp_path):
@@ -188,3 +205,86 @@ def test_local_server_speaks_tf_serving_rest(classify_run, tmp_path):
         assert statuses == [200] * 200
     finally:
         server.shutdown()
+
+
+def test_translator_export_decodes_with_beam_search_in_the_graph(tmp_path):
+    run = tmp_path / "en_zh"
+    settings = quick_settings(30, data__max_lines=1500, data__vocab_size=1500,
+                              data__sequence_length=32, train__batch_size=32,
+                              train__learning_rate=3e-3, decode__beam_width=1,
+                              decode__max_length=8)  # fmt: skip
+    assert train_main(train_args("translate", REPO / "trainers" / "en_zh.yaml", settings, run)) == 0
+    decode = ["--beam", "2", "--max-length", "8"]
+    assert export_main([str(run), "--name", "zh", "--out", str(tmp_path / "sm"), *decode]) == 0
+    texts = ["I like tea.", "Where is the station?", "Héllo 東京 !", ""]
+    served = serve_in_fresh_process(tmp_path / "sm" / "zh" / "1", texts)
+    translate, _ = load_translator(run, DecodeConfig(beam_width=2, max_length=8))
+    assert served["translation"] == translate(texts, beam_width=2)
+    assert np.asarray(served["token_ids"]).shape == (4, 8)
+    info = json.loads((tmp_path / "sm" / "zh" / "1" / "assets.extra" / "fmkeras.json").read_text())
+    assert (info["task"], info["beam_width"], info["max_length"]) == ("translate", 2, 8)
+
+
+def test_fill_mask_export_ranks_pieces_for_every_mask(tmp_path):
+    run = tmp_path / "mlm"
+    settings = quick_settings(4, data__max_lines=1500, data__vocab_size=1000)
+    recipe = REPO / "trainers" / "pretrain_gutenberg.yaml"
+    assert train_main(train_args("pretrain", recipe, settings, run)) == 0
+    assert (
+        export_main([str(run), "--name", "mlm", "--out", str(tmp_path / "sm"), "--top-k", "3"]) == 0
+    )
+    texts = ["the house is [MASK] .", "no mask", "[MASK][MASK] and [MASK]"]
+    served = serve_in_fresh_process(tmp_path / "sm" / "mlm" / "1", texts)
+    assert served["mask_positions"] == [[4, -1, -1], [-1, -1, -1], [1, 2, 4]]
+
+    model = keras.saving.load_model(run / "model.keras")
+    tokenizer = WordPieceTokenizer(run / "vocab.txt")
+    ids = [tokenizer.cls_id, *tokenizer.tokenize(tf.constant(["the house is"])).to_list()[0],
+           tokenizer.mask_id, *tokenizer.tokenize(tf.constant(["."])).to_list()[0],
+           tokenizer.sep_id]  # fmt: skip
+    features = {
+        "token_ids": np.array([ids], "int32"),
+        "segment_ids": np.zeros((1, len(ids)), "int32"),
+        "padding_mask": np.ones((1, len(ids)), "int32"),
+        "mask_positions": np.array([[ids.index(tokenizer.mask_id)]], "int32"),
+    }
+    logits = np.asarray(model(features))[0, 0]
+    expected = [tokenizer.vocabulary[i] for i in np.argsort(-logits)[:3]]
+    assert served["tokens"][0][0] == expected
+    assert served["tokens"][1] == [["", "", ""]] * 3
+    probabilities = np.asarray(served["probabilities"])
+    assert np.all(np.diff(probabilities[0, 0]) <= 0) and probabilities[1].sum() == 0
+
+
+def test_int8_and_tflite_variants_answer_like_the_float_model(classify_run, tmp_path, capsys):
+    out = str(tmp_path / "sm")
+    assert export_main([str(classify_run), "--name", "f", "--out", out, "--tflite"]) == 0
+    assert export_main([str(classify_run), "--name", "q", "--out", out, "--quantize", "int8"]) == 0
+    assert export_main([str(classify_run), "--name", "x", "--out", out, "--quantize", "int8",
+                        "--tflite"]) == 2  # fmt: skip
+    assert "leave out --quantize" in capsys.readouterr().err
+    expected = np.array([list(s.values()) for _, s in load_run(classify_run).classify(TEXTS)])
+
+    quantized = serve_in_fresh_process(tmp_path / "sm" / "q" / "1", TEXTS)
+    np.testing.assert_allclose(quantized["probabilities"], expected, atol=0.05)
+    variables = tf.saved_model.load(str(tmp_path / "sm" / "q" / "1")).variables
+    assert any(v.dtype == tf.int8 for v in variables)
+
+    from ai_edge_litert.interpreter import Interpreter
+
+    tokenizer = load_run(classify_run).tokenizer
+    ids = tokenizer.tokenize(tf.constant(TEXTS))
+    token_ids = np.array(
+        [
+            [tokenizer.cls_id, *row, tokenizer.sep_id] + [0] * (20 - len(row))
+            for row in ids.to_list()
+        ],
+        "int32",
+    )
+    interpreter = Interpreter(
+        model_path=str(tmp_path / "sm" / "f" / "1" / "assets.extra" / "model.tflite")
+    )
+    runner = interpreter.get_signature_runner("serve_token_ids")
+    lite = runner(token_ids=token_ids, segment_ids=np.zeros_like(token_ids),
+                  padding_mask=(token_ids > 0).astype("int32"))  # fmt: skip
+    np.testing.assert_allclose(lite["probabilities"], expected, atol=0.05)

@@ -14,7 +14,9 @@ from fmkeras.decoding import beam_search, greedy_search
 from fmkeras.errors import DataError
 from fmkeras.evaluate import main as evaluate_main
 from fmkeras.models import Encoder, Translator
-from fmkeras.text.parallel import detokenize, read_parallel
+from fmkeras.text.detokenizer import Detokenizer
+from fmkeras.text.parallel import read_parallel
+from fmkeras.text.wordpiece import WordPieceTokenizer, learn_vocabulary, write_vocabulary
 from fmkeras.train import main
 from fmkeras.translate import main as translate_main
 
@@ -122,12 +124,37 @@ def test_parallel_files_must_align_and_decode(tmp_path):
     assert pairs.sources == ["one", "two", "four"] and pairs.dropped == {"empty_line": 1}
 
 
+def detokenize(pieces):
+    vocabulary = ["[PAD]", "[SEP]", *dict.fromkeys(pieces)]
+    ids = [[vocabulary.index(piece) for piece in pieces] + [1, 3, 0]]  # stops at [SEP]
+    return Detokenizer(vocabulary, end_id=1, padding_id=0)(tf.constant(ids)).numpy()[0].decode()
+
+
 def test_detokenize_joins_pieces_cjk_and_punctuation():
     assert (
         detokenize(["i", "don", "'", "t", "like", "new", "##york", "."]) == "i don't like newyork."
     )
+    assert detokenize(["'", "t", "'"]) == "' t '"  # no word character on both sides
     assert detokenize(["我", "喜", "欢", "茶", "。"]) == "我喜欢茶。"
     assert detokenize(["ein", "hund", "(", "braun", ")", "!"]) == "ein hund (braun)!"
+    assert detokenize(["tom", "喜", "欢", "ok"]) == "tom 喜欢 ok"
+
+
+@pytest.mark.parametrize(
+    "path, lowercase", [("tatoeba_en_zh/valid.zh", True), ("multi30k_en_de/valid.de", False)]
+)
+def test_detokenized_references_tokenize_to_the_same_ids(tmp_path, path, lowercase):
+    """Detokenizing what the tokenizer made of each valid reference loses no
+    token (references with an `[UNK]` piece are left out: it has no text)."""
+    lines = (DATA_DIR / path).read_text(encoding="utf-8").splitlines()
+    write_vocabulary(learn_vocabulary(lines, 4000, lowercase=lowercase), tmp_path / "vocab.txt")
+    tokenizer = WordPieceTokenizer(tmp_path / "vocab.txt", lowercase=lowercase)
+    ids = tokenizer.tokenize(tf.constant(lines))
+    ids = tf.ragged.boolean_mask(ids, ~tf.reduce_any(ids == tokenizer.unk_id, axis=1))
+    assert int(ids.nrows()) > 0.8 * len(lines)
+    detokenizer = Detokenizer(tokenizer.vocabulary, tokenizer.sep_id, tokenizer.pad_id)
+    texts = detokenizer(ids.to_tensor(tokenizer.pad_id))
+    assert tokenizer.tokenize(texts).to_list() == ids.to_list()
 
 
 def test_translate_end_to_end(tmp_path, capsys):
@@ -161,6 +188,36 @@ def test_translate_end_to_end(tmp_path, capsys):
     assert evaluate_main([str(run), *out]) == 0
     scored = json.loads(capsys.readouterr().out)
     assert scored["chrf"] == pytest.approx(metrics["greedy"]["chrf"], abs=0.5)
+
+
+def test_shared_vocabulary_is_learned_from_both_sides(tmp_path):
+    run = tmp_path / "shared"
+    settings = {
+        "model.size": "tiny",
+        "data.shared_vocabulary": True,
+        "data.max_lines": 300,
+        "data.vocab_size": 800,
+        "data.sequence_length": 32,
+        "train.steps": 2,
+        "train.batch_size": 8,
+        "train.checkpoint_every": 2,
+        "train.jit_compile": "false",
+        "decode.beam_width": 1,
+        "decode.max_length": 4,
+    }
+    assert main(train_args("translate", REPO / "trainers" / "en_de.yaml", settings, run)) == 0
+    vocabulary = (run / "vocab.txt").read_text(encoding="utf-8").split()
+    assert (run / "target_vocab.txt").read_text(encoding="utf-8").split() == vocabulary
+    assert {"the", "ein", "und"} <= set(vocabulary)  # English and German words
+    model = keras.saving.load_model(run / "model.keras")
+    assert model.target_vocabulary_size == len(vocabulary)
+
+
+def test_shared_vocabulary_excludes_a_target_vocabulary_file(tmp_path, capsys):
+    settings = {"data.shared_vocabulary": True, "data.target_vocab_file": "x.txt"}
+    args = train_args("translate", REPO / "trainers" / "en_de.yaml", settings, tmp_path / "r")
+    assert main(args) == 2
+    assert "data.shared_vocabulary and data.target_vocab_file" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # a 6-layer MiniLM encoder and decoder: ~1 minute

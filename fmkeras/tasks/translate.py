@@ -16,8 +16,9 @@ from fmkeras.errors import ConfigError
 from fmkeras.models import Encoder, Translator, encoder_kwargs
 from fmkeras.tasks import finetune
 from fmkeras.tasks.pretrain import prepare_vocabulary
+from fmkeras.text.detokenizer import Detokenizer
 from fmkeras.text.labelled import bucket_boundaries
-from fmkeras.text.parallel import detokenize, encode_pairs, read_parallel, translation_batches
+from fmkeras.text.parallel import encode_pairs, read_parallel, translation_batches
 from fmkeras.text.wordpiece import (
     WordPieceTokenizer,
     learn_vocabulary,
@@ -59,29 +60,29 @@ class Translate:
         self.batch_size = decode.batch_size
         self.length_penalty = decode.length_penalty
         self.jit_compile = jit_compile
+        self.detokenizer = Detokenizer(
+            target_tokenizer.vocabulary, target_tokenizer.sep_id, target_tokenizer.pad_id
+        )
         self._compiled = {}
+
+    def decode_ids(self, source_ids, beam_width=1):
+        """Target ids `(batch, max_length)` for `[CLS] source [SEP]` ids
+        `(batch, source)` (padded with 0): greedy for width 1, else beam search."""
+        model, start, end = self.model, self.target_tokenizer.cls_id, self.target_tokenizer.sep_id
+        state = model.initial_state(source_ids, self.max_length)
+        batch = tf.shape(source_ids)[0]
+        if beam_width == 1:
+            return greedy_search(model.decode_step, state, batch, self.max_length, start, end)
+        ids, _ = beam_search(model.decode_step, state, batch, self.max_length, start, end,
+                             beam_width, self.length_penalty)  # fmt: skip
+        return ids
 
     def _function(self, beam_width):
         if beam_width not in self._compiled:
-            model, start, end = (
-                self.model,
-                self.target_tokenizer.cls_id,
-                self.target_tokenizer.sep_id,
-            )
-
-            def run(source_ids):
-                state = model.initial_state(source_ids, self.max_length)
-                batch = tf.shape(source_ids)[0]
-                if beam_width == 1:
-                    return greedy_search(
-                        model.decode_step, state, batch, self.max_length, start, end
-                    )
-                ids, _ = beam_search(model.decode_step, state, batch, self.max_length, start, end,
-                                     beam_width, self.length_penalty)  # fmt: skip
-                return ids
-
             self._compiled[beam_width] = tf.function(
-                run, jit_compile=self.jit_compile, reduce_retracing=True
+                lambda source_ids: self.decode_ids(source_ids, beam_width),
+                jit_compile=self.jit_compile,
+                reduce_retracing=True,
             )
         return self._compiled[beam_width]
 
@@ -93,7 +94,6 @@ class Translate:
         order = np.argsort([len(row) for row in rows], kind="stable")
         boundaries = bucket_boundaries(self.sequence_length)
         decode = self._function(beam_width)
-        vocabulary = self.target_tokenizer.vocabulary
         outputs = [None] * len(texts)
         for start in range(0, len(rows), self.batch_size):
             chunk = order[start : start + self.batch_size]
@@ -101,13 +101,9 @@ class Translate:
             batch = np.zeros((len(chunk), width), np.int32)  # padding id 0
             for line, i in enumerate(chunk):
                 batch[line, : len(rows[i])] = rows[i]
-            for i, out in zip(chunk, np.asarray(decode(tf.constant(batch))), strict=True):
-                pieces = []
-                for token in out:
-                    if token in (self.target_tokenizer.sep_id, self.target_tokenizer.pad_id):
-                        break
-                    pieces.append(vocabulary[token])
-                outputs[i] = detokenize(pieces)
+            translations = self.detokenizer(decode(tf.constant(batch))).numpy()
+            for i, text in zip(chunk, translations, strict=True):
+                outputs[i] = text.decode("utf-8")
         return outputs
 
 
@@ -124,16 +120,23 @@ def load_translator(directory, decode):
 
 
 def tokenizers(config, run, train, data_dir, origin, log):
-    """`(source, target, encoder_or_None)`: the source side follows `model.init`."""
+    """`(source, target, encoder_or_None)`: the source side follows `model.init`;
+    with `data.shared_vocabulary` the target uses the source vocabulary (learned
+    from both sides when there is no starting point)."""
     data = config.data
+    if data.shared_vocabulary and data.target_vocab_file:
+        raise ConfigError("data.shared_vocabulary and data.target_vocab_file exclude each other")
     if config.model.init == "random":
-        source = prepare_vocabulary(config, run, train.sources, data_dir, origin, log)
+        lines = train.sources + train.targets if data.shared_vocabulary else train.sources
+        source = prepare_vocabulary(config, run, lines, data_dir, origin, log)
         encoder = None
     else:
         encoder, source, _ = finetune.starting_encoder(config, run, [], data_dir, origin, log)
     target_path = run.root / TARGET_VOCAB
     if not target_path.is_file():
-        if data.target_vocab_file:
+        if data.shared_vocabulary:
+            vocabulary = source.vocabulary
+        elif data.target_vocab_file:
             vocabulary = read_vocabulary(require_file(data.target_vocab_file, data_dir, origin))
         else:
             log("target vocabulary:")
@@ -141,7 +144,8 @@ def tokenizers(config, run, train, data_dir, origin, log):
                 train.targets, data.vocab_size, lowercase=data.lowercase, log=log
             )
         write_vocabulary(vocabulary, target_path)
-    target = WordPieceTokenizer(target_path, lowercase=data.lowercase)
+    lowercase = source.lowercase if data.shared_vocabulary else data.lowercase
+    target = WordPieceTokenizer(target_path, lowercase=lowercase)
     return source, target, encoder
 
 

@@ -115,6 +115,11 @@ class CoreBertTokenizer(tf.Module):
             default_value=-1,
         )
 
+    @property
+    def tables(self):
+        """The lookup tables, for exporters that track resources by hand."""
+        return [self._characters, self._pieces]
+
     def words(self, texts):
         """`(batch,)` strings -> ragged `(batch, words)` after basic tokenization."""
         characters = tf.strings.unicode_split(texts, "UTF-8")  # (batch, chars)

@@ -1,5 +1,5 @@
-"""Parallel text for translation: aligned line files, encoding, bucketed
-batches, and detokenization of WordPiece output.
+"""Parallel text for translation: aligned line files, encoding and bucketed
+batches.
 
 A corpus is two UTF-8 files whose line `i` are translations of each other,
 e.g. `train.en` + `train.zh`. Line-count mismatches are errors; empty lines
@@ -7,7 +7,6 @@ and pairs longer than the sequence length are dropped and counted.
 """
 
 import dataclasses
-import re
 
 import numpy as np
 import tensorflow as tf
@@ -15,15 +14,6 @@ import tensorflow as tf
 from fmkeras.data import read_lines
 from fmkeras.errors import DataError
 from fmkeras.text.labelled import add_cls_sep
-
-# Han, kana, hangul and CJK punctuation: written without spaces between characters.
-_CJK = (
-    r"\u3000-\u303f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af"
-    r"\uf900-\ufaff\uff00-\uffef"
-)
-_SPACE_BETWEEN_CJK = re.compile(rf"(?<=[{_CJK}]) (?=[{_CJK}])")
-_SPACE_BEFORE_PUNCTUATION = re.compile(r" (?=[.,!?;:%)\]}])|(?<=[(\[{]) ")
-_SPACE_AROUND_APOSTROPHE = re.compile(r"(?<=\w) ' (?=\w)")
 
 
 @dataclasses.dataclass
@@ -104,18 +94,3 @@ def translation_batches(source_ids, target_ids, batch_size, sequence_length, bou
         )
         .prefetch(tf.data.AUTOTUNE)
     )
-
-
-def detokenize(pieces):
-    """WordPiece pieces -> text: `##` pieces join the previous one, no spaces
-    between CJK characters or before closing punctuation."""
-    words = []
-    for piece in pieces:
-        if piece.startswith("##") and words:
-            words[-1] += piece[2:]
-        else:
-            words.append(piece)
-    text = " ".join(words)
-    text = _SPACE_BETWEEN_CJK.sub("", text)
-    text = _SPACE_AROUND_APOSTROPHE.sub("'", text)
-    return _SPACE_BEFORE_PUNCTUATION.sub("", text)
