@@ -21,6 +21,7 @@ from fmkeras.errors import ConfigError
 from fmkeras.workarounds import patch_multi_worker_fit
 
 TPU_CONNECT_TIMEOUT_SECONDS = 60
+_multi_worker = None
 
 
 def configure_cpu_devices(count):
@@ -65,7 +66,8 @@ def _connect_tpu(name):
 
 
 def create_strategy(distribute_config):
-    """A `tf.distribute.Strategy` for a `DistributeConfig`."""
+    """A `tf.distribute.Strategy` for a `DistributeConfig`. For `multi_worker`
+    call it before TensorFlow runs any op (one instance per process)."""
     kind = distribute_config.strategy
     # Multi-worker collectives must be configured before anything lists devices.
     if kind == "multi_worker":
@@ -79,7 +81,10 @@ def create_strategy(distribute_config):
         except json.JSONDecodeError as error:
             raise ConfigError(f"TF_CONFIG is not valid JSON: {error}") from None
         patch_multi_worker_fit()  # keras#20585 and the scalar-reduction error
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        global _multi_worker
+        if _multi_worker is None:  # its collectives can be configured once per process
+            _multi_worker = tf.distribute.MultiWorkerMirroredStrategy()
+        return _multi_worker
     gpus = tf.config.list_logical_devices("GPU")
     cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
     if kind == "auto":
@@ -96,6 +101,33 @@ def create_strategy(distribute_config):
     if kind == "tpu":
         return _connect_tpu(distribute_config.tpu)
     raise ConfigError(f"unknown distribute.strategy {kind!r}")
+
+
+def worker_role():
+    """`(index, is_chief)` of this process in `TF_CONFIG`'s cluster: the chief is
+    the `chief` task, or worker 0 when the cluster has none; `(0, True)` without
+    `TF_CONFIG`."""
+    if "TF_CONFIG" not in os.environ:
+        return 0, True
+    try:
+        tf_config = json.loads(os.environ["TF_CONFIG"])
+        task_type, index = tf_config["task"]["type"], int(tf_config["task"]["index"])
+        has_chief = bool(tf_config["cluster"].get("chief"))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+        raise ConfigError(f"TF_CONFIG does not describe this task: {error!r}") from None
+    is_chief = task_type == "chief" or (task_type == "worker" and index == 0 and not has_chief)
+    return index, is_chief
+
+
+def smallest_across_workers(strategy, value):
+    """The smallest of every worker's int `value` (a collective: all workers call
+    it); `value` itself for single-process strategies."""
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return value
+    local = strategy.experimental_distribute_values_from_function(
+        lambda _: tf.constant([value], tf.int64)
+    )
+    return int(tf.reduce_min(strategy.gather(local, axis=0)))
 
 
 def is_single_device(strategy):

@@ -7,13 +7,14 @@ minutes: a tiny encoder pretrained briefly on the Gutenberg corpus
 """
 
 import argparse
+import shutil
 import sys
 import time
 from pathlib import Path
 
 from fmkeras.config import TASKS, build_config
 from fmkeras.data import resolve_data_dir
-from fmkeras.distribute import configure_cpu_devices
+from fmkeras.distribute import configure_cpu_devices, create_strategy, worker_role
 from fmkeras.errors import ConfigError, FmkerasError
 from fmkeras.tasks import classify, pretrain, tag, translate
 from fmkeras.training.run_dir import RunDir
@@ -95,13 +96,25 @@ def train_one(config, out, data_dir_option):
     """Runs one task into run directory `out`; returns `(RunDir, metrics)`."""
     configure_cpu_devices(config.distribute.cpu_devices)  # before TensorFlow runs anything
     data_dir, origin = resolve_data_dir(data_dir_option, config.data.dir)
-    run = RunDir(out)
+    index, is_chief = 0, True
+    if config.distribute.strategy == "multi_worker":
+        create_strategy(config.distribute)  # before TensorFlow runs ops; tasks reuse it
+        index, is_chief = worker_role()
+    # Only the chief writes the run directory (TensorBoard, model, metrics); other
+    # workers keep their own backups (to resume) in workers/ and delete it when done.
+    run = RunDir(out if is_chief else Path(out) / "workers" / f"worker-{index}")
     run.prepare(config)
     log(f"{config.task}: run directory {run.root}, data directory {data_dir} ({origin})")
     task = {"pretrain": pretrain, "classify": classify, "tag": tag, "translate": translate}[
         config.task
     ]
     metrics = task.run(config, run, data_dir, origin, log=log)
+    if not is_chief:
+        shutil.rmtree(run.root)
+        if not any(run.root.parent.iterdir()):
+            run.root.parent.rmdir()
+        log(f"worker {index}: finished; the chief wrote the run directory {out}")
+        return RunDir(out), metrics
     summary = ", ".join(
         f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
         for k, v in metrics.items()

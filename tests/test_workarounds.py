@@ -4,12 +4,13 @@ two local workers train in lockstep with them."""
 import inspect
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
 
 import keras.src.backend.tensorflow.trainer as trainer
+
+from fmkeras.launch import free_ports
 
 WORKER = textwrap.dedent("""
     import json, sys
@@ -45,16 +46,6 @@ def test_patched_keras_internals_still_exist():
         "values", "strategy", "reduction"
     ]  # fmt: skip
     assert callable(trainer._collective_all_reduce_multi_worker)
-
-
-def free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def run_two_workers(mode):

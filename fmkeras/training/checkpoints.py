@@ -51,15 +51,18 @@ def save_model(model, path):
         model.save(temporary)
 
 
-def latest_backup(directory):
-    """`(path, state)` of the newest complete backup in `directory`, or `(None, None)`."""
+def latest_backup(directory, at_most=None):
+    """`(path, state)` of the newest complete backup in `directory` (not after
+    step `at_most`, if given), or `(None, None)`."""
     directory = Path(directory)
     if not directory.is_dir():
         return None, None
     for candidate in sorted(directory.glob("step-*"), reverse=True):
         state_path = candidate / STATE_FILE
         if state_path.is_file() and (candidate / WEIGHTS_FILE).is_file():
-            return candidate, json.loads(state_path.read_text(encoding="utf-8"))
+            state = json.loads(state_path.read_text(encoding="utf-8"))
+            if at_most is None or state["step"] <= at_most:
+                return candidate, state
     return None, None
 
 

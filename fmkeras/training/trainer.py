@@ -26,7 +26,18 @@ def resume(model, run, train, log, after_restore=None):
     """Restores the newest backup of `run` into the compiled `model`; returns its step."""
     steps_per_epoch = epoch_length(train.steps, train.checkpoint_every)
     backup_path, state = latest_backup(run.backups)
-    if backup_path is None:
+    # Multi-worker: every worker has its own backups, and one may have been killed
+    # before writing the newest; all resume from the newest step they all have.
+    newest = state["step"] if state else 0
+    agreed = distribute.smallest_across_workers(model.distribute_strategy, newest)
+    if agreed != newest:
+        backup_path, state = latest_backup(run.backups, at_most=agreed)
+        if agreed and (state is None or state["step"] != agreed):
+            raise ConfigError(
+                f"the workers' newest common backup is step {agreed}, but {run.backups} "
+                "no longer has it; delete the run directories of all workers to start over"
+            )
+    if backup_path is None or agreed == 0:
         return 0
     if state["step"] % steps_per_epoch:
         raise ConfigError(
