@@ -35,7 +35,7 @@ import yaml
 from fmkeras import signatures
 from fmkeras.errors import ConfigError, FmkerasError
 from fmkeras.inference import load_run
-from fmkeras.tasks.finetune import TASK_FILE
+from fmkeras.tasks.finetune import TASK_FILE, read_task_info
 from fmkeras.tasks.translate import load_translator
 from fmkeras.text.wordpiece import WordPieceTokenizer
 from fmkeras.training.run_dir import RunDir
@@ -60,7 +60,7 @@ def run_task(run_dir):
     if not run.root.is_dir():
         raise ConfigError(f"run directory {run.root} does not exist")
     if (run.root / TASK_FILE).is_file():
-        return json.loads((run.root / TASK_FILE).read_text(encoding="utf-8"))["task"]
+        return read_task_info(run.root)["task"]
     if run.config.is_file() and run.model.is_file():
         config = yaml.safe_load(run.config.read_text(encoding="utf-8"))
         if config.get("task") == "pretrain":

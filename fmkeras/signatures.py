@@ -14,7 +14,7 @@ translate  -> translation (batch,), token_ids (batch, max_length); beam
               search (or greedy) runs in the graph.
 pretrain   -> fill-mask: texts with `[MASK]` -> tokens, probabilities
               (batch, masks, top_k) and mask_positions (batch, masks);
-              rows with fewer masks are padded with "" / 0.
+              rows with fewer masks are padded with "", 0 and -1.
 """
 
 import dataclasses
@@ -27,6 +27,7 @@ from fmkeras.text.core_tokenizer import CoreBertTokenizer
 from fmkeras.text.labelled import add_cls_sep
 
 MASK_TOKEN = "[MASK]"
+ENCODER_INPUTS = ("token_ids", "segment_ids", "padding_mask")
 
 
 def core_tokenizer(tokenizer):
@@ -64,10 +65,8 @@ def classifier_functions(run):
         ids = add_cls_sep(tokenizer.tokenize(texts)[:, : length - 2], cls_id, sep_id)
         return outputs(_encoder_features(ids, pad_id))
 
-    def serve_token_ids(token_ids, segment_ids, padding_mask):
-        return outputs(
-            {"token_ids": token_ids, "segment_ids": segment_ids, "padding_mask": padding_mask}
-        )
+    def serve_token_ids(*ids):
+        return outputs(dict(zip(ENCODER_INPUTS, ids, strict=True)))
 
     return ServingFunctions(model, tokenizer, serve_texts, serve_token_ids, ENCODER_INPUTS)
 
@@ -103,22 +102,14 @@ def tagger_functions(run):
         tags = tf.concat([tags, _ragged_fill(missing, "O")], axis=1)
         return {"words": words.to_tensor(""), "tags": tags.to_tensor("")}
 
-    def serve_token_ids(token_ids, segment_ids, padding_mask):
-        features = {
-            "token_ids": token_ids,
-            "segment_ids": segment_ids,
-            "padding_mask": padding_mask,
-        }
-        logits = model(features, training=False)
+    def serve_token_ids(*ids):
+        logits = model(dict(zip(ENCODER_INPUTS, ids, strict=True)), training=False)
         return {
             "tag_ids": tf.argmax(logits, axis=-1, output_type=tf.int32),
             "probabilities": tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1),
         }
 
     return ServingFunctions(model, tokenizer, serve_texts, serve_token_ids, ENCODER_INPUTS)
-
-
-ENCODER_INPUTS = ("token_ids", "segment_ids", "padding_mask")
 
 
 def translator_functions(translate, beam_width):
@@ -176,9 +167,8 @@ def fill_mask_functions(model, tokenizer, sequence_length, top_k):
         ids = add_cls_sep(ids[:, : sequence_length - 2], tokenizer.cls_id, tokenizer.sep_id)
         return outputs(_encoder_features(ids, tokenizer.pad_id))
 
-    def serve_token_ids(token_ids, segment_ids, padding_mask):
-        features = dict(zip(ENCODER_INPUTS, (token_ids, segment_ids, padding_mask), strict=True))
-        return outputs(features)
+    def serve_token_ids(*ids):
+        return outputs(dict(zip(ENCODER_INPUTS, ids, strict=True)))
 
     return ServingFunctions(model, core, serve_texts, serve_token_ids, ENCODER_INPUTS)
 

@@ -37,7 +37,7 @@ def resume(model, run, train, log, after_restore=None):
                 f"the workers' newest common backup is step {agreed}, but {run.backups} "
                 "no longer has it; delete the run directories of all workers to start over"
             )
-    if backup_path is None or agreed == 0:
+    if backup_path is None:
         return 0
     if state["step"] % steps_per_epoch:
         raise ConfigError(
