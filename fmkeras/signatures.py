@@ -187,7 +187,8 @@ class ServingFunctions:
         """An `ExportArchive` with `serving_default` (raw texts; unless `texts`
         is false) and `serve_token_ids`."""
         archive = keras.export.ExportArchive()
-        archive.track(self.model)
+        # The endpoints capture the model's variables by themselves. Also calling
+        # `archive.track(self.model)` stores every weight twice (keras#23553).
         if texts:
             for table in self.tokenizer.tables:  # not Keras layers: tracked by hand
                 archive.track(table)

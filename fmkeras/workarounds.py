@@ -16,10 +16,23 @@
 Both replace private functions of `keras.src.backend.tensorflow.trainer`;
 `tests/test_workarounds.py` fails loudly if those change (so a Keras
 upgrade is noticed) and checks that two local workers train in lockstep.
+
+`compile_replica_steps_with_xla(model)` makes XLA work under tf.distribute.
+Keras turns XLA off under a strategy, and forcing `jit_compile=True` makes
+XLA compile Keras's whole `strategy.run`, which cannot reach the other
+replicas' variables ("Trying to access resource ... located in device CPU:1
+from device CPU:0"; keras#18110, keras-hub#949). The replacement train step
+compiles each replica's forward and backward pass and leaves the
+cross-replica sum and the optimizer update outside XLA, as TensorFlow
+recommends for `jit_compile` with `strategy.run`. The embedding's gradient
+stays `IndexedSlices` (its values and row ids are ordinary XLA outputs), so
+the optimizer updates exactly as Keras's own step does (Keras's Adam updates
+only the embedding rows a batch touched; a dense gradient would change that).
 """
 
 import tensorflow as tf
 from keras import tree
+from keras.utils import unpack_x_y_sample_weight
 
 _PATCHED = False
 
@@ -68,3 +81,35 @@ def patch_multi_worker_fit():
     trainer.TensorFlowTrainer._maybe_symbolic_build = _maybe_symbolic_build
     trainer.reduce_per_replica = reduce_per_replica
     _PATCHED = True
+
+
+def compile_replica_steps_with_xla(model):
+    """Replaces the compiled `model`'s train step with one whose per-replica
+    forward and backward pass is XLA-compiled (compile the model itself with
+    `jit_compile=False`)."""
+
+    loss_tracker = model.metrics[0]  # compiled models list their "loss" mean first
+    if loss_tracker.name != "loss":
+        raise RuntimeError(
+            f"expected Keras's loss tracker first in model.metrics, got {loss_tracker.name!r}"
+        )
+
+    @tf.function(jit_compile=True)
+    def loss_and_gradients(x, y, sample_weight):
+        with tf.GradientTape() as tape:
+            y_pred = model(x, training=True)
+            loss = model.compute_loss(x, y, y_pred, sample_weight, training=True)
+            scaled = model.optimizer.scale_loss(loss)
+        gradients = tape.gradient(scaled, model.trainable_variables)
+        return loss, y_pred, gradients
+
+    def train_step(data):  # Keras's TensorFlow train step, with the XLA part split out
+        x, y, sample_weight = unpack_x_y_sample_weight(data)
+        loss, y_pred, gradients = loss_and_gradients(x, y, sample_weight)
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync  # loss is divided by it
+        batch = tf.shape(tree.flatten(x)[0])[0]
+        loss_tracker.update_state(loss * replicas, sample_weight=batch)
+        model.optimizer.apply_gradients(zip(gradients, model.trainable_variables, strict=True))
+        return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    model.train_step = train_step

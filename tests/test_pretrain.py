@@ -1,45 +1,19 @@
-"""End-to-end pretraining: files, curves, errors, NaN, resume after SIGKILL, mirrored."""
+"""End-to-end pretraining: files, curves, errors, NaN, resume after SIGKILL."""
 
 import json
 import math
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 import yaml
-from run_helpers import scalars
+from run_helpers import REPO, run_cli, scalars, tiny_args
 
 from fmkeras.text.wordpiece import read_vocabulary
 from fmkeras.train import main
-
-REPO = Path(__file__).resolve().parents[1]
-RECIPE = str(REPO / "trainers" / "pretrain_gutenberg.yaml")
-
-
-def tiny_args(vocab, steps=40, **extra):
-    settings = {
-        "model.size": "tiny",
-        "data.max_lines": 1500,
-        "data.vocab_file": vocab,
-        "train.batch_size": 16,
-        "train.learning_rate": 1e-3,
-        "train.steps": steps,
-        "train.checkpoint_every": 20,
-        "train.eval_every": 20,
-        "train.eval_steps": 4,
-        "train.log_every": 10,
-        "train.steps_per_execution": 1,
-        "train.peak_gflops": 100,
-        **extra,
-    }
-    args = ["pretrain", "--recipe", RECIPE]
-    for key, value in settings.items():
-        args += ["--set", f"{key}={value}"]
-    return args
 
 
 def test_pretraining_writes_a_complete_run(tmp_path, small_vocab, capsys):
@@ -117,17 +91,6 @@ def test_changed_config_does_not_resume_silently(tmp_path, small_vocab, capsys):
     assert main(tiny_args(small_vocab, steps=20) + ["--out", run]) == 0
 
 
-def run_cli(args, **kwargs):
-    return subprocess.run(
-        [sys.executable, "-m", "fmkeras.train", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        **kwargs,
-    )
-
-
 def test_killed_run_resumes_from_its_last_backup(tmp_path, small_vocab):
     run = tmp_path / "run"
     args = tiny_args(small_vocab, steps=200, **{"train.eval_every": 200}) + ["--out", str(run)]
@@ -160,17 +123,6 @@ def test_killed_run_resumes_from_its_last_backup(tmp_path, small_vocab):
     assert uninterrupted.returncode == 0, uninterrupted.stderr
     reference = json.loads((tmp_path / "uninterrupted" / "metrics.json").read_text())
     assert metrics["valid_loss"] == pytest.approx(reference["valid_loss"], abs=1e-4)
-
-
-def test_mirrored_on_two_logical_cpus(tmp_path, small_vocab):
-    args = tiny_args(
-        small_vocab, steps=20, **{"distribute.strategy": "mirrored", "distribute.cpu_devices": 2}
-    )
-    result = run_cli(args + ["--out", str(tmp_path / "mirrored")])
-    assert result.returncode == 0, result.stderr
-    metrics = json.loads((tmp_path / "mirrored" / "metrics.json").read_text())
-    assert metrics["replicas"] == 2 and metrics["jit_compile"] is False
-    assert metrics["valid_loss"] < math.log(2000)
 
 
 @pytest.mark.slow

@@ -3,14 +3,15 @@ two local workers train in lockstep with them."""
 
 import inspect
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
+import keras
 import keras.src.backend.tensorflow.trainer as trainer
+import numpy as np
+import tensorflow as tf
+from run_helpers import run_workers
 
-from fmkeras.launch import free_ports
+from fmkeras.workarounds import compile_replica_steps_with_xla
 
 WORKER = textwrap.dedent("""
     import json, sys
@@ -48,29 +49,8 @@ def test_patched_keras_internals_still_exist():
     assert callable(trainer._collective_all_reduce_multi_worker)
 
 
-def run_two_workers(mode):
-    """`[(returncode, stdout, stderr)]` of two local workers running WORKER."""
-    cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(2)]}
-    workers = []
-    for index in range(2):
-        env = {**os.environ, "TF_CONFIG": json.dumps({"cluster": cluster,
-               "task": {"type": "worker", "index": index}})}  # fmt: skip
-        workers.append(subprocess.Popen([sys.executable, "-c", WORKER, mode], env=env,
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))  # fmt: skip
-    results = []
-    for worker in workers:
-        try:
-            out, err = worker.communicate(timeout=240)
-        finally:
-            if worker.poll() is None:
-                worker.kill()  # SIGTERM is swallowed by TF in multi-worker mode
-                out, err = worker.communicate()
-        results.append((worker.returncode, out, err))
-    return results
-
-
 def test_two_local_workers_fit_in_lockstep():
-    results = run_two_workers("patched")
+    results = run_workers(WORKER, "patched")
     for returncode, _, err in results:
         assert returncode == 0, err[-3000:]
     losses = [json.loads(out.strip().splitlines()[-1]) for _, out, _ in results]
@@ -80,6 +60,36 @@ def test_two_local_workers_fit_in_lockstep():
 
 def test_stock_keras_still_needs_the_workaround():
     # When this fails, Keras fixed keras#20585: drop fmkeras/workarounds.py.
-    results = run_two_workers("stock")
+    results = run_workers(WORKER, "stock")
     assert any(code != 0 for code, _, _ in results)
     assert any("PerReplica" in err for _, _, err in results)
+
+
+def test_replica_xla_step_trains_like_keras():
+    """The per-replica XLA train step gives Keras's own step's losses and weights,
+    an embedding (sparse gradient, lazily updated Adam rows) included."""
+    x = np.random.default_rng(0).integers(0, 50, (64, 6)).astype("int32")
+    y = (x.sum(axis=1) % 2).astype("int32")
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+    results, calls = [], []
+    for replica_xla in (False, True):
+        keras.utils.set_random_seed(0)
+        with strategy.scope():
+            model = keras.Sequential([
+                keras.Input((6,), dtype="int32"),
+                keras.layers.Embedding(50, 8),
+                keras.layers.GlobalAveragePooling1D(),
+                keras.layers.Dense(2),
+            ])  # fmt: skip
+            loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+            model.compile(optimizer="adam", loss=loss, jit_compile=False)
+            if replica_xla:
+                compile_replica_steps_with_xla(model)
+                step = model.train_step
+                model.train_step = lambda data, step=step: calls.append(1) or step(data)
+        history = model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+        results.append((history.history["loss"], model.get_weights()))
+    assert calls  # Keras called the replacement step
+    np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-5)
+    for replaced, stock in zip(results[1][1], results[0][1], strict=True):
+        np.testing.assert_allclose(replaced, stock, atol=1e-5)

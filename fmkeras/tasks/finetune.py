@@ -98,14 +98,16 @@ def compile_task(model, encoder, config, strategy, log):
             f"{', '.join(targets)}: "
             f"{trainable:,} of {total:,} parameters trainable ({trainable / total:.2%})"
         )
-    model.compile(
+    trainer.compile_model(
+        model,
+        strategy,
+        train,
+        log,
         optimizer=create_optimizer(train),
         loss=keras.losses.SparseCategoricalCrossentropy(
             from_logits=True, reduction="mean_with_sample_weight"
         ),
         weighted_metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-        jit_compile=trainer.resolve_jit_compile(train.jit_compile, strategy),
-        steps_per_execution=train.steps_per_execution,
     )
     return details
 

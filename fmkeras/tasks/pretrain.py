@@ -85,18 +85,19 @@ def run(config, run: RunDir, data_dir, origin, log=print):
     )
 
     strategy = distribute.create_strategy(config.distribute)
-    jit_compile = trainer.resolve_jit_compile(train.jit_compile, strategy)
     keras.utils.set_random_seed(train.seed)  # initialisation (data order and masks use it too)
     with strategy.scope():
         model = build_masked_lm(config, tokenizer.vocabulary_size)
-        model.compile(
+        jit_compile = trainer.compile_model(
+            model,
+            strategy,
+            train,
+            log,
             optimizer=create_optimizer(train),
             loss=keras.losses.SparseCategoricalCrossentropy(
                 from_logits=True, reduction="mean_with_sample_weight"
             ),
             weighted_metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-            jit_compile=jit_compile,
-            steps_per_execution=train.steps_per_execution,
         )
 
     start_step = trainer.resume(model, run, train, log)

@@ -188,12 +188,14 @@ def run(config, run: RunDir, data_dir, origin, log=print):
         if source.pad_id != 0 or target.pad_id != 0:
             raise ConfigError("translation vocabularies must have [PAD] as id 0")
         model = build_translator(config, source, target, encoder)
-        model.compile(
+        trainer.compile_model(
+            model,
+            strategy,
+            train_config,
+            log,
             optimizer=create_optimizer(train_config),
             loss=SmoothedSparseCrossEntropy(train_config.label_smoothing),
             weighted_metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-            jit_compile=trainer.resolve_jit_compile(train_config.jit_compile, strategy),
-            steps_per_execution=train_config.steps_per_execution,
         )
     log(
         f"model: {model.count_params():,} parameters; vocabularies {source.vocabulary_size:,} "

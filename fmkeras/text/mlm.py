@@ -163,8 +163,10 @@ def mlm_dataset(
         steps = tf.data.Dataset.counter(start_step)
     else:
         steps = tf.data.Dataset.range(start_step, count // batch_size)
+    # Multi-worker: every worker builds each global batch and keeps its own slice
+    # (DATA). OFF would hand both workers the same slices (tests/test_distribute.py).
     options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return (
         steps.map(make_batch, num_parallel_calls=tf.data.AUTOTUNE)
         .prefetch(tf.data.AUTOTUNE)

@@ -68,9 +68,10 @@ def latest_backup(directory, at_most=None):
 
 def restore_backup(model, backup_path):
     """Loads weights and optimizer state (iterations, moments) into `model`."""
-    if model.optimizer is not None and not model.optimizer.built:
-        model.optimizer.build(model.trainable_variables)
-    model.load_weights(Path(backup_path) / WEIGHTS_FILE)
+    with model.distribute_strategy.scope():  # optimizer slots are mirrored variables too
+        if model.optimizer is not None and not model.optimizer.built:
+            model.optimizer.build(model.trainable_variables)
+        model.load_weights(Path(backup_path) / WEIGHTS_FILE)
 
 
 class Backup(keras.callbacks.Callback):

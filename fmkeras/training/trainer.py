@@ -1,10 +1,13 @@
 """The `fit` loop every task shares: backups every `train.checkpoint_every`
 steps, resume from the newest backup, a NaN guard, optional Keras validation."""
 
+import tensorflow as tf
+
 from fmkeras import distribute
 from fmkeras.errors import ConfigError, TrainingError
 from fmkeras.training.callbacks import StopOnNaN
 from fmkeras.training.checkpoints import Backup, latest_backup, restore_backup
+from fmkeras.workarounds import compile_replica_steps_with_xla
 
 
 def epoch_length(steps, checkpoint_every):
@@ -15,11 +18,35 @@ def epoch_length(steps, checkpoint_every):
 
 
 def resolve_jit_compile(setting, strategy):
+    """`train.jit_compile` -> bool; `auto` is XLA on one device only (measured:
+    README "Running on GPUs, many hosts, and TPUs")."""
     if setting == "auto":
-        # Keras turns XLA off under tf.distribute; the embedding's sparse gradients
-        # do not compile with collectives (keras#18110, keras-hub#949).
         return distribute.is_single_device(strategy)
     return setting == "true"
+
+
+def compile_model(model, strategy, train, log, **compile_args):
+    """`model.compile(**compile_args)` inside `strategy`'s scope with XLA and
+    `steps_per_execution` from `train`; returns whether XLA is on. Under
+    Mirrored and MultiWorkerMirrored strategies XLA compiles each replica's
+    step (`workarounds.compile_replica_steps_with_xla`) and steps run one per
+    execution: Keras's multi-step loop fails there with "You must feed a value
+    for placeholder tensor" (keras#19246)."""
+    xla = resolve_jit_compile(train.jit_compile, strategy)
+    mirrored = isinstance(
+        strategy, tf.distribute.MirroredStrategy | tf.distribute.MultiWorkerMirroredStrategy
+    )
+    steps_per_execution = train.steps_per_execution
+    if mirrored and steps_per_execution > 1:
+        log(f"train.steps_per_execution={steps_per_execution} -> 1 under {type(strategy).__name__} "
+            "(keras#19246)")  # fmt: skip
+        steps_per_execution = 1
+    model.compile(
+        jit_compile=xla and not mirrored, steps_per_execution=steps_per_execution, **compile_args
+    )
+    if xla and mirrored:
+        compile_replica_steps_with_xla(model)
+    return xla
 
 
 def resume(model, run, train, log, after_restore=None):
