@@ -1,30 +1,38 @@
 """Pretraining throughput of one recipe under each tf.distribute setup, XLA off and on.
 
     python tools/bench_strategies.py [--recipe pretrain_gutenberg] [--steps 60] [--xla off on]
+                                     [--setups one mirrored workers] [--repeats 1]
 
 Runs `python -m fmkeras.train` (global batch and everything else from the
 recipe) as: one device; MirroredStrategy over 2 logical CPU devices; and 2
 local workers through `python -m fmkeras.launch` (MultiWorkerMirrored). Each
 run trains `--steps` steps into a scratch directory; the table reports the
-median tokens/s of its logging windows and the step time, plus the ratio to
-one device without XLA. On a machine with 2 cores this measures the cost of
-distribution (replicas share the same cores), not a speed-up.
+median tokens/s of its logging windows (median again over `--repeats`
+interleaved rounds) and the step time, plus the ratio to one device without
+XLA. On a machine with 2 cores this measures the cost of distribution
+(replicas share the same cores), not a speed-up.
 """
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-SETUPS = {
-    "one device": ([], []),
-    "mirrored, 2 logical CPUs": (
+SETUPS = {  # name: (label, command prefix, settings)
+    "one": ("one device", [], []),
+    "mirrored": (
+        "mirrored, 2 logical CPUs",
         [],
         ["distribute.strategy=mirrored", "distribute.cpu_devices=2"],
     ),
-    "2 local workers": ([sys.executable, "-m", "fmkeras.launch", "--workers", "2", "--"], []),
+    "workers": (
+        "2 local workers",
+        [sys.executable, "-m", "fmkeras.launch", "--workers", "2", "--"],
+        [],
+    ),
 }
 
 
@@ -44,32 +52,28 @@ def main(args):
         common = [f"train.steps={args.steps}", f"train.checkpoint_every={args.steps}",
                   f"train.eval_every={args.steps}", "train.eval_steps=2", "train.log_every=10",
                   "train.steps_per_execution=10", f"data.max_lines={args.max_lines}"]  # fmt: skip
-        rows, vocab, baseline = [], None, None
-        for name, (prefix, settings) in SETUPS.items():
-            for xla in args.xla:
-                out = Path(scratch) / f"run{len(rows)}"
-                jit = "true" if xla == "on" else "false"
-                metrics = run(
-                    args.recipe,
-                    prefix,
-                    common + settings + [f"train.jit_compile={jit}"],
-                    out,
-                    vocab,
-                )
-                vocab = vocab or out / "vocab.txt"
-                tokens = metrics["tokens_per_second"]
-                baseline = baseline or tokens
-                row = {"setup": name, "xla": xla, "replicas": metrics["replicas"],
-                       "tokens_per_second": round(tokens),
-                       "step_ms": round(1000 * metrics["train_tokens"] / args.steps / tokens),
-                       "vs_one_device_without_xla": round(tokens / baseline, 2)}  # fmt: skip
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+        measured, vocab = {}, None  # (setup, xla) -> [(tokens/s, replicas)]
+        for _ in range(args.repeats):
+            for setup in args.setups:
+                _, prefix, settings = SETUPS[setup]
+                for xla in args.xla:
+                    out = Path(scratch) / f"run{sum(map(len, measured.values()))}"
+                    jit = [f"train.jit_compile={'true' if xla == 'on' else 'false'}"]
+                    metrics = run(args.recipe, prefix, common + settings + jit, out, vocab)
+                    vocab = vocab or out / "vocab.txt"
+                    result = (metrics["tokens_per_second"], metrics["replicas"])
+                    tokens_per_step = metrics["train_tokens"] / args.steps
+                    measured.setdefault((setup, xla), []).append(result)
+                    print(json.dumps({"setup": setup, "xla": xla, "tokens_per_second": result[0]}),
+                          flush=True)  # fmt: skip
+    baseline = None
     print("| setup | XLA | replicas | tokens/s | step | vs one device, no XLA |")
     print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['setup']} | {r['xla']} | {r['replicas']} | {r['tokens_per_second']:,} | "
-              f"{r['step_ms']} ms | {r['vs_one_device_without_xla']:.2f}× |")  # fmt: skip
+    for (setup, xla), results in measured.items():
+        tokens = statistics.median(t for t, _ in results)
+        baseline = baseline or tokens
+        print(f"| {SETUPS[setup][0]} | {xla} | {results[0][1]} | {tokens:,.0f} | "
+              f"{1000 * tokens_per_step / tokens:.0f} ms | {tokens / baseline:.2f}× |")  # fmt: skip
 
 
 if __name__ == "__main__":
@@ -78,4 +82,6 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--max-lines", type=int, default=20000, help="corpus lines read")
     parser.add_argument("--xla", nargs="+", default=["off", "on"], choices=["off", "on"])
+    parser.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
+    parser.add_argument("--repeats", type=int, default=1, help="interleaved rounds (median)")
     main(parser.parse_args())
