@@ -68,7 +68,7 @@ def classifier_functions(run):
     def serve_token_ids(*ids):
         return outputs(dict(zip(ENCODER_INPUTS, ids, strict=True)))
 
-    return ServingFunctions(model, tokenizer, serve_texts, serve_token_ids, ENCODER_INPUTS)
+    return ServingFunctions(tokenizer, serve_texts, serve_token_ids, ENCODER_INPUTS)
 
 
 def _ragged_fill(lengths, value):
@@ -109,7 +109,7 @@ def tagger_functions(run):
             "probabilities": tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1),
         }
 
-    return ServingFunctions(model, tokenizer, serve_texts, serve_token_ids, ENCODER_INPUTS)
+    return ServingFunctions(tokenizer, serve_texts, serve_token_ids, ENCODER_INPUTS)
 
 
 def translator_functions(translate, beam_width):
@@ -126,7 +126,7 @@ def translator_functions(translate, beam_width):
         ids = add_cls_sep(tokenizer.tokenize(texts)[:, : length - 2], source.cls_id, source.sep_id)
         return outputs(ids.to_tensor(source.pad_id))
 
-    return ServingFunctions(translate.model, tokenizer, serve_texts, outputs, ("source_ids",))
+    return ServingFunctions(tokenizer, serve_texts, outputs, ("source_ids",))
 
 
 def fill_mask_functions(model, tokenizer, sequence_length, top_k):
@@ -170,14 +170,14 @@ def fill_mask_functions(model, tokenizer, sequence_length, top_k):
     def serve_token_ids(*ids):
         return outputs(dict(zip(ENCODER_INPUTS, ids, strict=True)))
 
-    return ServingFunctions(model, core, serve_texts, serve_token_ids, ENCODER_INPUTS)
+    return ServingFunctions(core, serve_texts, serve_token_ids, ENCODER_INPUTS)
 
 
 @dataclasses.dataclass
 class ServingFunctions:
-    """A task's two serving functions and what they use."""
+    """A task's two serving functions and the tokenizer whose tables they use
+    (the functions capture the model's variables themselves)."""
 
-    model: keras.Model
     tokenizer: CoreBertTokenizer
     serve_texts: Callable  # (batch,) strings -> dict of outputs
     serve_ids: Callable  # int32 (batch, seq) inputs named `id_names` -> dict of outputs
@@ -187,8 +187,8 @@ class ServingFunctions:
         """An `ExportArchive` with `serving_default` (raw texts; unless `texts`
         is false) and `serve_token_ids`."""
         archive = keras.export.ExportArchive()
-        # The endpoints capture the model's variables by themselves. Also calling
-        # `archive.track(self.model)` stores every weight twice (keras#23553).
+        # The endpoints capture the model's variables by themselves; also calling
+        # `archive.track(model)` would store every weight twice (keras#23553).
         if texts:
             for table in self.tokenizer.tables:  # not Keras layers: tracked by hand
                 archive.track(table)

@@ -3,6 +3,7 @@ tuples of arrays, plus which of the 64 examples each row of a batch is."""
 
 import os
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -20,6 +21,9 @@ def sequences(tokenizer):
 def pipeline(kind, vocab):
     """`mlm`: pretraining batches `(token_ids, mask_positions, mask_ids)`;
     `labelled`: shuffled fine-tuning batches `(token_ids, labels)`, label = example."""
+    # As training does (train.seed) before building datasets: the shuffle's op seed
+    # is combined with the global seed, which must agree across processes.
+    keras.utils.set_random_seed(0)
     tokenizer = WordPieceTokenizer(vocab)
     rows = sequences(tokenizer)
     if kind == "mlm":
@@ -31,11 +35,14 @@ def pipeline(kind, vocab):
     return data.map(lambda features, labels, _: (features["token_ids"], labels))
 
 
-def examples(kind, vocab, batch):
-    """Which example each row of a (joined) batch is."""
+def examples(kind, vocab, batches):
+    """Which example each row of each (joined) batch is, in order."""
     if kind == "labelled":
-        return list(batch[1])
+        return [int(label) for batch in batches for label in batch[1]]
     index = {tuple(row): i for i, row in enumerate(sequences(WordPieceTokenizer(vocab)))}
-    token_ids, positions, mask_ids = (np.array(part) for part in batch)
-    np.put_along_axis(token_ids, positions, mask_ids, 1)  # unmask
-    return [index[tuple(row)] for row in token_ids]
+    found = []
+    for token_ids, positions, mask_ids in batches:
+        token_ids = np.array(token_ids)
+        np.put_along_axis(token_ids, np.array(positions), np.array(mask_ids), 1)  # unmask
+        found += [index[tuple(row)] for row in token_ids]
+    return found

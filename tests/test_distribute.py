@@ -100,14 +100,15 @@ def test_two_workers_split_every_global_batch(kind, tmp_path, small_vocab):
         assert code == 0, err[-3000:]
     workers = [json.loads(out.strip().splitlines()[-1]) for _, out, _ in results]
     single = [[t.numpy() for t in batch] for batch in pipeline(kind, small_vocab).take(8)]
-    seen = []
+    joined_batches = []
     for step, batch in enumerate(single):
         joined = [
             np.concatenate([np.array(w[step][part]) for w in workers]) for part in range(len(batch))
         ]
         for part, whole in zip(joined, batch, strict=True):
             np.testing.assert_array_equal(part, whole)
-        seen += examples(kind, small_vocab, joined)
+        joined_batches.append(joined)
+    seen = examples(kind, small_vocab, joined_batches)
     for one_pass in (seen[:64], seen[64:]):  # 2 passes of 4 batches
         assert sorted(one_pass) == list(range(64))
 

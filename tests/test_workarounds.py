@@ -1,5 +1,6 @@
-"""The Keras multi-worker workarounds: still needed where they patch, and
-two local workers train in lockstep with them."""
+"""The Keras + tf.distribute workarounds: the multi-worker ones are still
+needed where they patch and two local workers train in lockstep with them;
+the per-replica XLA step trains exactly like Keras's own."""
 
 import inspect
 import json

@@ -18,16 +18,16 @@ def epoch_length(steps, checkpoint_every):
 
 
 def resolve_jit_compile(setting, strategy):
-    """`train.jit_compile` -> bool; `auto` is XLA on one device only (measured:
-    README "Running on GPUs, many hosts, and TPUs")."""
+    """`train.jit_compile` -> bool; `auto` is XLA on one device only (XLA per
+    replica under Mirrored strategies is opt-in with `true`)."""
     if setting == "auto":
         return distribute.is_single_device(strategy)
     return setting == "true"
 
 
 def compile_model(model, strategy, train, log, **compile_args):
-    """`model.compile(**compile_args)` inside `strategy`'s scope with XLA and
-    `steps_per_execution` from `train`; returns whether XLA is on. Under
+    """`model.compile(**compile_args)` with XLA and `steps_per_execution` from
+    `train` (call it inside `strategy.scope()`); returns whether XLA is on. Under
     Mirrored and MultiWorkerMirrored strategies XLA compiles each replica's
     step (`workarounds.compile_replica_steps_with_xla`) and steps run one per
     execution: Keras's multi-step loop fails there with "You must feed a value
