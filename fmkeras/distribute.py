@@ -62,7 +62,8 @@ def _connect_tpu(name):
     if "resolver" in outcome:
         return tf.distribute.TPUStrategy(outcome["resolver"])
     reason = outcome.get("error", f"no answer within {TPU_CONNECT_TIMEOUT_SECONDS} s")
-    raise ConfigError(f"no TPU reachable as distribute.tpu={name!r}: {reason}")
+    first_line = str(reason).strip().splitlines()[0]  # TensorFlow appends a kernel dump
+    raise ConfigError(f"no TPU reachable as distribute.tpu={name!r}: {first_line}")
 
 
 def create_strategy(distribute_config):
@@ -128,6 +129,17 @@ def smallest_across_workers(strategy, value):
         lambda _: tf.constant([value], tf.int64)
     )
     return int(tf.reduce_min(strategy.gather(local, axis=0)))
+
+
+def accelerators_in_use(strategy):
+    """How many devices of their own the replicas run on, for MFU: every GPU or
+    TPU replica counts; CPU replicas of one process share one CPU (logical
+    devices), so a CPU process counts once (and each multi-worker process once)."""
+    if tf.config.list_logical_devices("TPU") or tf.config.list_logical_devices("GPU"):
+        return strategy.num_replicas_in_sync
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return strategy.num_replicas_in_sync // max(1, len(strategy.extended.worker_devices))
+    return 1
 
 
 def is_single_device(strategy):

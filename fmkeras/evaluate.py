@@ -1,61 +1,57 @@
-"""`python -m fmkeras.evaluate RUN_DIR --data PATH`: score a trained run on a labelled file.
+"""`python -m fmkeras.evaluate RUN_DIR --data PATH`: score a finished run on a labelled file.
 
-Classify/tag runs: `--data` in the format the run was trained on (TSV with
-the same columns, or CoNLL). Translate runs: `--src` and `--ref` aligned line
-files; prints BLEU and chrF (sacreBLEU) and can write the hypotheses. Prints
-the metrics as JSON and optionally writes them (`--out`).
+classify / tag runs: `--data` in the format the run was trained on (TSV with
+the same columns, or CoNLL). mlm runs: `--data` is a text file; prints
+masked-LM loss, accuracy and perplexity. translate runs: `--src` and `--ref`
+are aligned line files; prints BLEU and chrF (sacreBLEU) and can write the
+hypotheses. Prints the metrics as JSON and optionally writes them (`--out`).
 """
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
-from fmkeras.errors import ConfigError, FmkerasError
-from fmkeras.inference import load_run
-from fmkeras.tasks.finetune import read_task_info
-from fmkeras.tasks.translate import load_translator, score
-from fmkeras.text.parallel import read_parallel
-from fmkeras.training.checkpoints import write_json
-from fmkeras.translate import decode_arguments, decode_config
+from fmkeras import cli
+from fmkeras.errors import ConfigError, DataError
+
+EXAMPLES = """examples:
+  python -m fmkeras.evaluate runs/sst2 --data $FMKERAS_DATA_DIR/sst2/dev.tsv
+  python -m fmkeras.evaluate runs/en_zh --src valid.en --ref valid.zh --beam 4
+  python -m fmkeras.evaluate runs/pretrain_gutenberg \
+      --data $FMKERAS_DATA_DIR/gutenberg_en/valid.txt"""
 
 
-def evaluate_translation(args):
-    if not (args.src and args.ref):
-        raise ConfigError("translation runs need --src and --ref")
-    pairs = read_parallel(args.src, args.ref)
-    translate, info = load_translator(args.run_dir, decode_config(args))
-    hypotheses = translate(pairs.sources, beam_width=args.beam)
-    if args.hypotheses:
-        Path(args.hypotheses).write_text("".join(f"{h}\n" for h in hypotheses), encoding="utf-8")
-    metrics = score(hypotheses, pairs.targets, info["target_language"])
-    return {**metrics, "sentences": len(hypotheses), "beam_width": args.beam,
-            "dropped_pairs": pairs.dropped}  # fmt: skip
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="python -m fmkeras.evaluate", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("run_dir", help="a finished classify or tag run directory")
-    parser.add_argument("--data", help="classify/tag: labelled file to evaluate on")
+def build_parser():
+    parser = cli.parser("evaluate", __doc__, EXAMPLES)
+    parser.add_argument("run_dir", help="a finished run directory (any task)")
+    parser.add_argument("--data", help="classify/tag: labelled file; mlm: text file")
+    parser.add_argument("--bad-rows", choices=["fail", "skip"], default="fail",
+                        help="classify/tag: stop at the first malformed row, or skip and "
+                        "count them")  # fmt: skip
     parser.add_argument("--src", help="translate: source sentences, one per line")
     parser.add_argument("--ref", help="translate: reference translations, aligned with --src")
     parser.add_argument("--hypotheses", help="translate: write the translations here")
-    decode_arguments(parser)
-    parser.add_argument("--bad-rows", choices=["fail", "skip"], default="fail")
+    cli.decode_arguments(parser)
     parser.add_argument("--out", help="also write the metrics JSON here")
-    args = parser.parse_args(argv)
-    try:
-        if read_task_info(Path(args.run_dir))["task"] == "translate":
-            metrics = evaluate_translation(args)
-        elif not args.data:
-            raise ConfigError("--data is required for classify/tag runs")
-        else:
-            metrics = load_run(args.run_dir).evaluate(args.data, args.bad_rows)
-    except FmkerasError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return parser
+
+
+@cli.command
+def main(argv):
+    args = build_parser().parse_args(argv)
+    from fmkeras.tasks import load_run
+    from fmkeras.training.checkpoints import write_json
+
+    predictor = load_run(args.run_dir, decode=cli.decode_config(args))
+    inputs = {name: getattr(args, name) for name in predictor.evaluate_inputs}
+    missing = [f"--{name}" for name in ("data", "src", "ref") if name in inputs
+               and not inputs[name]]  # fmt: skip
+    if missing:
+        raise ConfigError(f"{' and '.join(missing)} required for {predictor.info['task']} runs")
+    for name in ("data", "src", "ref"):
+        if inputs.get(name) and not Path(inputs[name]).is_file():
+            raise DataError(f"{inputs[name]} does not exist")
+    metrics = predictor.evaluate(**inputs)
     if args.out:
         write_json(args.out, metrics)
     print(json.dumps(metrics, indent=2))

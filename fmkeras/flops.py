@@ -9,9 +9,10 @@ a token. Embedding lookups cost no FLOPs.
     python -m fmkeras.flops [--vocabulary-size 30522] [--sequence-length 128]
 """
 
-import argparse
+import sys
 
-from fmkeras.models.sizes import SIZES
+from fmkeras import cli
+from fmkeras.config import SIZES
 
 
 def parameter_counts(arch):
@@ -71,14 +72,21 @@ def size_table(vocabulary_size=30522, sequence_length=128, mask_rate=0.15):
     return rows
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="python -m fmkeras.flops", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("--vocabulary-size", type=int, default=30522)
-    parser.add_argument("--sequence-length", type=int, default=128)
-    parser.add_argument("--mask-rate", type=float, default=0.15)
-    args = parser.parse_args(argv)
+def build_parser():
+    example = "example:\n  python -m fmkeras.flops --sequence-length 512"
+    parser = cli.parser("flops", __doc__, example)
+    parser.add_argument("--vocabulary-size", type=int, default=30522,
+                        help="vocabulary of the embedding and MLM head")  # fmt: skip
+    parser.add_argument("--sequence-length", type=int, default=128,
+                        help="tokens per sequence (attention FLOPs grow with it)")  # fmt: skip
+    parser.add_argument("--mask-rate", type=float, default=0.15,
+                        help="share of positions the MLM head predicts")  # fmt: skip
+    return parser
+
+
+@cli.command
+def main(argv):
+    args = build_parser().parse_args(argv)
     rows = size_table(args.vocabulary_size, args.sequence_length, args.mask_rate)
     header = (
         f"{'size':8}{'L':>4}{'H':>6}{'A':>4}{'params':>12}{'non-emb':>12}"
@@ -94,4 +102,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

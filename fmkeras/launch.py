@@ -16,7 +16,6 @@ such as `{"cluster": {"worker": ["host0:12345", "host1:12345"]},
 "task": {"type": "worker", "index": 1}}` (same cluster everywhere, own index).
 """
 
-import argparse
 import json
 import os
 import signal
@@ -25,6 +24,8 @@ import subprocess
 import sys
 import threading
 import time
+
+from fmkeras import cli
 
 GRACE_SECONDS = 10
 
@@ -113,23 +114,26 @@ def launch(command, workers, devices_per_worker=None, output=sys.stdout, grace=G
         output.flush()
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if "--" not in argv:
-        print("usage: python -m fmkeras.launch --workers N [--devices-per-worker K] -- COMMAND",
-              file=sys.stderr)  # fmt: skip
-        return 2
-    split = argv.index("--")
-    parser = argparse.ArgumentParser(
-        prog="python -m fmkeras.launch", description=__doc__.split("\n")[0]
-    )
+EXAMPLES = """examples:
+  python -m fmkeras.launch --workers 2 -- python -m fmkeras.train --recipe pretrain_gutenberg
+  python -m fmkeras.launch --workers 2 --devices-per-worker 2 -- python -m fmkeras.train ..."""
+
+
+def build_parser():
+    parser = cli.parser("launch", __doc__, EXAMPLES)
+    parser.usage = "python -m fmkeras.launch [--workers N] [--devices-per-worker K] -- COMMAND ..."
     parser.add_argument("--workers", type=int, default=2, help="local worker processes")
-    parser.add_argument(
-        "--devices-per-worker", type=int, help="logical CPU devices per worker (replicas)"
-    )
-    parser.add_argument(
-        "--grace", type=float, default=GRACE_SECONDS, help="seconds from SIGTERM to SIGKILL"
-    )
+    parser.add_argument("--devices-per-worker", type=int,
+                        help="logical CPU devices per worker (replicas)")  # fmt: skip
+    parser.add_argument("--grace", type=float, default=GRACE_SECONDS,
+                        help="seconds from SIGTERM to SIGKILL when stopping workers")  # fmt: skip
+    return parser
+
+
+@cli.command
+def main(argv):
+    split = argv.index("--") if "--" in argv else len(argv)
+    parser = build_parser()
     args = parser.parse_args(argv[:split])
     command = argv[split + 1 :]
     if not command or args.workers < 1:

@@ -1,41 +1,45 @@
-"""`python -m fmkeras.predict RUN_DIR "text" ...`: labels (classify) or word tags (tag).
+"""`python -m fmkeras.predict RUN_DIR "text" ...`: use a finished run on raw texts.
 
-Texts come from the arguments, or one per line from `--file` (`-` for stdin).
-Prints one JSON object per text.
+classify runs print a label and probabilities, tag runs word tags, translate
+runs the translation, and mlm runs the likeliest pieces for each `[MASK]`.
+Texts come from the arguments, or one per line from `--file` (`-` for
+stdin). Prints one JSON object per text.
 """
 
-import argparse
 import json
 import sys
 
-from fmkeras.data import read_input_texts
-from fmkeras.errors import FmkerasError
-from fmkeras.inference import load_run
+from fmkeras import cli
+
+EXAMPLES = """examples:
+  python -m fmkeras.predict runs/quickstart/sst2 "a charming film" "dull"
+  python -m fmkeras.predict runs/conll2003 --file sentences.txt
+  python -m fmkeras.predict runs/pretrain_gutenberg "The old man [MASK] the door ." """
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="python -m fmkeras.predict", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("run_dir", help="a finished classify or tag run directory")
-    parser.add_argument("texts", nargs="*", help="texts to label")
+def build_parser():
+    parser = cli.parser("predict", __doc__, EXAMPLES)
+    parser.add_argument("run_dir", help="a finished run directory (any task)")
+    parser.add_argument("texts", nargs="*", help="texts to use the run on")
     parser.add_argument("--file", help="read texts one per line from this file ('-': stdin)")
+    parser.add_argument("--top-k", type=int, default=5, help="mlm: pieces per [MASK]")
+    cli.decode_arguments(parser)
+    return parser
+
+
+@cli.command
+def main(argv):
+    parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        texts = read_input_texts(args.texts, args.file)
-        if not texts:
-            parser.error("give texts as arguments or --file")
-        run = load_run(args.run_dir)
-        if run.info["task"] == "classify":
-            for text, (label, scores) in zip(texts, run.classify(texts), strict=True):
-                print(json.dumps({"text": text, "label": label, "probabilities": scores}))
-        else:
-            sentences = [text.split() for text in texts]
-            for text, tagged in zip(texts, run.tag(sentences), strict=True):
-                print(json.dumps({"text": text, "tags": [[w, t] for w, t in tagged]}))
-    except FmkerasError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    from fmkeras.data import read_input_texts
+    from fmkeras.tasks import load_run
+
+    texts = read_input_texts(args.texts, args.file)
+    if not texts:
+        parser.error("give texts as arguments or --file")
+    predictor = load_run(args.run_dir, decode=cli.decode_config(args), top_k=args.top_k)
+    for result in predictor.predict(texts):
+        print(json.dumps(result, ensure_ascii=False))
     return 0
 
 

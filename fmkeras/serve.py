@@ -13,7 +13,6 @@ Bad requests get TF Serving-style `{"error": "..."}` answers with status 400
 (404 for unknown models/versions) and the server keeps serving.
 """
 
-import argparse
 import json
 import queue
 import sys
@@ -23,7 +22,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
-import tensorflow as tf
+
+from fmkeras import cli
 
 
 class BadRequest(Exception):
@@ -56,6 +56,8 @@ class ModelVersions:
             )
         with self._lock:
             if version not in self._loaded:
+                import tensorflow as tf
+
                 loaded = tf.saved_model.load(str(self.base / str(version)))
                 self._loaded[version] = (loaded, loaded.signatures["serving_default"])
         return version, self._loaded[version][1]
@@ -93,7 +95,7 @@ class Batcher:
         try:
             number, signature = self.models.signature(version)
             texts = [text for _, chunk, _ in group for text in chunk]
-            outputs = {k: v.numpy() for k, v in signature(texts=tf.constant(texts)).items()}
+            outputs = {k: v.numpy() for k, v in signature(texts=np.array(texts, object)).items()}
             start = 0
             for _, chunk, future in group:
                 part = {k: v[start : start + len(chunk)] for k, v in outputs.items()}
@@ -217,15 +219,25 @@ def create_server(model_dir, port=8501, max_batch=64, batch_wait_ms=5, max_body=
     return ThreadingHTTPServer(("127.0.0.1", port), handler), models
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="python -m fmkeras.serve", description=__doc__.split("\n")[0]
-    )
+EXAMPLES = """examples:
+  python -m fmkeras.serve saved_models/sst2
+  curl -d '{"instances": ["a charming film"]}' localhost:8501/v1/models/sst2:predict"""
+
+
+def build_parser():
+    parser = cli.parser("serve", __doc__, EXAMPLES)
     parser.add_argument("model_dir", help="saved_models/NAME (holding numbered versions)")
-    parser.add_argument("--port", type=int, default=8501)
-    parser.add_argument("--max-batch", type=int, default=64)
-    parser.add_argument("--batch-wait-ms", type=float, default=5)
-    args = parser.parse_args(argv)
+    parser.add_argument("--port", type=int, default=8501, help="port on 127.0.0.1")
+    parser.add_argument("--max-batch", type=int, default=64,
+                        help="rows run together, and the largest request accepted")  # fmt: skip
+    parser.add_argument("--batch-wait-ms", type=float, default=5,
+                        help="how long a request waits for others to batch with")  # fmt: skip
+    return parser
+
+
+@cli.command
+def main(argv):
+    args = build_parser().parse_args(argv)
     server, models = create_server(args.model_dir, args.port, args.max_batch, args.batch_wait_ms)
     url = f"http://127.0.0.1:{server.server_address[1]}/v1/models/{models.name}"
     print(f"serving {models.name} versions {models.versions()} at {url}", flush=True)

@@ -1,48 +1,41 @@
-"""`python -m fmkeras.translate RUN_DIR "sentence" ...`: translate with a trained run.
+"""`python -m fmkeras.translate RUN_DIR "sentence" ...`: translate with a finished translate run.
 
-Sentences come from the arguments or one per line from `--file` (`-`: stdin);
-translations are printed one per line (or written to `--out`).
+Sentences come from the arguments or one per line from `--file` (`-`:
+stdin); translations are printed one per line (or written to `--out`),
+aligned with the input lines.
 """
 
-import argparse
 import sys
 
-from fmkeras.config import DecodeConfig
-from fmkeras.data import read_input_texts
-from fmkeras.errors import FmkerasError
-from fmkeras.tasks.translate import load_translator
+from fmkeras import cli
+
+EXAMPLES = """examples:
+  python -m fmkeras.translate runs/en_zh "How are you?" "Thank you."
+  python -m fmkeras.translate runs/en_de --file input.en --out output.de --beam 1"""
 
 
-def decode_arguments(parser):
-    parser.add_argument("--beam", type=int, default=4, help="beam width (1: greedy)")
-    parser.add_argument("--length-penalty", type=float, default=0.6)
-    parser.add_argument("--max-length", type=int, help="target tokens (default: training length)")
-
-
-def decode_config(args):
-    return DecodeConfig(beam_width=args.beam, length_penalty=args.length_penalty,
-                        max_length=args.max_length)  # fmt: skip
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="python -m fmkeras.translate", description=__doc__.split("\n")[0]
-    )
+def build_parser():
+    parser = cli.parser("translate", __doc__, EXAMPLES)
     parser.add_argument("run_dir", help="a finished translate run directory")
     parser.add_argument("texts", nargs="*", help="sentences to translate")
     parser.add_argument("--file", help="read sentences one per line ('-': stdin)")
     parser.add_argument("--out", help="write translations here instead of printing")
-    decode_arguments(parser)
+    cli.decode_arguments(parser)
+    return parser
+
+
+@cli.command
+def main(argv):
+    parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        texts = read_input_texts(args.texts, args.file, keep_empty=True)
-        if not texts:
-            parser.error("give sentences as arguments or --file")
-        translate, _ = load_translator(args.run_dir, decode_config(args))
-        outputs = translate(texts, beam_width=args.beam)
-    except FmkerasError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    from fmkeras.data import read_input_texts
+    from fmkeras.tasks import load_run
+
+    texts = read_input_texts(args.texts, args.file, keep_empty=True)
+    if not texts:
+        parser.error("give sentences as arguments or --file")
+    predictor = load_run(args.run_dir, tasks=("translate",), decode=cli.decode_config(args))
+    outputs = predictor.translations(texts)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as handle:
             handle.writelines(f"{line}\n" for line in outputs)

@@ -6,7 +6,7 @@ import json
 import keras
 import numpy as np
 
-import fmkeras  # noqa: F401  (registers the serializable classes)
+import fmkeras.models  # noqa: F401  (registers the serializable classes)
 
 
 def _symbolic_inputs(inputs):

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from fmkeras.config import build_config, lora_targets, parse_override
+from fmkeras.config import applies_to, build_config, lora_targets, parse_override
 from fmkeras.errors import ConfigError
 
 TRAINERS = Path(__file__).resolve().parents[1] / "trainers"
@@ -86,3 +86,37 @@ def test_finetune_keys_are_checked():
         build_config(None, ["finetune.lora_targets=query,ffn"])
     with pytest.raises(ConfigError, match="data.bad_rows='ignore' is not one of fail, skip"):
         build_config(None, ["data.bad_rows=ignore"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.size=tinyy", "model.size='tinyy' is not one of tiny, mini, small"),
+        ("model.activation=tanhh", "model.activation='tanhh' is not one of gelu"),
+        ("model.num_heads=3", "model.num_heads=3 must divide model.hidden_dim=256"),
+        ("data.vocab_size=-5", "data.vocab_size must be positive, got -5"),
+        ("train.learning_rate=0", "train.learning_rate must be positive"),
+        ("model.dropout=1.5", "model.dropout must be in [0, 1)"),
+        ("distribute.strategy=tpu", "distribute.strategy=tpu needs distribute.tpu"),
+        ("train.precision=fp8", "train.precision='fp8' is not one of auto, float32"),
+    ],
+)
+def test_bad_settings_fail_at_validation(override, message):
+    with pytest.raises(ConfigError) as error:
+        build_config(None, [override])
+    assert message in str(error.value)
+
+
+def test_custom_sizes_need_every_dimension():
+    with pytest.raises(ConfigError, match="model.size=custom needs model.num_layers"):
+        build_config(None, ["model.size=custom", "model.hidden_dim=96", "model.num_heads=2",
+                            "model.intermediate_dim=128"])  # fmt: skip
+    # A checkpoint fixes the architecture: its sizes are not checked against the keys.
+    build_config(None, ["model.init=runs/x", "model.num_heads=3"])
+
+
+def test_keys_say_which_tasks_read_them():
+    assert applies_to("data.mask_rate", "mlm") and not applies_to("data.mask_rate", "classify")
+    assert applies_to("finetune.method", "tag") and not applies_to("finetune.method", "mlm")
+    assert applies_to("decode.beam_width", "translate")
+    assert applies_to("train.steps", "word_count")  # every task reads the shared keys

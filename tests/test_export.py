@@ -20,9 +20,8 @@ from run_helpers import quick_settings, train_args
 
 from fmkeras.config import DecodeConfig
 from fmkeras.export import main as export_main
-from fmkeras.inference import load_run
 from fmkeras.serve import create_server
-from fmkeras.tasks.translate import load_translator
+from fmkeras.tasks import load_run
 from fmkeras.text.wordpiece import WordPieceTokenizer
 from fmkeras.train import main as train_main
 
@@ -223,8 +222,8 @@ def test_translator_export_decodes_with_beam_search_in_the_graph(tmp_path):
     assert export_main([str(run), "--name", "zh", "--out", str(tmp_path / "sm"), *decode]) == 0
     texts = ["I like tea.", "Where is the station?", "Héllo 東京 !", ""]
     served = serve_in_fresh_process(tmp_path / "sm" / "zh" / "1", texts)
-    translate, _ = load_translator(run, DecodeConfig(beam_width=2, max_length=8))
-    assert served["translation"] == translate(texts, beam_width=2)
+    translator = load_run(run, decode=DecodeConfig(beam_width=2, max_length=8))
+    assert served["translation"] == translator.translations(texts)
     assert np.asarray(served["token_ids"]).shape == (4, 8)
     info = json.loads((tmp_path / "sm" / "zh" / "1" / "assets.extra" / "fmkeras.json").read_text())
     assert (info["task"], info["beam_width"], info["max_length"]) == ("translate", 2, 8)

@@ -10,10 +10,10 @@ from run_helpers import scalars, train_args
 
 from fmkeras.errors import DataError
 from fmkeras.evaluate import main as evaluate_main
-from fmkeras.inference import load_run
 from fmkeras.models import Classifier, Encoder
 from fmkeras.models.starting_point import load_starting_point
 from fmkeras.predict import main as predict_main
+from fmkeras.tasks import load_run
 from fmkeras.text.wordpiece import write_vocabulary
 from fmkeras.train import main
 from fmkeras.training import lora

@@ -4,7 +4,7 @@ import pytest
 
 from fmkeras.config import TrainConfig
 from fmkeras.training.optimizer import WarmupDecay, create_optimizer
-from fmkeras.training.trainer import epoch_length
+from fmkeras.training.trainer import fit_phases
 
 
 def rate(schedule, step):
@@ -41,8 +41,13 @@ def test_weight_decay_skips_layer_norm_and_biases():
         assert moved == variable.path.endswith("kernel"), variable.path
 
 
-def test_epoch_length_divides_steps():
-    assert epoch_length(1600, 200) == 200
-    assert epoch_length(250, 200) == 125
-    assert epoch_length(30, 200) == 30
-    assert epoch_length(7, 5) == 1
+def test_fit_phases_back_up_every_interval_and_at_the_end():
+    assert fit_phases(0, 1600, 200) == [(0, 200, 8)]
+    # 2003 steps with backups every 500: four epochs of 500, then one of 3 (never every step).
+    assert fit_phases(0, 2003, 500) == [(0, 500, 4), (2000, 3, 1)]
+    assert fit_phases(0, 30, 200) == [(0, 30, 1)]
+    assert fit_phases(1000, 2003, 500) == [(1000, 500, 2), (2000, 3, 1)]
+    # A backup between multiples (the final one of a shorter run, or an older cadence)
+    # first catches up to the next multiple.
+    assert fit_phases(7, 30, 5) == [(7, 3, 1), (10, 5, 4)]
+    assert fit_phases(2003, 2003, 500) == []

@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 import time
@@ -12,18 +13,27 @@ import pytest
 import yaml
 from run_helpers import REPO, run_cli, scalars, tiny_args
 
+from fmkeras.evaluate import main as evaluate_main
+from fmkeras.export import main as export_main
+from fmkeras.predict import main as predict_main
 from fmkeras.text.wordpiece import read_vocabulary
 from fmkeras.train import main
 
 
 def test_pretraining_writes_a_complete_run(tmp_path, small_vocab, capsys):
     run = tmp_path / "run"
-    assert main(tiny_args(small_vocab) + ["--out", str(run)]) == 0
-    for name in ("config.yaml", "vocab.txt", "model.keras", "encoder.keras", "metrics.json"):
+    # 50 steps, backups every 20 and 4 steps per call: the last epoch (10 steps) runs 2 per call.
+    args = tiny_args(small_vocab, steps=50, **{"train.steps_per_execution": 4})
+    args += ["--out", str(run)]
+    assert main(args) == 0
+    for name in ("config.yaml", "vocab.txt", "model.keras", "encoder.keras", "metrics.json",
+                 "task.json"):  # fmt: skip
         assert (run / name).is_file(), name
+    assert sorted(p.name for p in (run / "backup").iterdir()) == ["step-00000040", "step-00000050"]
+    assert "backups every 20 steps and at the final step 50" in capsys.readouterr().out
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["steps"] == 40 and metrics["tokens_per_second"] > 0 and 0 < metrics["mfu"]
-    assert metrics["train_tokens"] == 40 * 16 * 128 and metrics["non_embedding_parameters"] > 0
+    assert metrics["steps"] == 50 and metrics["tokens_per_second"] > 0 and 0 < metrics["mfu"]
+    assert metrics["train_tokens"] == 50 * 16 * 128 and metrics["non_embedding_parameters"] > 0
     assert metrics["valid_perplexity"] == pytest.approx(math.exp(metrics["valid_loss"]))
     assert metrics["valid_loss"] < math.log(2000) - 1.0  # well below a uniform guess
 
@@ -31,13 +41,13 @@ def test_pretraining_writes_a_complete_run(tmp_path, small_vocab, capsys):
     for tag in train_tags:
         assert scalars(run / "logs" / "train", tag), f"no train/{tag} in TensorBoard"
     validation = scalars(run / "logs" / "validation", "loss")
-    assert [step for step, _ in validation] == [20, 40]
-    assert validation[1][1] < validation[0][1]  # the loss goes down
+    assert [step for step, _ in validation] == [20, 40, 50]
+    assert validation[-1][1] < validation[0][1]  # the loss goes down
     learning_rates = [v for _, v in scalars(run / "logs" / "train", "learning_rate")]
     assert max(learning_rates) <= 1e-3 + 1e-9
 
     model = keras.saving.load_model(run / "model.keras")
-    assert int(model.optimizer.iterations.numpy()) == 40
+    assert int(model.optimizer.iterations.numpy()) == 50
     ids = np.array([[2, 10, 4, 30, 3]], "int32")
     logits = model.predict(
         {
@@ -49,12 +59,11 @@ def test_pretraining_writes_a_complete_run(tmp_path, small_vocab, capsys):
         verbose=0,
     )
     assert logits.shape == (1, 1, len(read_vocabulary(small_vocab)))
-    assert "done:" in capsys.readouterr().out
 
     # The same command on a finished run trains no more and reports the same result.
-    assert main(tiny_args(small_vocab) + ["--out", str(run)]) == 0
+    assert main(args) == 0
     again = json.loads((run / "metrics.json").read_text())
-    assert again["resumed_from_step"] == 40
+    assert again["resumed_from_step"] == 50
     assert again["valid_loss"] == pytest.approx(metrics["valid_loss"], abs=1e-6)
 
 
@@ -142,3 +151,30 @@ def test_too_little_data_is_reported_not_raised(tmp_path, small_vocab, capsys):
     assert main(args + ["--out", str(tmp_path / "small")]) == 2
     err = capsys.readouterr().err
     assert "gutenberg_en/train.txt: only 59 sequences" in err and "train.batch_size=64" in err
+
+
+def test_runs_made_before_the_task_interface_still_work(tmp_path, small_vocab, data_dir, capsys):
+    """A pretraining run directory as older versions wrote it (task `pretrain`, no
+    task.json, no train.precision key) evaluates, answers fill-mask, exports and resumes."""
+    run = tmp_path / "old"
+    args = tiny_args(small_vocab, steps=20, **{"train.checkpoint_every": 10}) + ["--out", str(run)]
+    assert main(args) == 0
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["task"] = "pretrain"
+    del config["train"]["precision"]
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    (run / "task.json").unlink()
+
+    capsys.readouterr()
+    valid = str(data_dir / "gutenberg_en" / "valid.txt")
+    assert evaluate_main([str(run), "--data", valid]) == 0
+    assert json.loads(capsys.readouterr().out)["perplexity"] > 1
+    assert predict_main([str(run), "the [MASK] of the house"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["masks"][0]["tokens"]) == 5
+    assert export_main([str(run), "--name", "old", "--out", str(tmp_path / "sm")]) == 0
+
+    # Resume an unfinished attempt of the old run with today's command line.
+    (run / "model.keras").unlink()
+    shutil.rmtree(run / "backup" / "step-00000020")
+    assert main(args) == 0
+    assert json.loads((run / "metrics.json").read_text())["resumed_from_step"] == 10

@@ -37,7 +37,7 @@ SETUPS = {  # name: (label, command prefix, settings)
 
 
 def run(recipe, prefix, settings, out, vocab):
-    command = [*prefix, sys.executable, "-m", "fmkeras.train", "pretrain", "--recipe", recipe,
+    command = [*prefix, sys.executable, "-m", "fmkeras.train", "mlm", "--recipe", recipe,
                "--out", str(out)]  # fmt: skip
     for setting in settings + ([f"data.vocab_file={vocab}"] if vocab else []):
         command += ["--set", setting]

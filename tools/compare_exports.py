@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from fmkeras.export import export
-from fmkeras.inference import load_run
+from fmkeras.tasks import load_run
 from fmkeras.text.labelled import encode_texts, read_tsv
 
 

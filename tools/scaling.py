@@ -21,9 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from fmkeras.config import build_config
-from fmkeras.data import resolve_data_dir
-from fmkeras.tasks import pretrain
-from fmkeras.training.run_dir import RunDir
+from fmkeras.training.driver import train
 
 # (layers, width): heads = width // 32 (at least 2), feed-forward = 4 * width.
 SWEEPS = {
@@ -76,7 +74,6 @@ def main():
     out = Path(args.out) / args.mode
     out.mkdir(parents=True, exist_ok=True)
     budget = BUDGETS[args.mode]
-    data_dir, origin = resolve_data_dir()
     rows = []
     for layers, width in SWEEPS[args.mode]:
         name = f"L{layers}-H{width}"
@@ -103,9 +100,7 @@ def main():
         if vocab:
             settings.append(f"data.vocab_file={Path(vocab).resolve()}")
         config = build_config(None, settings)
-        run = RunDir(out / name)
-        run.prepare(config)
-        metrics = pretrain.run(config, run, data_dir, origin, log=lambda m: None)
+        run, metrics = train(config, out / name, log=lambda m: None)
         if not (out / "vocab.txt").is_file():
             os.link(run.vocab, out / "vocab.txt")
         row = {

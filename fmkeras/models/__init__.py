@@ -6,5 +6,6 @@ from fmkeras.models.masked_lm import MaskedLM
 from fmkeras.models.sizes import SIZES, encoder_kwargs
 from fmkeras.models.tagger import Tagger
 from fmkeras.models.translator import Translator
+from fmkeras.training import optimizer  # noqa: F401  (registers WarmupDecay for load_model)
 
 __all__ = ["SIZES", "Classifier", "Encoder", "MaskedLM", "Tagger", "Translator", "encoder_kwargs"]

@@ -56,11 +56,14 @@ def resolve_init(init):
     return path
 
 
-def _with_dropout(encoder, dropout):
-    """A copy of `encoder` with another dropout rate (same weights)."""
-    if encoder.dropout == dropout:
+def _adapted(encoder, dropout):
+    """`encoder` with this run's dropout rate and dtype policy (Keras's global
+    one: an encoder saved by a bfloat16 run computes in float32 in a float32
+    run, and the reverse), a copy with the same weights where either differs."""
+    policy = keras.mixed_precision.global_policy()
+    if encoder.dropout == dropout and encoder.dtype_policy.name == policy.name:
         return encoder
-    config = {**encoder.get_config(), "dropout": dropout}
+    config = {**encoder.get_config(), "dropout": dropout, "dtype": policy}
     copy = Encoder.from_config(config)
     copy.set_weights(encoder.get_weights())
     return copy
@@ -84,7 +87,7 @@ def load_starting_point(init, dropout):
             raise DataError(
                 f"{path / 'encoder.keras'} holds a {type(encoder).__name__}, not an Encoder"
             )
-        encoder = _with_dropout(encoder, dropout)
+        encoder = _adapted(encoder, dropout)
         settings = path / "config.yaml"
         saved = yaml.safe_load(settings.read_text(encoding="utf-8")) if settings.is_file() else {}
         lowercase = bool(((saved or {}).get("data") or {}).get("lowercase", True))

@@ -1,1 +1,21 @@
-"""Tasks: what `python -m fmkeras.train TASK` runs."""
+"""Tasks: what a run trains, and how its finished run is used.
+
+`registry` maps task names to `Task` classes (`base`); each task is one
+module: `mlm` (masked-LM pretraining), `classify`, `tag` (both on
+`finetune.EncoderTask`) and `translation`.
+"""
+
+
+def load_run(run_dir, tasks=None, **options):
+    """A `Predictor` for the finished run directory `run_dir`, of any task (or
+    one of `tasks`); `options` go to the task's `load` (e.g. `decode`, `top_k`)."""
+    from fmkeras.errors import ConfigError
+    from fmkeras.tasks.registry import get_task
+    from fmkeras.training.run_dir import RunDir
+
+    run = RunDir(run_dir)
+    info = run.read_info()
+    if tasks and info["task"] not in tasks:
+        raise ConfigError(f"{run.root} is a {info['task']} run; this needs a "
+                          f"{' or '.join(tasks)} run")  # fmt: skip
+    return get_task(info["task"]).load(run, info, **options)

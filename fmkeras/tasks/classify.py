@@ -1,32 +1,25 @@
-"""Sequence classification fine-tuning (`python -m fmkeras.train classify`)."""
+"""Sequence classification (`task: classify`): an encoder with a head on the
+pooled output, trained on a TSV of texts and labels."""
 
 import numpy as np
 from sklearn.metrics import confusion_matrix, f1_score
 
-from fmkeras.data import require_file
 from fmkeras.models import Classifier
-from fmkeras.tasks import finetune
-from fmkeras.text.labelled import batched, encode_texts, label_vocabulary, read_tsv
-from fmkeras.training.run_dir import RunDir
-
-
-def read_rows(config, relative, data_dir, origin, labels=None):
-    data = config.data
-    path = require_file(relative, data_dir, origin)
-    return read_tsv(
-        path, data.text_column, data.label_column, data.bad_rows, data.max_lines, labels
-    )
+from fmkeras.signatures import classifier_functions
+from fmkeras.tasks.finetune import EncoderPredictor, EncoderTask, collect, cross_entropy
+from fmkeras.tasks.registry import register_task
+from fmkeras.text.labelled import encode_texts, label_vocabulary, read_tsv
 
 
 def classification_metrics(examples, names):
     """Accuracy, macro-F1, loss and the confusion matrix (rows: true, columns:
-    predicted) of `finetune.collect`'s examples."""
+    predicted) of `collect`'s examples."""
     logits = np.stack([logit for logit, _ in examples])
     labels = np.array([label for _, label in examples])
     predicted = logits.argmax(-1)
     classes = list(range(len(names)))
     return {
-        "loss": finetune.cross_entropy(logits, labels),
+        "loss": cross_entropy(logits, labels),
         "accuracy": float((predicted == labels).mean()),
         "macro_f1": float(f1_score(labels, predicted, labels=classes, average="macro")),
         "confusion_matrix": confusion_matrix(labels, predicted, labels=classes).tolist(),
@@ -35,46 +28,73 @@ def classification_metrics(examples, names):
     }
 
 
-def dataset(tokenizer, rows, names, sequence_length, batch_size, **kwargs):
-    ids = encode_texts(tokenizer, rows.inputs, sequence_length)
+def encode_rows(tokenizer, rows, names, sequence_length):
+    """`(ids, label ids)` of TSV rows."""
     index = {name: i for i, name in enumerate(names)}
     labels = np.array([index[label] for label in rows.labels], np.int32)
-    return batched(ids, labels, batch_size, sequence_length, tokenizer.pad_id, **kwargs)
+    return encode_texts(tokenizer, rows.inputs, sequence_length), labels
 
 
-def run(config, run: RunDir, data_dir, origin, log=print):
-    data, train = config.data, config.train
-    train_rows = read_rows(config, data.train_file, data_dir, origin)
-    names = label_vocabulary(train_rows.labels)
-    valid_rows = read_rows(config, data.valid_file, data_dir, origin, labels=set(names))
-    finetune.report_rows(config, train_rows, valid_rows, names, log)
-    ready = finetune.prepare(
-        config,
-        run,
-        train_rows.inputs,
-        lambda encoder: Classifier(encoder, len(names), config.model.dropout, name="classifier"),
-        data_dir,
-        origin,
-        log,
-        skipped={"train": len(train_rows.skipped), "valid": len(valid_rows.skipped)},
-    )
-    tokenizer, length, batch = ready.tokenizer, data.sequence_length, train.batch_size
-    seed = train.seed + ready.start_step
-    train_data = dataset(
-        tokenizer, train_rows, names, length, batch, shuffle=True, seed=seed, repeat=True
-    )
-    valid_data = dataset(tokenizer, valid_rows, names, length, batch)
+class ClassifyPredictor(EncoderPredictor):
+    warmup_texts = ("A gripping, beautifully acted film.", "dull")
 
-    def evaluate(model):
-        return classification_metrics(finetune.collect(model, valid_data), names)
+    def classify(self, texts, batch_size=32):
+        """`[(label, {label: probability})]` per text, in input order."""
+        ids = encode_texts(self.tokenizer, texts, self.info["sequence_length"])
+        order = np.arange(len(texts), dtype=np.int32)  # carried as the label: batches reorder
+        results = [None] * len(texts)
+        for logits, index in collect(self.model, self.batches(ids, order, batch_size)):
+            probabilities = np.exp(logits - logits.max())
+            probabilities /= probabilities.sum()
+            scores = dict(zip(self.labels, probabilities.round(6).tolist(), strict=True))
+            results[int(index)] = (self.labels[int(probabilities.argmax())], scores)
+        return results
 
-    info = {
-        "task": "classify",
-        "labels": names,
-        "lowercase": tokenizer.lowercase,
-        "sequence_length": length,
-        "text_column": data.text_column,
-        "label_column": data.label_column,
-        "init": config.model.init,
-    }
-    return finetune.train_and_save(ready, train_data, evaluate, config, run, info, log)
+    def predict(self, texts):
+        results = zip(texts, self.classify(texts), strict=True)
+        return [{"text": text, "label": label, "probabilities": scores}
+                for text, (label, scores) in results]  # fmt: skip
+
+    def evaluate(self, data, bad_rows="fail", batch_size=32):
+        """Metrics on a TSV with the run's columns."""
+        rows = read_tsv(data, self.info["text_column"], self.info["label_column"], bad_rows,
+                        labels=set(self.labels))  # fmt: skip
+        ids, labels = encode_rows(self.tokenizer, rows, self.labels, self.info["sequence_length"])
+        metrics = classification_metrics(collect(self.model, self.batches(ids, labels, batch_size)),
+                                          self.labels)  # fmt: skip
+        return {**metrics, "skipped_rows": len(rows.skipped), "file": str(data)}
+
+    def serving_functions(self):
+        return classifier_functions(self)
+
+
+@register_task
+class ClassifyTask(EncoderTask):
+    name = "classify"
+    predictor = ClassifyPredictor
+
+    def read_rows(self, path, labels=None):
+        data = self.config.data
+        return read_tsv(path, data.text_column, data.label_column, data.bad_rows, data.max_lines,
+                        labels)  # fmt: skip
+
+    def label_names(self, rows):
+        return label_vocabulary(rows.labels)
+
+    def vocabulary_texts(self):
+        return self.train_rows.inputs
+
+    def encode(self, rows):
+        return encode_rows(self.tokenizer, rows, self.names, self.config.data.sequence_length)
+
+    def build_head(self, encoder):
+        return Classifier(encoder, len(self.names), self.config.model.dropout, name="classifier")
+
+    def metrics(self, examples):
+        return classification_metrics(examples, self.names)
+
+    def info(self):
+        data = self.config.data
+        return {**super().info(), "text_column": data.text_column,
+                "label_column": data.label_column}  # fmt: skip
+

@@ -1,127 +1,16 @@
-"""What classification and tagging share: the starting encoder and its
-vocabulary, LoRA, compile, the periodic evaluator and the final save."""
-
-import dataclasses
-import json
-import time
+"""What classification and tagging share: an encoder (fresh or from
+`model.init`) with a task head, full or LoRA fine-tuning, labelled batches,
+and loading a finished run for inference."""
 
 import keras
 import numpy as np
 
 from fmkeras import config as config_lib
-from fmkeras import distribute
 from fmkeras.errors import ConfigError
-from fmkeras.models import Encoder, encoder_kwargs
-from fmkeras.models.starting_point import load_starting_point
-from fmkeras.tasks.pretrain import prepare_vocabulary
-from fmkeras.text.wordpiece import WordPieceTokenizer, write_vocabulary
-from fmkeras.training import lora, trainer
-from fmkeras.training.callbacks import TrainingLogger
-from fmkeras.training.checkpoints import save_model, write_json
-from fmkeras.training.optimizer import create_optimizer
-from fmkeras.training.run_dir import RunDir
-
-TASK_FILE = "task.json"  # what inference needs besides model.keras and vocab.txt
-
-
-def starting_encoder(config, run: RunDir, train_texts, data_dir, origin, log):
-    """`(encoder, tokenizer, description)` for `model.init`; call inside the strategy scope."""
-    model = config.model
-    if model.init == "random":
-        tokenizer = prepare_vocabulary(config, run, train_texts, data_dir, origin, log)
-        try:
-            encoder = Encoder(**encoder_kwargs(model, tokenizer.vocabulary_size), name="encoder")
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
-        return encoder, tokenizer, f"random {model.size} encoder"
-    start = load_starting_point(model.init, model.dropout)
-    if not run.vocab.is_file():
-        write_vocabulary(start.vocabulary, run.vocab)
-    tokenizer = WordPieceTokenizer(start.vocabulary, lowercase=start.lowercase)
-    return start.encoder, tokenizer, start.description
-
-
-def report_rows(config, train_rows, valid_rows, names, log):
-    data = config.data
-    for name, rows in ((data.train_file, train_rows), (data.valid_file, valid_rows)):
-        if rows.skipped:
-            log(f"{name}: skipped {len(rows.skipped)} bad rows, first: {rows.skipped[0]}")
-    log(f"data: {len(train_rows):,} train / {len(valid_rows):,} valid examples, labels {names}")
-
-
-@dataclasses.dataclass
-class Prepared:
-    model: keras.Model
-    encoder: keras.Model
-    tokenizer: WordPieceTokenizer
-    start_step: int
-    extra_metrics: dict
-
-
-def prepare(config, run, vocabulary_texts, build_head, data_dir, origin, log, skipped):
-    """Starting encoder + `build_head(encoder)`, LoRA, compile (all in the strategy
-    scope) and resume from the newest backup."""
-    strategy = distribute.create_strategy(config.distribute)
-    keras.utils.set_random_seed(config.train.seed)
-    with strategy.scope():
-        encoder, tokenizer, origin_text = starting_encoder(
-            config, run, vocabulary_texts, data_dir, origin, log
-        )
-        model = build_head(encoder)
-        lora_details = compile_task(model, encoder, config, strategy, log)
-    log(f"model: {origin_text} + {model.name} head, {model.count_params():,} parameters")
-    _, after_restore = lora_backup_hooks(model, encoder, config)
-    start_step = trainer.resume(model, run, config.train, log, after_restore=after_restore)
-    extra = {"skipped_rows": skipped}
-    if lora_details:
-        extra["lora"] = lora_details
-    return Prepared(model, encoder, tokenizer, start_step, extra)
-
-
-def compile_task(model, encoder, config, strategy, log):
-    """LoRA (if `finetune.method=lora`) and `compile`; returns LoRA details or None."""
-    train, finetune = config.train, config.finetune
-    details = None
-    if finetune.method == "lora":
-        targets = config_lib.lora_targets(finetune)
-        trainable, total = lora.enable_lora(
-            model, encoder, finetune.lora_rank, finetune.lora_alpha, targets
-        )
-        details = {
-            **lora.adapter_settings(finetune, targets),
-            "trainable_parameters": trainable,
-            "total_parameters": total,
-            "trainable_share": trainable / total,
-        }
-        log(
-            f"LoRA rank {finetune.lora_rank} alpha {finetune.lora_alpha:g} on "
-            f"{', '.join(targets)}: "
-            f"{trainable:,} of {total:,} parameters trainable ({trainable / total:.2%})"
-        )
-    trainer.compile_model(
-        model,
-        strategy,
-        train,
-        log,
-        optimizer=create_optimizer(train),
-        loss=keras.losses.SparseCategoricalCrossentropy(
-            from_logits=True, reduction="mean_with_sample_weight"
-        ),
-        weighted_metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-    )
-    return details
-
-
-def lora_backup_hooks(model, encoder, config):
-    """`(write_extra, after_restore)` that keep adapters across backups (None without LoRA)."""
-    if config.finetune.method != "lora":
-        return None, None
-    targets = config_lib.lora_targets(config.finetune)
-    settings = lora.adapter_settings(config.finetune, targets)
-    return (
-        lambda directory: lora.save_adapters(model, lora.adapter_file(directory), settings),
-        lambda backup: lora.restore_adapters(model, encoder, targets, lora.adapter_file(backup)),
-    )
+from fmkeras.tasks.base import Predictor, Task, log_softmax
+from fmkeras.text.labelled import batched
+from fmkeras.text.wordpiece import WordPieceTokenizer
+from fmkeras.training import lora
 
 
 def collect(model, dataset):
@@ -132,7 +21,7 @@ def collect(model, dataset):
     """
     examples = []
     for features, label, weight in dataset:
-        logits = np.asarray(model.predict_on_batch(features))
+        logits = np.asarray(model.predict_on_batch(features), np.float32)
         label, keep = np.asarray(label), np.asarray(weight) > 0
         if label.ndim == 1:
             examples += list(zip(logits, label, strict=True))
@@ -142,74 +31,115 @@ def collect(model, dataset):
 
 
 def cross_entropy(logits, labels):
-    shifted = logits - logits.max(-1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-    return float(-log_probs[np.arange(len(labels)), labels].mean())
+    return float(-log_softmax(logits)[np.arange(len(labels)), labels].mean())
 
 
-class Evaluator(keras.callbacks.Callback):
-    """Every `eval_every` steps: `evaluate(model)` -> dict with `loss`,
-    `accuracy` and task scalars; written to TensorBoard via `logger`."""
+class EncoderTask(Task):
+    """An encoder plus a head trained on labelled rows. Subclasses define
+    `read_rows(path, labels)`, `label_names(rows)`, `encode(rows)` ->
+    `(ids, labels)`, `build_head(encoder)`, `metrics(examples)` and `vocabulary_texts`."""
 
-    def __init__(self, evaluate, logger, eval_every, steps_per_epoch):
-        super().__init__()
-        self.evaluate = evaluate
-        self.logger = logger
-        self.eval_every = eval_every
-        self.steps_per_epoch = steps_per_epoch
+    def read_data(self):
+        data = self.config.data
+        self.train_rows = self.read_rows(self.files["train"])
+        self.names = self.label_names(self.train_rows)
+        self.valid_rows = self.read_rows(self.files["valid"], labels=set(self.names))
+        for name, rows in ((data.train_file, self.train_rows), (data.valid_file, self.valid_rows)):
+            if rows.skipped:
+                self.log(f"{name}: skipped {len(rows.skipped)} bad rows, first: {rows.skipped[0]}")
+        self.log(f"data: {len(self.train_rows):,} train / {len(self.valid_rows):,} valid "
+                 f"examples, labels {self.names}")  # fmt: skip
 
-    def on_epoch_end(self, epoch, logs=None):
-        step = (epoch + 1) * self.steps_per_epoch
-        if step % self.eval_every < self.steps_per_epoch:
-            write_validation(self.logger, step, self.evaluate(self.model))
+    def build_model(self):
+        encoder, self.tokenizer, origin = self.starting_encoder(self.vocabulary_texts())
+        self.encoder = encoder
+        model = self.build_head(encoder)
+        self.lora = self.enable_lora(model, encoder)
+        self.log(f"model: {origin} + {model.name} head")
+        self.train_ids, self.train_labels = self.encode(self.train_rows)
+        valid_ids, valid_labels = self.encode(self.valid_rows)
+        self.valid_data = self.batches(valid_ids, valid_labels)
+        return model
 
-
-def write_validation(logger, step, metrics):
-    scalars = {k: v for k, v in metrics.items() if isinstance(v, float)}
-    loss, accuracy = scalars.pop("loss"), scalars.pop("accuracy")
-    logger.write_validation(step, loss, accuracy, **scalars)
-
-
-def train_and_save(ready: Prepared, train_data, evaluate, config, run, info, log):
-    """Fits with backups and periodic evaluation, then writes `model.keras`
-    (merged if LoRA), `encoder.keras`, adapters, `task.json` and
-    `metrics.json`; returns the metrics."""
-    train, model, encoder, start_step = config.train, ready.model, ready.encoder, ready.start_step
-    logger = TrainingLogger(
-        run.logs, train.log_every, examples_per_step=train.batch_size, print_fn=log
-    )
-    steps_per_epoch = trainer.epoch_length(train.steps, train.checkpoint_every)
-    evaluator = Evaluator(evaluate, logger, train.eval_every, steps_per_epoch)
-    write_extra, _ = lora_backup_hooks(model, encoder, config)
-    started = time.time()
-    trainer.fit(
-        model, train_data, train, run, start_step, [logger, evaluator], write_extra=write_extra
-    )
-    metrics = evaluate(model)
-    write_validation(logger, train.steps, metrics)
-    if write_extra is not None:  # LoRA: the adapters beside model.keras, as in backups
-        write_extra(run.root)
-    save_model(model, run.model)  # LoRA kernels are merged on save
-    save_model(encoder, run.encoder)
-    write_json(run.root / TASK_FILE, info)
-    metrics.update(
-        task=config.task,
-        steps=train.steps,
-        resumed_from_step=start_step,
-        examples_per_second=logger.median_throughput(),
-        train_seconds_this_attempt=time.time() - started,
-        replicas=model.distribute_strategy.num_replicas_in_sync,
-        **ready.extra_metrics,
-    )
-    write_json(run.metrics, metrics)
-    return metrics
-
-
-def read_task_info(run_root):
-    path = run_root / TASK_FILE
-    if not path.is_file():
-        raise ConfigError(
-            f"{run_root} is not a finished classify/tag/translate run (no {TASK_FILE}); train "
-            "it with python -m fmkeras.train, or run the same command again to finish it"
+    def enable_lora(self, model, encoder):
+        """LoRA adapters (`finetune.method=lora`, before compile); returns their details."""
+        finetune = self.config.finetune
+        if finetune.method != "lora":
+            return None
+        targets = config_lib.lora_targets(finetune)
+        trainable, total = lora.enable_lora(
+            model, encoder, finetune.lora_rank, finetune.lora_alpha, targets
         )
-    return json.loads(path.read_text(encoding="utf-8"))
+        self.log(f"LoRA rank {finetune.lora_rank} alpha {finetune.lora_alpha:g} on "
+                 f"{', '.join(targets)}: {trainable:,} of {total:,} parameters trainable "
+                 f"({trainable / total:.2%})")  # fmt: skip
+        return {**lora.adapter_settings(finetune, targets), "trainable_parameters": trainable,
+                "total_parameters": total, "trainable_share": trainable / total}  # fmt: skip
+
+    def compile_args(self, model):
+        loss = keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True, reduction="mean_with_sample_weight"
+        )
+        accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+        return {"loss": loss, "weighted_metrics": [accuracy]}
+
+    def backup_hooks(self, model):
+        """Adapters in every backup (the saved kernels are merged) and back on resume."""
+        if self.lora is None:
+            return None, None
+        targets = config_lib.lora_targets(self.config.finetune)
+        settings = lora.adapter_settings(self.config.finetune, targets)
+        return (
+            lambda directory: lora.save_adapters(model, lora.adapter_file(directory), settings),
+            lambda backup: lora.restore_adapters(model, self.encoder, targets,
+                                                 lora.adapter_file(backup)),  # fmt: skip
+        )
+
+    def batches(self, ids, labels, **kwargs):
+        data = self.config.data
+        return batched(ids, labels, self.config.train.batch_size, data.sequence_length,
+                       self.tokenizer.pad_id, **kwargs)  # fmt: skip
+
+    def train_dataset(self, step):
+        # A resumed run reshuffles from its step on (a new order, not a replay).
+        return self.batches(self.train_ids, self.train_labels, shuffle=True,
+                            seed=self.config.train.seed + step, repeat=True)  # fmt: skip
+
+    def evaluate(self, model):
+        return self.metrics(collect(model, self.valid_data))
+
+    def info(self):
+        return {**super().info(), "labels": self.names, "lowercase": self.tokenizer.lowercase,
+                "init": self.config.model.init}  # fmt: skip
+
+    def final_metrics(self, model, validation):
+        skipped = {"train": len(self.train_rows.skipped), "valid": len(self.valid_rows.skipped)}
+        extra = {"lora": self.lora} if self.lora else {}
+        return {**validation, "skipped_rows": skipped, **extra}
+
+    @classmethod
+    def load(cls, run, info, **options):
+        for path in (run.model, run.vocab):
+            if not path.is_file():
+                raise ConfigError(f"{run.root} is not a finished run: {path.name} is missing")
+        model = keras.saving.load_model(run.model)
+        tokenizer = WordPieceTokenizer(run.vocab, lowercase=info["lowercase"])
+        return cls.predictor(model, info, tokenizer)
+
+
+class EncoderPredictor(Predictor):
+    """A finished classify or tag run: model, tokenizer and task.json."""
+
+    evaluate_inputs = ("data", "bad_rows")
+
+    def __init__(self, model, info, tokenizer):
+        super().__init__(model, info)
+        self.tokenizer = tokenizer
+
+    @property
+    def labels(self):
+        return self.info["labels"]
+
+    def batches(self, ids, labels, batch_size=32):
+        return batched(ids, labels, batch_size, self.info["sequence_length"],
+                       self.tokenizer.pad_id)  # fmt: skip

@@ -1,4 +1,4 @@
-"""Token classification (NER) fine-tuning (`python -m fmkeras.train tag`).
+"""Token classification, e.g. NER (`task: tag`).
 
 Each word's first sub-token carries its tag; the other sub-tokens are left
 out of the loss. Metrics are entity-level precision/recall/F1 (seqeval,
@@ -8,16 +8,11 @@ CoNLL evaluation) over the words, with IOB1 input converted to IOB2.
 import numpy as np
 from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
 
-from fmkeras.data import require_file
 from fmkeras.models import Tagger
-from fmkeras.tasks import finetune
-from fmkeras.text.labelled import batched, encode_words, read_conll
-from fmkeras.training.run_dir import RunDir
-
-
-def read_rows(config, relative, data_dir, origin, tags=None):
-    path = require_file(relative, data_dir, origin)
-    return read_conll(path, config.data.bad_rows, config.data.max_lines, tags)
+from fmkeras.signatures import tagger_functions
+from fmkeras.tasks.finetune import EncoderPredictor, EncoderTask, collect, cross_entropy
+from fmkeras.tasks.registry import register_task
+from fmkeras.text.labelled import encode_words, read_conll
 
 
 def tag_vocabulary(tag_lists):
@@ -26,21 +21,22 @@ def tag_vocabulary(tag_lists):
     return ["O", *sorted(distinct, key=lambda tag: (tag[2:], tag[:2]))]
 
 
-def encode(tokenizer, rows, names, sequence_length):
+def encode_rows(tokenizer, rows, names, sequence_length):
+    """`(ids, first-piece tag ids, words left out by the length)` of CoNLL rows."""
     index = {name: i for i, name in enumerate(names)}
     tag_ids = [[index[tag] for tag in tags] for tags in rows.labels]
     return encode_words(tokenizer, rows.inputs, tag_ids, sequence_length)
 
 
 def tagging_metrics(examples, names, truncated_words=0):
-    """Entity-level P/R/F1 (seqeval) and token accuracy of `finetune.collect`'s examples."""
+    """Entity-level P/R/F1 (seqeval) and token accuracy of `collect`'s examples."""
     gold = [[names[i] for i in labels] for _, labels in examples]
     predicted = [[names[i] for i in logits.argmax(-1)] for logits, _ in examples]
     logits = np.concatenate([logit for logit, _ in examples])
     labels = np.concatenate([label for _, label in examples])
     report = classification_report(gold, predicted, output_dict=True, zero_division=0)
     return {
-        "loss": finetune.cross_entropy(logits, labels),
+        "loss": cross_entropy(logits, labels),
         "accuracy": float((logits.argmax(-1) == labels).mean()),
         "precision": float(precision_score(gold, predicted, zero_division=0)),
         "recall": float(recall_score(gold, predicted, zero_division=0)),
@@ -55,44 +51,69 @@ def tagging_metrics(examples, names, truncated_words=0):
     }
 
 
-def run(config, run: RunDir, data_dir, origin, log=print):
-    data, train = config.data, config.train
-    train_rows = read_rows(config, data.train_file, data_dir, origin)
-    names = tag_vocabulary(train_rows.labels)
-    valid_rows = read_rows(config, data.valid_file, data_dir, origin, tags=set(names))
-    finetune.report_rows(config, train_rows, valid_rows, names, log)
-    ready = finetune.prepare(
-        config,
-        run,
-        [" ".join(words) for words in train_rows.inputs],  # for a vocabulary (model.init=random)
-        lambda encoder: Tagger(encoder, len(names), config.model.dropout, name="tagger"),
-        data_dir,
-        origin,
-        log,
-        skipped={"train": len(train_rows.skipped), "valid": len(valid_rows.skipped)},
-    )
-    tokenizer, length, batch = ready.tokenizer, data.sequence_length, train.batch_size
-    train_ids, train_labels, _ = encode(tokenizer, train_rows, names, length)
-    valid_ids, valid_labels, truncated = encode(tokenizer, valid_rows, names, length)
-    if truncated:
-        log(
-            f"{data.valid_file}: {truncated} words beyond data.sequence_length={length} "
-            "are left out of the scores"
-        )
-    pad, seed = tokenizer.pad_id, train.seed + ready.start_step
-    train_data = batched(
-        train_ids, train_labels, batch, length, pad, shuffle=True, seed=seed, repeat=True
-    )
-    valid_data = batched(valid_ids, valid_labels, batch, length, pad)
+class TagPredictor(EncoderPredictor):
+    warmup_texts = ("Angela Merkel visited Paris on Monday .", "hello")
 
-    def evaluate(model):
-        return tagging_metrics(finetune.collect(model, valid_data), names, truncated)
+    def tag(self, sentences, batch_size=32):
+        """`[[(word, tag)]]` per word list, in input order; words beyond the
+        sequence length are tagged `O`."""
+        length = self.info["sequence_length"]
+        # Label each word with its sentence's index: the first pieces then say which
+        # sentence a batch row is, since bucketing reorders sentences.
+        marks = [[i] * len(words) for i, words in enumerate(sentences)]
+        ids, pieces, _ = encode_words(self.tokenizer, sentences, marks, length)
+        tags = [["O"] * len(words) for words in sentences]  # also for empty sentences
+        for logits, index in collect(self.model, self.batches(ids, pieces, batch_size)):
+            if len(index):
+                predicted = [self.labels[i] for i in logits.argmax(-1)]
+                tags[int(index[0])][: len(predicted)] = predicted
+        return [list(zip(s, t, strict=True)) for s, t in zip(sentences, tags, strict=True)]
 
-    info = {
-        "task": "tag",
-        "labels": names,
-        "lowercase": tokenizer.lowercase,
-        "sequence_length": length,
-        "init": config.model.init,
-    }
-    return finetune.train_and_save(ready, train_data, evaluate, config, run, info, log)
+    def predict(self, texts):
+        tagged = self.tag([text.split() for text in texts])
+        return [{"text": text, "tags": [[word, tag] for word, tag in words]}
+                for text, words in zip(texts, tagged, strict=True)]  # fmt: skip
+
+    def evaluate(self, data, bad_rows="fail", batch_size=32):
+        """Entity-level metrics on a CoNLL file."""
+        rows = read_conll(data, bad_rows, tags=set(self.labels))
+        ids, pieces, truncated = encode_rows(self.tokenizer, rows, self.labels,
+                                             self.info["sequence_length"])  # fmt: skip
+        examples = collect(self.model, self.batches(ids, pieces, batch_size))
+        metrics = tagging_metrics(examples, self.labels, truncated)
+        return {**metrics, "skipped_rows": len(rows.skipped), "file": str(data)}
+
+    def serving_functions(self):
+        return tagger_functions(self)
+
+
+@register_task
+class TagTask(EncoderTask):
+    name = "tag"
+    predictor = TagPredictor
+
+    def read_rows(self, path, labels=None):
+        data = self.config.data
+        return read_conll(path, data.bad_rows, data.max_lines, labels)
+
+    def label_names(self, rows):
+        return tag_vocabulary(rows.labels)
+
+    def vocabulary_texts(self):  # for a learned vocabulary (model.init=random)
+        return [" ".join(words) for words in self.train_rows.inputs]
+
+    def encode(self, rows):
+        length = self.config.data.sequence_length
+        ids, tag_ids, truncated = encode_rows(self.tokenizer, rows, self.names, length)
+        if rows is self.valid_rows:
+            self.truncated = truncated
+            if truncated:
+                self.log(f"{self.config.data.valid_file}: {truncated} words beyond "
+                         f"data.sequence_length={length} are left out of the scores")  # fmt: skip
+        return ids, tag_ids
+
+    def build_head(self, encoder):
+        return Tagger(encoder, len(self.names), self.config.model.dropout, name="tagger")
+
+    def metrics(self, examples):
+        return tagging_metrics(examples, self.names, self.truncated)

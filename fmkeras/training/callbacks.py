@@ -1,4 +1,5 @@
-"""Callbacks: TensorBoard scalars with throughput and MFU, and a NaN guard."""
+"""Callbacks: TensorBoard scalars with throughput and MFU, periodic
+validation, and a NaN guard."""
 
 import math
 import time
@@ -101,24 +102,30 @@ class TrainingLogger(keras.callbacks.Callback):
         ordered = sorted(self.throughput)
         return ordered[len(ordered) // 2] if ordered else None
 
-    def on_epoch_end(self, epoch, logs=None):
-        if "val_loss" not in (logs or {}):
-            return
-        self.write_validation(
-            self._step(), float(logs["val_loss"]), float(logs.get("val_accuracy", math.nan))
-        )
+    def summary(self):
+        """metrics.json's throughput entries: the median over the logged intervals."""
+        median = self.median_throughput()
+        if not self.tokens_per_step:
+            return {"examples_per_second": median}
+        mfu = median * self.flops_per_step / self.tokens_per_step / self.peak_flops if median \
+            else None  # fmt: skip
+        return {"tokens_per_second": median, "mfu": mfu}
 
-    def write_validation(self, step, loss, accuracy, **extra):
-        """Validation scalars at `step` (once per step); language models add perplexity."""
+    def write_validation(self, step, metrics):
+        """Validation summaries at `step` (once per step): the float entries of
+        `metrics` as scalars (language models add perplexity), strings as text."""
         if step == self.last_validation_step:
             return
         self.last_validation_step = step
-        scalars = {"loss": loss, "accuracy": accuracy, **extra}
-        if self.tokens_per_step:
-            scalars["perplexity"] = math.exp(min(loss, 50.0))
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, float)}
+        if self.tokens_per_step and "loss" in scalars:
+            scalars["perplexity"] = math.exp(min(scalars["loss"], 50.0))
         with self.valid_writer.as_default(step=step):
             for name, value in scalars.items():
                 tf.summary.scalar(name, value)
+            for name, value in metrics.items():
+                if isinstance(value, str):  # e.g. translation samples
+                    tf.summary.text(name, value)
         self.valid_writer.flush()
         if self.print_fn:
             shown = " ".join(f"{name} {value:.4f}" for name, value in scalars.items())
@@ -140,3 +147,24 @@ class StopOnNaN(keras.callbacks.Callback):
         if logs and not math.isfinite(float(logs.get("loss", 0.0))):
             self.bad_step = int(_scalar(self.model.optimizer.iterations))
             self.model.stop_training = True
+
+
+class Evaluator(keras.callbacks.Callback):
+    """Validates at the first epoch end on or after every `eval_every` steps
+    (the final step is left to the driver): `evaluate(model)` -> dict of
+    metrics, written through `logger.write_validation`."""
+
+    def __init__(self, evaluate, logger, eval_every, final_step):
+        super().__init__()
+        self.evaluate = evaluate
+        self.logger = logger
+        self.eval_every = eval_every
+        self.final_step = final_step
+        self.last_step = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        step = int(_scalar(self.model.optimizer.iterations))
+        last = self.last_step if self.last_step is not None else step - 1
+        self.last_step = step
+        if step // self.eval_every > last // self.eval_every and step < self.final_step:
+            self.logger.write_validation(step, self.evaluate(self.model))

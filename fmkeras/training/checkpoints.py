@@ -75,21 +75,20 @@ def restore_backup(model, backup_path):
 
 
 class Backup(keras.callbacks.Callback):
-    """Saves a backup at the end of every Keras epoch (= `train.checkpoint_every`
-    steps); keeps the newest `keep`.
+    """Saves a backup at the end of every Keras epoch (`trainer.fit_phases` makes
+    an epoch end every `train.checkpoint_every` steps and at the last step),
+    named by the optimizer step; keeps the newest `keep`.
 
     Args:
         directory: where `step-*` backups go.
-        steps_per_epoch: steps between backups.
         keep: how many backups to keep.
         write_extra: optional `fn(directory)` that adds files to each backup
             (e.g. LoRA adapters) before it is renamed into place.
     """
 
-    def __init__(self, directory, steps_per_epoch, keep=2, write_extra=None):
+    def __init__(self, directory, keep=2, write_extra=None):
         super().__init__()
         self.directory = Path(directory)
-        self.steps_per_epoch = steps_per_epoch
         self.keep = keep
         self.write_extra = write_extra
 
@@ -100,7 +99,7 @@ class Backup(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if self.model.stop_training:  # e.g. NaN loss: keep the last good backup
             return
-        step = (epoch + 1) * self.steps_per_epoch
+        step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
         final = self.directory / f"step-{step:08d}"
         self.directory.mkdir(parents=True, exist_ok=True)
         temporary = Path(tempfile.mkdtemp(prefix=".partial-", dir=self.directory))
@@ -109,7 +108,7 @@ class Backup(keras.callbacks.Callback):
             if self.write_extra is not None:
                 self.write_extra(temporary)
             (temporary / STATE_FILE).write_text(
-                json.dumps({"step": step, "epoch": epoch + 1}), encoding="utf-8"
+                json.dumps({"step": step}), encoding="utf-8"
             )
             if final.exists():
                 shutil.rmtree(final)

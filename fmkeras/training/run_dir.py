@@ -1,22 +1,28 @@
-"""The run directory: everything one training run writes.
+"""The run directory: everything one training run writes, and the one place
+that knows its layout.
 
-config.yaml    resolved configuration
-vocab.txt      vocabulary
-logs/          TensorBoard (train/, validation/)
-backup/        resumable backups (step-*/)
-model.keras    final task model
-encoder.keras  final encoder alone (a starting point for fine-tuning)
-metrics.json   final metrics
+config.yaml            resolved configuration
+vocab.txt              vocabulary (translate: the source side)
+target_vocab.txt       translate: the target vocabulary
+task.json              what inference needs: the task, labels, casing, lengths
+logs/                  TensorBoard (train/, validation/)
+backup/step-*/         resumable backups (model + optimizer state, LoRA adapters)
+model.keras            final task model (LoRA runs: adapters merged)
+encoder.keras          final encoder alone (a starting point for fine-tuning)
+adapters.safetensors   LoRA runs: adapters + head, keyed by variable path
+metrics.json           final metrics
+workers/worker-N/      multi-worker: a non-chief worker's own backups while it runs
 """
 
 import dataclasses
+import json
 from pathlib import Path
 
 import yaml
 
 from fmkeras.config import RunConfig, to_dict
 from fmkeras.errors import ConfigError
-from fmkeras.training.checkpoints import atomic_path, latest_backup
+from fmkeras.training.checkpoints import atomic_path, latest_backup, write_json
 
 # Keys that may change between attempts of one run without changing what it computes.
 RESUMABLE_CHANGES = (
@@ -29,6 +35,9 @@ RESUMABLE_CHANGES = (
     "train.jit_compile",
     "distribute.",
 )
+# What a run made before a key existed computed: the key's value then, where it is
+# not the key's default today.
+VALUES_BEFORE_THE_KEY = {"train.precision": "float32"}
 
 
 def _flat(mapping, prefix=""):
@@ -48,23 +57,38 @@ class RunDir:
 
     config = property(lambda self: self.root / "config.yaml")
     vocab = property(lambda self: self.root / "vocab.txt")
+    target_vocab = property(lambda self: self.root / "target_vocab.txt")
+    task_info = property(lambda self: self.root / "task.json")
     logs = property(lambda self: self.root / "logs")
     backups = property(lambda self: self.root / "backup")
     model = property(lambda self: self.root / "model.keras")
     encoder = property(lambda self: self.root / "encoder.keras")
+    adapters = property(lambda self: self.root / "adapters.safetensors")
     metrics = property(lambda self: self.root / "metrics.json")
+
+    def worker(self, index):
+        """The directory a non-chief worker keeps its own backups in."""
+        return RunDir(self.root / "workers" / f"worker-{index}")
 
     def prepare(self, config):
         """Creates the directory and records `config`; refuses to resume a
         backup made with a configuration that computes something else."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ConfigError(f"cannot create the run directory {self.root}: "
+                              f"{error.strerror}") from None  # fmt: skip
         new = dict(_flat(to_dict(config)))
         if self.config.is_file() and latest_backup(self.backups)[0] is not None:
-            old = dict(_flat(yaml.safe_load(self.config.read_text(encoding="utf-8")) or {}))
-            # A key the run's fmkeras version did not have yet counts as its default value.
-            defaults = dict(_flat(to_dict(RunConfig())))
+            old = dict(_flat(self.read_config()))
+            if "task" in old:
+                from fmkeras.tasks.registry import ALIASES
+
+                old["task"] = ALIASES.get(old["task"], old["task"])
+            # A key the run's fmkeras version did not have yet counts as what it computed then.
+            defaults = {**dict(_flat(to_dict(RunConfig()))), **VALUES_BEFORE_THE_KEY}
             changed = [
-                f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+                f"{key}: {old.get(key, defaults.get(key))!r} -> {new.get(key)!r}"
                 for key in sorted(new)
                 if old.get(key, defaults.get(key)) != new.get(key)
                 and not key.startswith(RESUMABLE_CHANGES)
@@ -77,3 +101,41 @@ class RunDir:
                 )
         with atomic_path(self.config) as temporary:
             temporary.write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
+
+    def read_config(self):
+        """config.yaml as nested dicts."""
+        return yaml.safe_load(self.config.read_text(encoding="utf-8")) or {}
+
+    def write_info(self, info):
+        """task.json: what inference needs besides the model and vocabularies."""
+        write_json(self.task_info, info)
+
+    def read_info(self):
+        """task.json of a finished run (runs of any task, including pretraining
+        runs made before they wrote one); a one-line error says what is wrong
+        and what to do otherwise."""
+        from fmkeras.tasks.registry import ALIASES
+
+        if not self.root.is_dir():
+            raise ConfigError(f"run directory {self.root} does not exist")
+        if self.task_info.is_file() and self.model.is_file():
+            info = json.loads(self.task_info.read_text(encoding="utf-8"))
+        elif self.config.is_file() and self.model.is_file():  # pretraining before task.json
+            config = self.read_config()
+            data = config.get("data", {})
+            length = data.get("sequence_length", 128)
+            predictions = data.get("max_predictions") or round(data.get("mask_rate", 0.15) * length)
+            info = {"task": config.get("task"), "lowercase": data.get("lowercase", True),
+                    "sequence_length": length, "predictions": max(1, predictions)}  # fmt: skip
+        elif self.config.is_file():
+            backup, state = latest_backup(self.backups)
+            progress = f"its newest backup is step {state['step']}" if backup else "no backup yet"
+            raise ConfigError(
+                f"{self.root} is not finished ({progress}); run the same train command "
+                "again to finish it"
+            )
+        else:
+            raise ConfigError(f"{self.root} is not an fmkeras run directory "
+                              f"(no {self.config.name})")  # fmt: skip
+        info["task"] = ALIASES.get(info["task"], info["task"])
+        return info

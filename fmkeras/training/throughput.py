@@ -1,18 +1,32 @@
-"""The FLOP/s a device reaches on a large float32 matmul: the ceiling MFU is measured against."""
+"""The FLOP/s a device reaches on a large matmul in a given precision: the
+ceiling model-FLOPs utilisation (MFU) is measured against.
 
+`measure_matmul_gflops` times one `size`³ matmul; `peak_gflops` is what
+training uses: the best of TensorFlow's graph mode and XLA (each reaches
+different kernels: on CPUs, oneDNN's bfloat16 path runs in graph mode only),
+calibrated once per machine, device and precision and cached, so a busy
+moment at the start of one run does not deflate every later MFU.
+"""
+
+import json
+import os
 import statistics
 import time
+from pathlib import Path
 
 import tensorflow as tf
 
+CACHE = Path(os.environ.get("FMKERAS_CACHE", Path.home() / ".cache" / "fmkeras")) / "peaks.json"
 
-def measure_matmul_gflops(size=2048, repeats=6, device=None):
-    """Median GFLOP/s of an XLA-compiled `size`x`size` float32 matmul on `device`."""
+
+def measure_matmul_gflops(size=2048, repeats=6, device=None, dtype="float32", jit_compile=True):
+    """Median GFLOP/s of a `size`x`size` matmul in `dtype` on `device`, XLA-compiled
+    or in graph mode."""
     with tf.device(device or "/cpu:0"):
-        a = tf.random.normal((size, size))
-        b = tf.random.normal((size, size))
+        a = tf.cast(tf.random.normal((size, size)), dtype)
+        b = tf.cast(tf.random.normal((size, size)), dtype)
         # Return the whole product: XLA would simplify a reduction of it away.
-        matmul = tf.function(tf.matmul, jit_compile=True)
+        matmul = tf.function(tf.matmul, jit_compile=jit_compile)
         matmul(a, b)[0, 0].numpy()  # compile
         times = []
         for _ in range(repeats):
@@ -20,3 +34,43 @@ def measure_matmul_gflops(size=2048, repeats=6, device=None):
             matmul(a, b)[0, 0].numpy()
             times.append(time.perf_counter() - start)
     return 2 * size**3 / statistics.median(times) / 1e9
+
+
+def device_name(device="/cpu:0"):
+    """A name for the hardware behind `device` (the CPU model or the GPU's name)."""
+    if "GPU" in device.upper():
+        gpus = tf.config.list_physical_devices("GPU")
+        if gpus:
+            return tf.config.experimental.get_device_details(gpus[0]).get("device_name", "GPU")
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
+    except OSError:
+        pass
+    return f"CPU x{os.cpu_count()}"
+
+
+def peak_gflops(dtype="float32", device="/cpu:0", cache=CACHE, rounds=3):
+    """`(GFLOP/s, how it was obtained)`: the best matmul ceiling of `dtype` over
+    graph mode and XLA and `rounds` measurements, cached per hardware."""
+    key = f"{device_name(device)} | {device} | {dtype}"
+    cache = Path(cache)
+    try:
+        known = json.loads(cache.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        known = {}
+    if key in known:
+        return known[key]["gflops"], f"calibrated {known[key]['date']}, cached in {cache}"
+    gflops = max(measure_matmul_gflops(device=device, dtype=dtype, jit_compile=xla)
+                 for xla in (False, True) for _ in range(rounds))  # fmt: skip
+    known[key] = {"gflops": gflops, "date": time.strftime("%Y-%m-%d")}
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        temporary = cache.with_suffix(f".{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(known, indent=2), encoding="utf-8")
+        os.replace(temporary, cache)
+        where = f"calibrated now, cached in {cache}"
+    except OSError:
+        where = "calibrated now (cache not writable)"
+    return gflops, where

@@ -1,6 +1,10 @@
 """The `fit` loop every task shares: backups every `train.checkpoint_every`
-steps, resume from the newest backup, a NaN guard, optional Keras validation."""
+steps and at the end, resume from the newest backup, a NaN guard."""
 
+import math
+import warnings
+
+import keras
 import tensorflow as tf
 
 from fmkeras import distribute
@@ -10,19 +14,50 @@ from fmkeras.training.checkpoints import Backup, latest_backup, restore_backup
 from fmkeras.workarounds import compile_replica_steps_with_xla
 
 
-def epoch_length(steps, checkpoint_every):
-    """Steps per Keras epoch: the largest divisor of `steps` not above `checkpoint_every`."""
-    for length in range(min(checkpoint_every, steps), 0, -1):
-        if steps % length == 0:
-            return length
+def fit_phases(start, steps, every):
+    """`[(first_step, steps_per_epoch, epochs)]`: the Keras `fit` calls that take
+    a run from step `start` to `steps` with a backup every `every` steps (each
+    Keras epoch ends in one) and one at `steps`. A run whose length is not a
+    multiple of `every` ends with a shorter epoch; a run resumed between
+    multiples first catches up to the next one."""
+    phases, step = [], start
+    if step % every and step < steps:
+        catch_up = min(steps, (step // every + 1) * every)
+        phases.append((step, catch_up - step, 1))
+        step = catch_up
+    whole = steps // every * every
+    if step < whole:
+        phases.append((step, every, (whole - step) // every))
+        step = whole
+    if step < steps:
+        phases.append((step, steps - step, 1))
+    return phases
 
 
-def resolve_jit_compile(setting, strategy):
-    """`train.jit_compile` -> bool; `auto` is XLA on one device only (XLA per
-    replica under Mirrored strategies is opt-in with `true`)."""
-    if setting == "auto":
-        return distribute.is_single_device(strategy)
-    return setting == "true"
+# What `train.jit_compile: auto` picks on one device, by device kind and compute
+# dtype, from `tools/bench_train.py` (README, "Precision and XLA"). XLA's CPU
+# backend does not reach the bfloat16 matrix kernels that oneDNN uses in graph mode.
+XLA_BY_DEVICE = {
+    ("CPU", "float32"): False,
+    ("CPU", "bfloat16"): False,
+    ("CPU", "float16"): False,
+    ("GPU", "float32"): True,
+    ("GPU", "bfloat16"): True,
+    ("GPU", "float16"): True,
+}
+
+
+def resolve_jit_compile(setting, strategy, compute_dtype="float32"):
+    """`(xla, reason)` for `train.jit_compile`: `auto` looks `XLA_BY_DEVICE` up
+    on one device and is off under multi-device strategies (XLA per replica is
+    opt-in there with `true`)."""
+    if setting != "auto":
+        return setting == "true", "set by train.jit_compile"
+    if not distribute.is_single_device(strategy):
+        return False, "auto: off under multi-device strategies (true: XLA per replica)"
+    kind = "GPU" if tf.config.list_logical_devices("GPU") else "CPU"
+    xla = XLA_BY_DEVICE.get((kind, compute_dtype), False)
+    return xla, f"auto: {'on' if xla else 'off'} for {compute_dtype} on a {kind}, as measured"
 
 
 def compile_model(model, strategy, train, log, **compile_args):
@@ -32,7 +67,9 @@ def compile_model(model, strategy, train, log, **compile_args):
     step (`workarounds.compile_replica_steps_with_xla`) and steps run one per
     execution: Keras's multi-step loop fails there with "You must feed a value
     for placeholder tensor" (keras#19246)."""
-    xla = resolve_jit_compile(train.jit_compile, strategy)
+    compute_dtype = keras.mixed_precision.global_policy().compute_dtype
+    xla, reason = resolve_jit_compile(train.jit_compile, strategy, compute_dtype)
+    log(f"XLA {'on' if xla else 'off'}: {reason}")
     mirrored = isinstance(
         strategy, tf.distribute.MirroredStrategy | tf.distribute.MultiWorkerMirroredStrategy
     )
@@ -51,7 +88,6 @@ def compile_model(model, strategy, train, log, **compile_args):
 
 def resume(model, run, train, log, after_restore=None):
     """Restores the newest backup of `run` into the compiled `model`; returns its step."""
-    steps_per_epoch = epoch_length(train.steps, train.checkpoint_every)
     backup_path, state = latest_backup(run.backups)
     # Multi-worker: every worker has its own backups, and one may have been killed
     # before writing the newest; all resume from the newest step they all have.
@@ -66,11 +102,10 @@ def resume(model, run, train, log, after_restore=None):
             )
     if backup_path is None:
         return 0
-    if state["step"] % steps_per_epoch:
+    if state["step"] > train.steps:
         raise ConfigError(
-            f"{backup_path} is at step {state['step']}, which this run's checkpoint interval "
-            f"({steps_per_epoch} steps) cannot continue from; resume with the original "
-            "train.steps and train.checkpoint_every"
+            f"{backup_path} is at step {state['step']}, past train.steps={train.steps}; "
+            "resume with the original train.steps"
         )
     restore_backup(model, backup_path)
     if after_restore is not None:
@@ -79,30 +114,60 @@ def resume(model, run, train, log, after_restore=None):
     return state["step"]
 
 
-def fit(model, train_data, train, run, start_step, callbacks=(), validation_data=None, **backup):
+def fit(model, train_data, train, run, start_step, callbacks=(), **backup):
     """Runs `model.fit` from `start_step` to `train.steps` with backups.
 
-    `validation_data` (optional) is evaluated every `train.eval_every` steps.
-    `backup` keyword arguments go to `Backup` (e.g. `extra_files`).
+    `train_data(step)` returns the training dataset from `step` on (each
+    `fit_phases` phase starts its own). `backup` keyword arguments go to
+    `Backup` (e.g. `write_extra`). A cadence that does not divide
+    `train.steps` is logged by the caller (`describe_cadence`).
     """
-    steps_per_epoch = epoch_length(train.steps, train.checkpoint_every)
     stop_on_nan = StopOnNaN()
-    if start_step < train.steps:
+    saver = Backup(run.backups, **backup)
+    compiled_steps = model.steps_per_execution
+    for first_step, steps_per_epoch, epochs in fit_phases(start_step, train.steps,
+                                                          train.checkpoint_every):  # fmt: skip
+        # Keras runs whole executions: an epoch that is not a multiple of
+        # steps_per_execution would overrun it, so such a phase runs fewer per call.
+        set_steps_per_execution(model, math.gcd(steps_per_epoch, compiled_steps))
         model.fit(
-            train_data,
-            epochs=train.steps // steps_per_epoch,
-            initial_epoch=start_step // steps_per_epoch,
+            train_data(first_step),
+            epochs=epochs,
             steps_per_epoch=steps_per_epoch,
-            validation_data=validation_data,
-            validation_freq=max(1, round(train.eval_every / steps_per_epoch)),
-            callbacks=[stop_on_nan, *callbacks, Backup(run.backups, steps_per_epoch, **backup)],
+            callbacks=[stop_on_nan, *callbacks, saver],
             shuffle=False,  # datasets order themselves
             verbose=0,
         )
-    if stop_on_nan.bad_step is not None:
-        last, _ = latest_backup(run.backups)
-        raise TrainingError(
-            f"the loss became NaN or infinite at step {stop_on_nan.bad_step}; training stopped. "
-            f"Last good backup: {last or 'none'}. Lower train.learning_rate or raise "
-            "train.warmup_steps, then run the same command again to resume from that backup."
-        )
+        if stop_on_nan.bad_step is not None:
+            last, _ = latest_backup(run.backups)
+            raise TrainingError(
+                f"the loss became NaN or infinite at step {stop_on_nan.bad_step}; training "
+                f"stopped. Last good backup: {last or 'none'}. Lower train.learning_rate or "
+                "raise train.warmup_steps, then run the same command again to resume from "
+                "that backup."
+            )
+
+
+def evaluate(model, dataset):
+    """`model.evaluate` over a finite dataset -> `(loss, accuracy)`. Keras warns
+    that the input "ran out of data" when the batches do not fill the last
+    multi-step execution (`steps_per_execution` > 1); here that is expected,
+    and every batch is still counted."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Your input ran out of data")
+        return model.evaluate(dataset, verbose=0)
+
+
+def set_steps_per_execution(model, steps):
+    """Retraces `model`'s train function for `steps` steps per call, if that changes it."""
+    if model.steps_per_execution != steps:
+        model.steps_per_execution = steps
+        model.make_train_function(force=True)
+
+
+def describe_cadence(train):
+    """A log line for backups that cannot all fall on `checkpoint_every` multiples, or None."""
+    if train.steps % train.checkpoint_every == 0:
+        return None
+    return (f"backups every {train.checkpoint_every} steps and at the final step "
+            f"{train.steps}")  # fmt: skip

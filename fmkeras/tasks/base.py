@@ -1,0 +1,173 @@
+"""The Task interface: what a task declares so that one driver trains it and
+`evaluate`, `predict` and `export` use its finished runs (after Model
+Garden's `base_task.Task`, with Keras `fit` as the loop).
+
+A task is a subclass of `Task` registered with
+`fmkeras.tasks.registry.register_task`. The driver
+(`fmkeras.training.driver.train`) calls, in this order:
+
+    data_files(config)       classmethod: the files to read, checked before anything runs
+    read_data()              read them (before the model exists)
+    build_model()            inside the strategy scope: vocabulary and model
+    compile_args(model)      loss and metrics (the driver adds the optimizer)
+    backup_hooks(model)      optional: extra files in backups (LoRA adapters)
+    logger_settings(model)   throughput units for the logs (tokens or examples)
+    train_dataset(step)      the training stream from `step` on
+    evaluate(model)          validation: `loss`, `accuracy` and task scalars
+    save(model)              model.keras, encoder.keras, task.json, ...
+    final_metrics(...)       what metrics.json holds besides the common keys
+
+A finished run is used through `load(run, info, **options)`, which returns
+a `Predictor`.
+"""
+
+import shutil
+from typing import ClassVar
+
+import numpy as np
+
+from fmkeras.models import Encoder, encoder_kwargs
+from fmkeras.models.starting_point import load_starting_point, resolve_init
+from fmkeras.text.wordpiece import WordPieceTokenizer, learn_vocabulary, write_vocabulary
+from fmkeras.training.checkpoints import save_model
+
+
+def log_softmax(logits):
+    """Numerically stable log-probabilities over the last axis (numpy)."""
+    shifted = logits - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+class Task:
+    """Base class of every task. Subclasses set `name` and implement the methods above.
+
+    Attributes set by the driver: `config` (`RunConfig`), `run` (`RunDir`),
+    `files` (role -> resolved `Path` of `data_files`), `log` (a print function).
+    """
+
+    name: ClassVar[str] = ""
+    aliases: ClassVar[tuple] = ()  # old names that recipes and run directories may use
+    sections: ClassVar[dict] = {}  # config sections this task declares: name -> dataclass
+
+    def __init__(self, config, run, files, log=print):
+        self.config = config
+        self.run = run
+        self.files = files
+        self.log = log
+
+    @classmethod
+    def data_files(cls, config):
+        """`{role: path relative to the data directory}` of every file the run reads."""
+        data = config.data
+        files = {"train": data.train_file, "valid": data.valid_file}
+        if data.vocab_file:
+            files["vocab"] = data.vocab_file
+        return files
+
+    @classmethod
+    def check_config(cls, config):
+        """Raises `ConfigError` for settings this task cannot run (before anything
+        runs); by default, a `model.init` that names no directory."""
+        if config.model.init != "random":
+            resolve_init(config.model.init)
+
+    def read_data(self):
+        raise NotImplementedError
+
+    def build_model(self):
+        raise NotImplementedError
+
+    def compile_args(self, model):
+        raise NotImplementedError
+
+    def backup_hooks(self, model):
+        """`(write_extra(directory), after_restore(backup))`, either may be None."""
+        return None, None
+
+    def logger_settings(self, model):
+        """`TrainingLogger` keyword arguments: examples per step by default."""
+        return {"examples_per_step": self.config.train.batch_size}
+
+    def train_dataset(self, step):
+        raise NotImplementedError
+
+    def evaluate(self, model):
+        raise NotImplementedError
+
+    def info(self):
+        """task.json: what `load` needs besides the model and vocabularies."""
+        return {"task": self.name, "sequence_length": self.config.data.sequence_length}
+
+    def save(self, model):
+        """The final model, its encoder (a starting point for other runs) and task.json."""
+        save_model(model, self.run.model)
+        save_model(model.encoder, self.run.encoder)
+        self.run.write_info(self.info())
+
+    def final_metrics(self, model, validation):
+        """metrics.json entries of this task (the driver adds steps, timings, ...)."""
+        return dict(validation)
+
+    def prepare_vocabulary(self, texts):
+        """The run's `vocab.txt` as a tokenizer: kept from an earlier attempt,
+        copied from `data.vocab_file`, or learned from `texts`."""
+        run, data = self.run, self.config.data
+        if not run.vocab.is_file():
+            if "vocab" in self.files:
+                shutil.copyfile(self.files["vocab"], run.vocab)
+            else:
+                vocabulary = learn_vocabulary(texts, data.vocab_size, lowercase=data.lowercase,
+                                              log=self.log)  # fmt: skip
+                write_vocabulary(vocabulary, run.vocab)
+        return WordPieceTokenizer(run.vocab, lowercase=data.lowercase)
+
+    def starting_encoder(self, texts):
+        """`(encoder, tokenizer, description)` for `model.init` (inside the strategy
+        scope): a fresh encoder with a vocabulary from `prepare_vocabulary(texts)`,
+        or a checkpoint with its own vocabulary."""
+        model = self.config.model
+        if model.init == "random":
+            tokenizer = self.prepare_vocabulary(texts)
+            encoder = Encoder(**encoder_kwargs(model, tokenizer.vocabulary_size), name="encoder")
+            return encoder, tokenizer, f"random {model.size} encoder"
+        start = load_starting_point(model.init, model.dropout)
+        if not self.run.vocab.is_file():
+            write_vocabulary(start.vocabulary, self.run.vocab)
+        tokenizer = WordPieceTokenizer(start.vocabulary, lowercase=start.lowercase)
+        return start.encoder, tokenizer, start.description
+
+    @classmethod
+    def load(cls, run, info, **options):
+        """A `Predictor` for the finished run directory `run` (`RunDir`)."""
+        raise NotImplementedError
+
+
+class Predictor:
+    """A finished run, ready for inference.
+
+    `predict(texts)` -> one dict per text; `evaluate(**inputs)` -> metrics of
+    a labelled file (its keyword names are `evaluate_inputs`);
+    `serving_functions()` -> `signatures.ServingFunctions` for export;
+    `export_info()` -> what `assets.extra/fmkeras.json` records;
+    `warmup_texts` -> TF Serving warm-up requests. `model` is the Keras
+    model (export quantizes it in place).
+    """
+
+    warmup_texts: ClassVar[tuple] = ("hello", "A longer request of a few words.")
+    evaluate_inputs: ClassVar[tuple] = ("data",)
+
+    def __init__(self, model, info):
+        self.model = model
+        self.info = info
+
+    def predict(self, texts):
+        raise NotImplementedError
+
+    def evaluate(self, **inputs):
+        raise NotImplementedError
+
+    def serving_functions(self):
+        raise NotImplementedError
+
+    def export_info(self):
+        return dict(self.info)

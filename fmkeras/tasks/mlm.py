@@ -1,0 +1,200 @@
+"""Masked-language-model pretraining of an `Encoder` (`task: mlm`; `pretrain`
+is its old name and still works)."""
+
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from fmkeras.data import read_lines
+from fmkeras.distribute import accelerators_in_use
+from fmkeras.errors import ConfigError, DataError
+from fmkeras.flops import parameter_counts, training_flops_per_token
+from fmkeras.models import Encoder, MaskedLM, encoder_kwargs
+from fmkeras.signatures import fill_mask_functions
+from fmkeras.tasks.base import Predictor, Task, log_softmax
+from fmkeras.tasks.registry import register_task
+from fmkeras.text.mlm import mlm_dataset, pack_sequences
+from fmkeras.text.wordpiece import WordPieceTokenizer
+from fmkeras.training import trainer
+from fmkeras.training.throughput import peak_gflops
+
+
+def packed(lines, tokenizer, sequence_length, name):
+    try:
+        return pack_sequences(lines, tokenizer, sequence_length)
+    except ValueError as error:
+        raise DataError(f"{name}: {error}") from None
+
+
+def batches(sequences, name, tokenizer, batch_size, predictions, seed, **kwargs):
+    """`mlm_dataset` over one file's sequences; too little data names the file."""
+    try:
+        return mlm_dataset(sequences, tokenizer, batch_size, predictions, seed=seed, **kwargs)
+    except ValueError as error:
+        raise DataError(
+            f"{name}: {error}; use more text (data.max_lines) or a smaller "
+            f"train.batch_size={batch_size}"
+        ) from None
+
+
+def masked_lm_loss():
+    return keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True, reduction="mean_with_sample_weight"
+    )
+
+
+@register_task
+class MaskedLMTask(Task):
+    name = "mlm"
+    aliases = ("pretrain",)
+
+    @classmethod
+    def check_config(cls, config):
+        if config.model.init != "random":
+            raise ConfigError(
+                f"model.init={config.model.init!r}: masked-LM pretraining starts from 'random' "
+                "(continued pretraining of a checkpoint is not supported yet)"
+            )
+
+    @property
+    def predictions(self):
+        data = self.config.data
+        return data.max_predictions or max(1, round(data.mask_rate * data.sequence_length))
+
+    def read_data(self):
+        data, files = self.config.data, self.files
+        train_lines = read_lines(files["train"], data.max_lines)
+        valid_lines = read_lines(files["valid"], data.max_lines)
+        self.tokenizer = self.prepare_vocabulary(train_lines)
+        self.train_sequences = packed(train_lines, self.tokenizer, data.sequence_length,
+                                      data.train_file)  # fmt: skip
+        self.valid_sequences = packed(valid_lines, self.tokenizer, data.sequence_length,
+                                      data.valid_file)  # fmt: skip
+        self.log(
+            f"data: {len(self.train_sequences):,} train / {len(self.valid_sequences):,} valid "
+            f"sequences of {data.sequence_length} tokens, vocabulary "
+            f"{self.tokenizer.vocabulary_size:,}, {self.predictions} masked per sequence"
+        )
+        train = self.config.train
+        self.train_dataset(0)  # too little training data fails here, before the model exists
+        self.valid_data = batches(self.valid_sequences, data.valid_file, self.tokenizer,
+                                  train.batch_size, self.predictions, train.seed,
+                                  shuffle=False, repeat=False)  # fmt: skip
+        if train.eval_steps:
+            self.valid_data = self.valid_data.take(train.eval_steps)
+
+    def build_model(self):
+        arch = encoder_kwargs(self.config.model, self.tokenizer.vocabulary_size)
+        return MaskedLM(Encoder(**arch), name="masked_lm")
+
+    def compile_args(self, model):
+        accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+        return {"loss": masked_lm_loss(), "weighted_metrics": [accuracy]}
+
+    def flops_per_token(self):
+        data = self.config.data
+        arch = encoder_kwargs(self.config.model, self.tokenizer.vocabulary_size)
+        return training_flops_per_token(arch, data.sequence_length, self.predictions)
+
+    def logger_settings(self, model):
+        train = self.config.train
+        tokens_per_step = train.batch_size * self.config.data.sequence_length
+        dtype = keras.mixed_precision.global_policy().compute_dtype
+        if train.peak_gflops:
+            per_device, origin = train.peak_gflops, "train.peak_gflops"
+        else:
+            per_device, origin = peak_gflops(dtype)
+        devices = accelerators_in_use(model.distribute_strategy)
+        self.peak_gflops = per_device * devices
+        self.log(f"{self.flops_per_token() / 1e6:.1f} MFLOP/token; MFU against {devices} x "
+                 f"{per_device:.0f} GFLOP/s, the {dtype} matmul peak ({origin})")  # fmt: skip
+        return {
+            "tokens_per_step": tokens_per_step,
+            "flops_per_step": tokens_per_step * self.flops_per_token(),
+            "peak_flops": self.peak_gflops * 1e9,
+        }
+
+    def train_dataset(self, step):
+        train = self.config.train
+        return batches(self.train_sequences, self.config.data.train_file, self.tokenizer,
+                       train.batch_size, self.predictions, train.seed,
+                       start_step=step)  # fmt: skip
+
+    def evaluate(self, model):
+        loss, accuracy = trainer.evaluate(model, self.valid_data)
+        return {"loss": float(loss), "accuracy": float(accuracy)}
+
+    def info(self):
+        return {**super().info(), "lowercase": self.tokenizer.lowercase,
+                "predictions": self.predictions}  # fmt: skip
+
+    def final_metrics(self, model, validation):
+        data, train = self.config.data, self.config.train
+        arch = encoder_kwargs(self.config.model, self.tokenizer.vocabulary_size)
+        return {
+            "valid_loss": validation["loss"],
+            "valid_masked_accuracy": validation["accuracy"],
+            "valid_perplexity": math.exp(min(validation["loss"], 50.0)),
+            "peak_gflops": self.peak_gflops,
+            "parameters": model.count_params(),
+            "non_embedding_parameters": parameter_counts(arch)["non_embedding"],
+            "train_tokens": train.steps * train.batch_size * data.sequence_length,
+            "train_flops_per_token": self.flops_per_token(),
+        }
+
+    @classmethod
+    def load(cls, run, info, top_k=5, **options):
+        model = keras.saving.load_model(run.model)
+        tokenizer = WordPieceTokenizer(run.vocab, lowercase=info["lowercase"])
+        return MaskedLMPredictor(model, info, tokenizer, top_k)
+
+
+class MaskedLMPredictor(Predictor):
+    """Fill-mask with a pretrained masked LM: the `top_k` pieces for each `[MASK]`."""
+
+    warmup_texts = ("The capital of France is [MASK].", "[MASK] [MASK] hello")
+
+    def __init__(self, model, info, tokenizer, top_k=5):
+        super().__init__(model, info)
+        self.tokenizer = tokenizer
+        self.top_k = top_k
+
+    def serving_functions(self):
+        return fill_mask_functions(self.model, self.tokenizer, self.info["sequence_length"],
+                                   self.top_k)  # fmt: skip
+
+    def predict(self, texts):
+        outputs = self.serving_functions().serve_texts(tf.constant(texts))
+        results = []
+        for i, text in enumerate(texts):
+            masks = [
+                {"position": int(position),
+                 "tokens": [t.decode("utf-8") for t in outputs["tokens"][i, m].numpy()],
+                 "probabilities": [round(float(p), 6) for p in outputs["probabilities"][i, m]]}
+                for m, position in enumerate(outputs["mask_positions"][i].numpy())
+                if position >= 0
+            ]  # fmt: skip
+            results.append({"text": text, "masks": masks})
+        return results
+
+    def evaluate(self, data, batch_size=32, seed=0):
+        """Masked-LM loss, accuracy and perplexity on a text file (one passage
+        per line), with the run's masking rate and a fixed seed."""
+        sequence_length = self.info["sequence_length"]
+        sequences = packed(read_lines(data), self.tokenizer, sequence_length, data)
+        dataset = batches(sequences, data, self.tokenizer, min(batch_size, len(sequences)),
+                          self.info["predictions"], seed, shuffle=False, repeat=False)  # fmt: skip
+        total = correct = weight = 0.0
+        for inputs, labels, weights in dataset:
+            logits = np.asarray(self.model.predict_on_batch(inputs), np.float32)
+            labels, weights = np.asarray(labels), np.asarray(weights, np.float32)
+            chosen = np.take_along_axis(log_softmax(logits), labels[..., None], -1)[..., 0]
+            total -= float((chosen * weights).sum())
+            correct += float(((logits.argmax(-1) == labels) * weights).sum())
+            weight += float(weights.sum())
+        loss = total / weight
+        return {"loss": loss, "accuracy": correct / weight,
+                "perplexity": math.exp(min(loss, 50.0)), "sequences": len(sequences),
+                "file": str(data)}  # fmt: skip

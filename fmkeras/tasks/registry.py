@@ -1,0 +1,63 @@
+"""The task registry: task names (and their old spellings) -> `Task` classes.
+
+Built-in tasks are imported on first use, so looking up or validating a
+name needs no TensorFlow. A new task registers itself with
+`@register_task` (see README, "Adding a task"); recipes then name it with
+`task: NAME`, and `train`, `evaluate`, `predict` and `export` find it here.
+"""
+
+import importlib
+
+from fmkeras.errors import ConfigError
+
+BUILT_IN = {
+    "mlm": "fmkeras.tasks.mlm:MaskedLMTask",
+    "classify": "fmkeras.tasks.classify:ClassifyTask",
+    "tag": "fmkeras.tasks.tag:TagTask",
+    "translate": "fmkeras.tasks.translation:TranslateTask",
+}
+ALIASES = {"pretrain": "mlm"}  # old spellings that recipes and run directories still use
+_registered = {}  # tasks registered at run time: name -> class
+
+
+def register_task(task_class):
+    """Class decorator: makes `task_class` (a `Task` with a `name`) trainable,
+    evaluable and exportable by name. Returns the class."""
+    name = task_class.name
+    if not name or name in ALIASES:
+        raise ValueError(f"a task needs a name that is not an alias, got {name!r}")
+    _registered[name] = task_class
+    for alias in task_class.aliases:
+        ALIASES[alias] = name
+    return task_class
+
+
+def task_names():
+    """Every task name, built-in first, then the registered ones."""
+    return [*BUILT_IN, *(name for name in _registered if name not in BUILT_IN)]
+
+
+def canonical_task(name):
+    """The registered name for `name` or one of its aliases; ConfigError otherwise."""
+    name = ALIASES.get(name, name)
+    if name not in BUILT_IN and name not in _registered:
+        choices = ", ".join(task_names())
+        raise ConfigError(f"task={name!r} is not one of {choices} (pretrain = mlm)")
+    return name
+
+
+def get_task(name):
+    """The `Task` class registered as `name` (or an alias of it)."""
+    name = canonical_task(name)
+    if name not in _registered:
+        module, _, attribute = BUILT_IN[name].partition(":")
+        _registered[name] = getattr(importlib.import_module(module), attribute)
+    return _registered[name]
+
+
+def declared_sections():
+    """Config sections that registered tasks declare: name -> dataclass."""
+    sections = {}
+    for task_class in _registered.values():
+        sections.update(task_class.sections)
+    return sections

@@ -1,0 +1,114 @@
+"""The one driver that trains any registered task: strategy -> build ->
+compile -> resume -> fit -> final evaluation -> save.
+
+Precision and compilation are decided here, once, for every task.
+"""
+
+import contextlib
+import shutil
+import time
+
+import keras
+
+from fmkeras import distribute
+from fmkeras.data import require_file, resolve_data_dir
+from fmkeras.tasks.registry import get_task
+from fmkeras.training import trainer
+from fmkeras.training.callbacks import Evaluator, TrainingLogger
+from fmkeras.training.checkpoints import write_json
+from fmkeras.training.optimizer import create_optimizer
+from fmkeras.training.precision import resolve_precision
+from fmkeras.training.run_dir import RunDir
+
+
+def resolve_files(task_class, config, data_dir_option, log):
+    """`{role: Path}` of the task's data files; a missing one fails here, before
+    any file is read or written."""
+    data_dir, origin = resolve_data_dir(data_dir_option, config.data.dir)
+    files = {role: require_file(relative, data_dir, origin)
+             for role, relative in task_class.data_files(config).items()}  # fmt: skip
+    if data_dir is not None:
+        log(f"data directory {data_dir} (from {origin})")
+    return files
+
+
+@contextlib.contextmanager
+def dtype_policy(name):
+    """Keras's global dtype policy set to `name` while the block runs."""
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(name)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+def train(config, out, data_dir_option=None, log=print):
+    """Trains `config.task` into the run directory `out`; returns `(RunDir, metrics)`."""
+    task_class = get_task(config.task)
+    task_class.check_config(config)
+    files = resolve_files(task_class, config, data_dir_option, log)
+    distribute.configure_cpu_devices(config.distribute.cpu_devices)  # before any TF op
+    # The strategy (a TPU or cluster connection) comes before any data work, so an
+    # unreachable device fails within seconds.
+    strategy = distribute.create_strategy(config.distribute)
+    index, is_chief = distribute.worker_role() if config.distribute.strategy == "multi_worker" \
+        else (0, True)  # fmt: skip
+    # Only the chief writes the run directory (TensorBoard, model, metrics); other
+    # workers keep their own backups (to resume) and delete them when done.
+    chief_run = RunDir(out)
+    run = chief_run if is_chief else chief_run.worker(index)
+    run.prepare(config)
+    log(f"{config.task}: run directory {run.root}")
+    precision, reason = resolve_precision(config.train.precision, strategy)
+    log(f"precision {precision}: {reason}")
+    task = task_class(config, run, files, log)
+    with dtype_policy(precision):
+        metrics = _train(task, strategy, log)
+    metrics["precision"] = precision
+    if not is_chief:
+        shutil.rmtree(run.root)
+        if not any(run.root.parent.iterdir()):
+            run.root.parent.rmdir()
+        log(f"worker {index}: finished; the chief wrote the run directory {out}")
+        return chief_run, metrics
+    write_json(run.metrics, metrics)
+    return run, metrics
+
+
+def _train(task, strategy, log):
+    config, run, train = task.config, task.run, task.config.train
+    task.read_data()
+    keras.utils.set_random_seed(train.seed)  # initialisation (data order and masks use it too)
+    with strategy.scope():
+        model = task.build_model()
+        xla = trainer.compile_model(model, strategy, train, log,
+                                    optimizer=create_optimizer(train),
+                                    **task.compile_args(model))  # fmt: skip
+    write_extra, after_restore = task.backup_hooks(model)
+    start_step = trainer.resume(model, run, train, log, after_restore=after_restore)
+    logger = TrainingLogger(run.logs, train.log_every, print_fn=log, **task.logger_settings(model))
+    log(f"model: {model.count_params():,} parameters; {strategy.num_replicas_in_sync} "
+        f"replica(s), XLA {'on' if xla else 'off'}; steps {start_step}..{train.steps}")  # fmt: skip
+    cadence = trainer.describe_cadence(train)
+    if cadence:
+        log(cadence)
+    evaluator = Evaluator(task.evaluate, logger, train.eval_every, train.steps)
+    started = time.time()
+    trainer.fit(model, task.train_dataset, train, run, start_step, [logger, evaluator],
+                write_extra=write_extra)  # fmt: skip
+    validation = task.evaluate(model)
+    logger.write_validation(train.steps, validation)
+    task.save(model)
+    if write_extra is not None:  # e.g. LoRA adapters beside model.keras, as in backups
+        write_extra(run.root)
+    return {
+        **task.final_metrics(model, validation),
+        "task": config.task,
+        "steps": train.steps,
+        "resumed_from_step": start_step,
+        "train_seconds_this_attempt": time.time() - started,
+        "replicas": strategy.num_replicas_in_sync,
+        "jit_compile": xla,
+        **logger.summary(),
+    }

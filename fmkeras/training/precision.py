@@ -1,0 +1,45 @@
+"""`train.precision`: which Keras dtype policy a run computes in.
+
+Variables and optimizer state stay float32 under every policy; Keras's
+mixed policies compute matmuls and activations in 16 bits, and fmkeras's
+layers keep layer-norm statistics and the loss's softmax in float32.
+`mixed_float16` gets dynamic loss scaling from `Model.compile`
+(`auto_scale_loss`).
+"""
+
+from pathlib import Path
+
+import tensorflow as tf
+
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of a bf16 matrix path
+
+
+def cpu_bf16_flags(cpuinfo=Path("/proc/cpuinfo")):
+    """The bf16 matrix-instruction flags this CPU reports (empty where unknown)."""
+    try:
+        flags = next(line for line in cpuinfo.read_text().splitlines()
+                     if line.startswith("flags")).split()  # fmt: skip
+    except (OSError, StopIteration):
+        return []
+    return [flag for flag in CPU_BF16_FLAGS if flag in flags]
+
+
+def resolve_precision(setting, strategy, cpu_flags=None):
+    """`(policy, reason)` for `train.precision`: `auto` is `mixed_bfloat16` on
+    TPUs, on GPUs of compute capability 8.0 or newer and on CPUs with AMX-BF16
+    or AVX512-BF16, and `float32` elsewhere."""
+    if setting != "auto":
+        return setting, "set by train.precision"
+    if isinstance(strategy, tf.distribute.TPUStrategy):
+        return "mixed_bfloat16", "auto: TPUs compute in bfloat16"
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        capabilities = [tf.config.experimental.get_device_details(gpu)
+                        .get("compute_capability", (0, 0)) for gpu in gpus]  # fmt: skip
+        if min(capabilities) >= (8, 0):
+            return "mixed_bfloat16", f"auto: GPUs of compute capability {min(capabilities)}"
+        return "float32", f"auto: GPUs of compute capability {min(capabilities)} lack bfloat16"
+    flags = cpu_bf16_flags() if cpu_flags is None else cpu_flags
+    if flags:
+        return "mixed_bfloat16", f"auto: the CPU has {', '.join(flags)}"
+    return "float32", "auto: no bfloat16 matrix path on this CPU"

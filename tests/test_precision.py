@@ -1,0 +1,54 @@
+"""`train.precision`: the policy `auto` picks, and a bfloat16 run that trains,
+resumes exactly, reloads with float32 variables and exports float32 outputs."""
+
+import json
+import shutil
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from run_helpers import scalars, tiny_args
+
+from fmkeras.export import main as export_main
+from fmkeras.train import main
+from fmkeras.training.precision import resolve_precision
+
+
+def test_auto_precision_follows_the_hardware():
+    strategy = tf.distribute.get_strategy()
+    assert resolve_precision("mixed_float16", strategy)[0] == "mixed_float16"
+    policy, reason = resolve_precision("auto", strategy, cpu_flags=["avx512_bf16"])
+    assert policy == "mixed_bfloat16" and "avx512_bf16" in reason
+    policy, reason = resolve_precision("auto", strategy, cpu_flags=[])
+    assert policy == "float32" and "no bfloat16 matrix path" in reason
+
+
+def test_a_bfloat16_run_trains_resumes_reloads_and_exports_float32(tmp_path, small_vocab, capsys):
+    settings = {"train.precision": "mixed_bfloat16", "train.checkpoint_every": 10,
+                "train.eval_every": 10, "train.log_every": 5}  # fmt: skip
+    run = tmp_path / "bf16"
+    args = tiny_args(small_vocab, steps=20, **settings) + ["--out", str(run)]
+    assert main(args) == 0
+    assert "precision mixed_bfloat16: set by train.precision" in capsys.readouterr().out
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["precision"] == "mixed_bfloat16"
+    losses = [value for _, value in scalars(run / "logs" / "train", "loss")]
+    assert losses[-1] < losses[0]
+    assert keras.mixed_precision.global_policy().name == "float32"  # restored after the run
+
+    # Exact resume: drop the final backup and model, run the same command again.
+    shutil.rmtree(run / "backup" / "step-00000020")
+    (run / "metrics.json").unlink()
+    assert main(args) == 0
+    resumed = json.loads((run / "metrics.json").read_text())
+    assert resumed["resumed_from_step"] == 10
+    assert resumed["valid_loss"] == pytest.approx(metrics["valid_loss"], abs=1e-3)
+
+    model = keras.saving.load_model(run / "model.keras")
+    assert {variable.dtype for variable in model.weights} == {"float32"}
+    assert export_main([str(run), "--name", "mlm", "--out", str(tmp_path / "sm")]) == 0
+    loaded = tf.saved_model.load(str(tmp_path / "sm" / "mlm" / "1"))
+    outputs = loaded.signatures["serving_default"](texts=tf.constant(["the [MASK] of it"]))
+    assert outputs["probabilities"].dtype == tf.float32
+    assert np.all(np.isfinite(outputs["probabilities"].numpy()))

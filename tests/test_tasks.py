@@ -1,0 +1,183 @@
+"""The Task interface: a task defined outside fmkeras plugs into the registry
+and is trained, evaluated, used and exported by the same commands as the
+built-in ones; old task names and run directories keep working."""
+
+import dataclasses
+import json
+import types
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from fmkeras.config import build_config, to_dict
+from fmkeras.errors import ConfigError
+from fmkeras.evaluate import main as evaluate_main
+from fmkeras.export import main as export_main
+from fmkeras.predict import main as predict_main
+from fmkeras.signatures import ServingFunctions
+from fmkeras.tasks import load_run
+from fmkeras.tasks.base import Predictor, Task
+from fmkeras.tasks.registry import canonical_task, get_task, register_task, task_names
+from fmkeras.train import main as train_main
+from fmkeras.training.checkpoints import save_model
+
+BUCKETS = 64
+
+
+@dataclasses.dataclass
+class WordCountConfig:
+    max_words: int = 6
+
+    def validate(self):
+        if self.max_words < 1:
+            raise ConfigError("word_count.max_words must be at least 1")
+
+
+def hashed_words(texts, length=12):
+    """`(batch, length)` word-hash ids (0: padding), with TensorFlow string ops only."""
+    words = tf.strings.split(texts)[:, :length]
+    return (tf.strings.to_hash_bucket_fast(words, BUCKETS) + 1).to_tensor(0, shape=[None, length])
+
+
+def read_texts(path):
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip()]
+
+
+class WordCountPredictor(Predictor):
+    def classes(self, texts):
+        return np.asarray(self.model(hashed_words(tf.constant(texts)))).argmax(-1)
+
+    def predict(self, texts):
+        return [{"text": t, "words": int(c)} for t, c in zip(texts, self.classes(texts),
+                                                                strict=True)]  # fmt: skip
+
+    def evaluate(self, data):
+        texts = read_texts(data)
+        truth = np.minimum([len(t.split()) for t in texts], self.info["max_words"])
+        return {"accuracy": float((self.classes(texts) == truth).mean()), "examples": len(texts)}
+
+    def serving_functions(self):
+        model = self.model
+
+        def serve_ids(ids):
+            return {"words": tf.argmax(model(ids), axis=-1, output_type=tf.int32)}
+
+        return ServingFunctions(types.SimpleNamespace(tables=[]),
+                                lambda texts: serve_ids(hashed_words(texts)), serve_ids,
+                                ("word_ids",))  # fmt: skip
+
+
+class WordCountTask(Task):
+    """Counts the words of a line (capped at `word_count.max_words`): a task
+    written only against the Task interface."""
+
+    name = "word_count"
+    aliases = ("count_words",)
+    sections = {"word_count": WordCountConfig}
+
+    def read_data(self):
+        self.max_words = self.config.section("word_count").max_words
+        self.texts = {split: read_texts(self.files[split]) for split in ("train", "valid")}
+
+    def dataset(self, split, repeat=False):
+        texts = self.texts[split]
+        labels = np.minimum([len(t.split()) for t in texts], self.max_words)
+        data = tf.data.Dataset.from_tensor_slices((texts, labels))
+        data = data.repeat() if repeat else data
+        batch = data.batch(self.config.train.batch_size)
+        return batch.map(lambda t, y: (hashed_words(t), y))
+
+    def build_model(self):
+        ids = keras.Input((None,), dtype="int32")
+        x = keras.layers.Embedding(BUCKETS + 1, 16)(ids)
+        x = keras.layers.GlobalAveragePooling1D()(keras.layers.Dense(32, "relu")(x))
+        x = keras.layers.Dense(32, "relu")(x)
+        return keras.Model(ids, keras.layers.Dense(self.max_words + 1)(x), name="word_count")
+
+    def compile_args(self, model):
+        return {"loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                "metrics": [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]}  # fmt: skip
+
+    def train_dataset(self, step):
+        return self.dataset("train", repeat=True)
+
+    def evaluate(self, model):
+        loss, accuracy = model.evaluate(self.dataset("valid"), verbose=0)
+        return {"loss": float(loss), "accuracy": float(accuracy)}
+
+    def info(self):
+        return {**super().info(), "max_words": self.max_words}
+
+    def save(self, model):
+        save_model(model, self.run.model)
+        self.run.write_info(self.info())
+
+    @classmethod
+    def load(cls, run, info, **options):
+        return WordCountPredictor(keras.saving.load_model(run.model), info)
+
+
+@pytest.fixture(scope="module")
+def word_count_task():
+    return register_task(WordCountTask)
+
+
+def write_lines(path, count, seed):
+    rng = np.random.default_rng(seed)
+    words = ["tea", "film", "cat", "runs", "blue", "sky", "a", "the"]
+    path.write_text("".join(" ".join(rng.choice(words, rng.integers(1, 9))) + "\n"
+                            for _ in range(count)), encoding="utf-8")  # fmt: skip
+    return path
+
+
+def test_a_registered_task_trains_evaluates_predicts_and_exports(tmp_path, word_count_task,
+                                                                capsys):  # fmt: skip
+    train = write_lines(tmp_path / "train.txt", 600, seed=0)
+    valid = write_lines(tmp_path / "valid.txt", 100, seed=1)
+    recipe = tmp_path / "count.yaml"
+    recipe.write_text("task: count_words\nword_count:\n  max_words: 5\n", encoding="utf-8")
+    run = tmp_path / "run"
+    settings = {"data.train_file": train, "data.valid_file": valid, "train.steps": 120,
+                "train.checkpoint_every": 50, "train.eval_every": 50, "train.batch_size": 32,
+                "train.learning_rate": 1e-2, "train.jit_compile": "false"}  # fmt: skip
+    args = ["--recipe", str(recipe), "--out", str(run)]
+    for key, value in settings.items():
+        args += ["--set", f"{key}={value}"]
+    assert train_main(args) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["task"] == "word_count" and metrics["steps"] == 120
+    assert metrics["accuracy"] > 0.5  # chance is about 1/6
+    assert json.loads((run / "task.json").read_text())["max_words"] == 5
+    assert sorted(p.name for p in (run / "backup").iterdir()) == ["step-00000100", "step-00000120"]
+
+    capsys.readouterr()
+    assert evaluate_main([str(run), "--data", str(valid)]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(metrics["accuracy"])
+    assert predict_main([str(run), "one two three"]) == 0
+    assert json.loads(capsys.readouterr().out)["text"] == "one two three"
+    assert export_main([str(run), "--name", "count", "--out", str(tmp_path / "sm")]) == 0
+    loaded = tf.saved_model.load(str(tmp_path / "sm" / "count" / "1"))
+    served = loaded.signatures["serving_default"](texts=tf.constant(["a b", "x y z w"]))
+    expected = load_run(run).classes(["a b", "x y z w"])
+    np.testing.assert_array_equal(served["words"].numpy(), expected)
+
+
+def test_task_sections_are_typed_and_validated(word_count_task):
+    config = build_config(None, ["task=word_count", "word_count.max_words=3"])
+    assert config.section("word_count").max_words == 3
+    assert to_dict(config)["word_count"] == {"max_words": 3}  # written to config.yaml
+    with pytest.raises(ConfigError, match="word_count.max_words must be at least 1"):
+        build_config(None, ["word_count.max_words=0"])
+    with pytest.raises(ConfigError, match="Did you mean 'word_count.max_words'"):
+        build_config(None, ["word_count.max_word=2"])
+
+
+def test_names_and_aliases():
+    assert canonical_task("pretrain") == "mlm" and get_task("pretrain") is get_task("mlm")
+    assert task_names()[:4] == ["mlm", "classify", "tag", "translate"]
+    with pytest.raises(ConfigError, match="task='clasify' is not one of mlm, classify"):
+        build_config(None, ["task=clasify"])
