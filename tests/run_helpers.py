@@ -4,7 +4,9 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 
+import numpy as np
 import tensorflow as tf
 from conftest import REPO
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -27,19 +29,6 @@ def train_args(task, recipe, settings, out):
     for key, value in settings.items():
         args += ["--set", f"{key}={value}"]
     return args
-
-
-def quick_settings(steps, **settings):
-    """Overrides for a tiny run of `steps` steps with one backup and one
-    evaluation at the end, without XLA; `settings` use `__` for dots."""
-    quick = {
-        "model.size": "tiny",
-        "train.steps": steps,
-        "train.checkpoint_every": steps,
-        "train.eval_every": steps,
-        "train.jit_compile": "false",
-    }
-    return quick | {key.replace("__", "."): value for key, value in settings.items()}
 
 
 def tiny_args(vocab, steps=40, **extra):
@@ -98,3 +87,54 @@ def run_workers(script, *args, count=2, timeout=240, cwd=None):
                 out, err = worker.communicate()
         results.append((worker.returncode, out, err))
     return results
+
+
+SERVE_CHECK = textwrap.dedent("""
+    import json, sys
+    import tensorflow as tf
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    def plain(outputs):
+        return {k: tf.convert_to_tensor(v).numpy().tolist() for k, v in outputs.items()}
+
+    path, texts = sys.argv[1], json.loads(sys.argv[2])
+    warmup_file = f"{path}/assets.extra/tf_serving_warmup_requests"
+    records = [record.numpy() for record in tf.data.TFRecordDataset(warmup_file)]
+    loaded = tf.saved_model.load(path)
+    eager = loaded.signatures["serving_default"](texts=tf.constant(texts))
+    with tf.compat.v1.Session(graph=tf.Graph()) as session:  # TF Serving's C++ path
+        meta = tf.compat.v1.saved_model.loader.load(session, ["serve"], path)
+        signature = meta.signature_def["serving_default"]
+        fetches = {k: v.name for k, v in signature.outputs.items()}
+        graph = session.run(fetches, {signature.inputs["texts"].name: texts})
+        # TF Serving replays assets.extra/tf_serving_warmup_requests at load time.
+        for record in records:
+            log = prediction_log_pb2.PredictionLog.FromString(record)
+            request = log.predict_log.request
+            name = request.model_spec.signature_name
+            feeds = {meta.signature_def[name].inputs[key].name: tf.make_ndarray(proto)
+                     for key, proto in request.inputs.items()}
+            session.run(fetches, feeds)
+    assert "tensorflow_text" not in sys.modules and "fmkeras" not in sys.modules
+    print(json.dumps({"eager": plain(eager), "session": plain(graph), "warmup": len(records)},
+                     default=bytes.decode))
+""")
+
+
+def serve_in_fresh_process(version, texts):
+    """Outputs of `serving_default` in a TF-only process, loaded as
+    `tf.saved_model.load` (eager) and as TF Serving does (session), after
+    replaying the warm-up requests; the two must agree."""
+    result = subprocess.run(
+        [sys.executable, "-c", SERVE_CHECK, str(version), json.dumps(texts)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    served = json.loads(result.stdout.strip().splitlines()[-1])
+    assert served["warmup"] == 2
+    for key, value in served["eager"].items():
+        if isinstance(np.asarray(value).flat[0], float):
+            np.testing.assert_allclose(served["session"][key], value, atol=1e-5)
+        else:
+            assert served["session"][key] == value, key
+    return served["eager"]

@@ -99,6 +99,8 @@ def test_finetune_keys_are_checked():
         ("model.dropout=1.5", "model.dropout must be in [0, 1)"),
         ("distribute.strategy=tpu", "distribute.strategy=tpu needs distribute.tpu"),
         ("train.precision=fp8", "train.precision='fp8' is not one of auto, float32"),
+        ("train.profile_steps=5", "train.profile_steps='5': use START,END"),
+        ("train.profile_steps=10,5", "need 0 <= START < END <= train.steps=2000"),
     ],
 )
 def test_bad_settings_fail_at_validation(override, message):

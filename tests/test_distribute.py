@@ -15,6 +15,8 @@ import pytest
 from run_helpers import REPO, run_cli, run_workers, scalars, tiny_args
 from shard_data import examples, pipeline
 
+pytestmark = pytest.mark.usefixtures("data_dir")  # every test here reads the datasets
+
 
 def wait_for(path, process, seconds=300):
     """Waits until `path` exists while `process` runs."""

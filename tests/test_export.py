@@ -4,79 +4,27 @@ a process without tensorflow-text or fmkeras."""
 import json
 import shutil
 import subprocess
-import sys
-import textwrap
 import threading
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import REPO
-from run_helpers import quick_settings, train_args
+from run_helpers import serve_in_fresh_process, train_args
 
-from fmkeras.config import DecodeConfig
+import fmkeras
 from fmkeras.export import main as export_main
 from fmkeras.serve import create_server
 from fmkeras.tasks import load_run
 from fmkeras.text.wordpiece import WordPieceTokenizer
 from fmkeras.train import main as train_main
 
+pytestmark = pytest.mark.usefixtures("data_dir")  # every test here reads the datasets
+
 TEXTS = ["a gorgeous , witty , seductive movie .", "dull and tedious", "Héllo 東京 !"]
-
-SERVE_CHECK = textwrap.dedent("""
-    import json, sys
-    import tensorflow as tf
-    from tensorflow_serving.apis import prediction_log_pb2
-
-    def plain(outputs):
-        return {k: tf.convert_to_tensor(v).numpy().tolist() for k, v in outputs.items()}
-
-    path, texts = sys.argv[1], json.loads(sys.argv[2])
-    warmup_file = f"{path}/assets.extra/tf_serving_warmup_requests"
-    records = [record.numpy() for record in tf.data.TFRecordDataset(warmup_file)]
-    loaded = tf.saved_model.load(path)
-    eager = loaded.signatures["serving_default"](texts=tf.constant(texts))
-    with tf.compat.v1.Session(graph=tf.Graph()) as session:  # TF Serving's C++ path
-        meta = tf.compat.v1.saved_model.loader.load(session, ["serve"], path)
-        signature = meta.signature_def["serving_default"]
-        fetches = {k: v.name for k, v in signature.outputs.items()}
-        graph = session.run(fetches, {signature.inputs["texts"].name: texts})
-        # TF Serving replays assets.extra/tf_serving_warmup_requests at load time.
-        for record in records:
-            log = prediction_log_pb2.PredictionLog.FromString(record)
-            request = log.predict_log.request
-            name = request.model_spec.signature_name
-            feeds = {meta.signature_def[name].inputs[key].name: tf.make_ndarray(proto)
-                     for key, proto in request.inputs.items()}
-            session.run(fetches, feeds)
-    assert "tensorflow_text" not in sys.modules and "fmkeras" not in sys.modules
-    print(json.dumps({"eager": plain(eager), "session": plain(graph), "warmup": len(records)},
-                     default=bytes.decode))
-""")
-
-
-def serve_in_fresh_process(version, texts):
-    """Outputs of `serving_default` in a TF-only process, loaded as
-    `tf.saved_model.load` (eager) and as TF Serving does (session), after
-    replaying the warm-up requests; the two must agree."""
-    result = subprocess.run(
-        [sys.executable, "-c", SERVE_CHECK, str(version), json.dumps(texts)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    served = json.loads(result.stdout.strip().splitlines()[-1])
-    assert served["warmup"] == 2
-    for key, value in served["eager"].items():
-        if isinstance(np.asarray(value).flat[0], float):
-            np.testing.assert_allclose(served["session"][key], value, atol=1e-5)
-        else:
-            assert served["session"][key] == value, key
-    return served["eager"]
-
 
 @pytest.fixture(scope="module")
 def classify_run(tmp_path_factory):
@@ -211,29 +159,8 @@ def test_local_server_speaks_tf_serving_rest(classify_run, tmp_path):
         server.shutdown()
 
 
-def test_translator_export_decodes_with_beam_search_in_the_graph(tmp_path):
-    run = tmp_path / "en_zh"
-    settings = quick_settings(30, data__max_lines=1500, data__vocab_size=1500,
-                              data__sequence_length=32, train__batch_size=32,
-                              train__learning_rate=3e-3, decode__beam_width=1,
-                              decode__max_length=8)  # fmt: skip
-    assert train_main(train_args("translate", REPO / "trainers" / "en_zh.yaml", settings, run)) == 0
-    decode = ["--beam", "2", "--max-length", "8"]
-    assert export_main([str(run), "--name", "zh", "--out", str(tmp_path / "sm"), *decode]) == 0
-    texts = ["I like tea.", "Where is the station?", "Héllo 東京 !", ""]
-    served = serve_in_fresh_process(tmp_path / "sm" / "zh" / "1", texts)
-    translator = load_run(run, decode=DecodeConfig(beam_width=2, max_length=8))
-    assert served["translation"] == translator.translations(texts)
-    assert np.asarray(served["token_ids"]).shape == (4, 8)
-    info = json.loads((tmp_path / "sm" / "zh" / "1" / "assets.extra" / "fmkeras.json").read_text())
-    assert (info["task"], info["beam_width"], info["max_length"]) == ("translate", 2, 8)
-
-
-def test_fill_mask_export_ranks_pieces_for_every_mask(tmp_path):
-    run = tmp_path / "mlm"
-    settings = quick_settings(4, data__max_lines=1500, data__vocab_size=1000)
-    recipe = REPO / "trainers" / "pretrain_gutenberg.yaml"
-    assert train_main(train_args("pretrain", recipe, settings, run)) == 0
+def test_fill_mask_export_ranks_pieces_for_every_mask(mlm_run, tmp_path):
+    run = mlm_run
     assert (
         export_main([str(run), "--name", "mlm", "--out", str(tmp_path / "sm"), "--top-k", "3"]) == 0
     )
@@ -241,7 +168,7 @@ def test_fill_mask_export_ranks_pieces_for_every_mask(tmp_path):
     served = serve_in_fresh_process(tmp_path / "sm" / "mlm" / "1", texts)
     assert served["mask_positions"] == [[4, -1, -1], [-1, -1, -1], [1, 2, 4]]
 
-    model = keras.saving.load_model(run / "model.keras")
+    model = fmkeras.load_model(run / "model.keras")
     tokenizer = WordPieceTokenizer(run / "vocab.txt")
     ids = [tokenizer.cls_id, *tokenizer.tokenize(tf.constant(["the house is"])).to_list()[0],
            tokenizer.mask_id, *tokenizer.tokenize(tf.constant(["."])).to_list()[0],

@@ -8,6 +8,7 @@ import pytest
 from conftest import REPO
 from run_helpers import scalars, train_args
 
+import fmkeras
 from fmkeras.errors import DataError
 from fmkeras.evaluate import main as evaluate_main
 from fmkeras.models import Classifier, Encoder
@@ -60,7 +61,7 @@ def test_classify_end_to_end_with_evaluate_and_predict(tmp_path, capsys, data_di
     assert "missing.tsv does not exist" in capsys.readouterr().err
 
 
-def test_tag_end_to_end_scores_entities(tmp_path, capsys):
+def test_tag_end_to_end_scores_entities(tmp_path, data_dir, capsys):
     run = tmp_path / "ner"
     settings = {**QUICK, "data.max_lines": 400, "train.learning_rate": 3e-3}
     assert main(train_args("tag", REPO / "trainers" / "conll2003.yaml", settings, run)) == 0
@@ -78,7 +79,7 @@ def metrics_labels(run):
     return json.loads((run / "task.json").read_text())["labels"]
 
 
-def test_bad_rows_stop_or_are_skipped(tmp_path, capsys):
+def test_bad_rows_stop_or_are_skipped(tmp_path, data_dir, capsys):
     train = tmp_path / "train.tsv"
     train.write_bytes(b"sentence\tlabel\n" + b"fine film\t1\nawful\t0\n" * 40 + b"bad \xff\t1\n")
     settings = {**QUICK, "data.train_file": str(train), "train.steps": 2}
@@ -137,7 +138,7 @@ def test_lora_trains_only_adapters_and_head_and_reloads_by_path(tmp_path):
 
     # Saving merges the adapters into the kernels: the .keras model needs no LoRA.
     model.save(tmp_path / "merged.keras")
-    merged = keras.saving.load_model(tmp_path / "merged.keras")
+    merged = fmkeras.load_model(tmp_path / "merged.keras")
     assert not any("lora" in v.path for v in merged.weights)
     np.testing.assert_allclose(merged.predict(INPUTS, verbose=0), expected, atol=1e-5)
 
@@ -173,7 +174,7 @@ def test_lora_run_saves_adapters_that_reproduce_the_merged_model(tmp_path, data_
     assert main(train_args("classify", REPO / "trainers" / "sst2_lora.yaml", settings, run)) == 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert 0 < metrics["lora"]["trainable_share"] < 0.2
-    merged = keras.saving.load_model(run / "model.keras")
+    merged = fmkeras.load_model(run / "model.keras")
     start = load_starting_point(str(start_dir), dropout=0.0)
     fresh = Classifier(start.encoder, 2, dropout=0.0, name="classifier")
     lora.enable_lora(fresh, start.encoder, 8, 16.0, ["query", "value"])

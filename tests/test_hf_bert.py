@@ -4,12 +4,12 @@ tokenizer matches HF's, the converted encoder reloads, bad checkpoints say why."
 import json
 import shutil
 
-import keras
 import numpy as np
 import pytest
 from hf_reference import bert_forward
 from safetensors.numpy import save_file
 
+import fmkeras
 from fmkeras.convert import main as convert_main
 from fmkeras.errors import ConfigError, DataError
 from fmkeras.models.hf_bert import load_hf_bert, read_hf_tensors
@@ -78,7 +78,7 @@ def test_convert_command_writes_a_reloadable_encoder(tmp_path, minilm_dir, capsy
     out = tmp_path / "minilm"
     assert convert_main(["hf-bert", str(minilm_dir), str(out)]) == 0
     assert "6 layers, width 384" in capsys.readouterr().out
-    reloaded = keras.saving.load_model(out / "encoder.keras")
+    reloaded = fmkeras.load_model(out / "encoder.keras")
     assert_matches_reference(reloaded, minilm_dir)  # dropout is inactive at inference
     start = load_starting_point(str(out), dropout=0.0)  # a converted directory is a model.init
     assert start.kind == "fmkeras encoder" and start.lowercase

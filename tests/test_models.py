@@ -1,9 +1,9 @@
-import keras
 import keras_hub
 import numpy as np
 import pytest
 from model_checks import run_model_checks
 
+import fmkeras
 from fmkeras.config import ModelConfig
 from fmkeras.errors import ConfigError
 from fmkeras.flops import parameter_counts, size_table, training_flops_per_token
@@ -62,11 +62,11 @@ def test_encoder_and_masked_lm_round_trip(tmp_path, normalize_first):
     expected = model.predict(inputs, verbose=0)
     model.save(tmp_path / "mlm.keras")
     encoder.save(tmp_path / "encoder.keras")
-    reloaded = keras.saving.load_model(tmp_path / "mlm.keras")
+    reloaded = fmkeras.load_model(tmp_path / "mlm.keras")
     np.testing.assert_allclose(reloaded.predict(inputs, verbose=0), expected, atol=1e-6)
     assert reloaded.head.token_embedding is reloaded.encoder.token_embedding
     assert reloaded.encoder.get_config() == encoder.get_config()
-    encoder_again = keras.saving.load_model(tmp_path / "encoder.keras")
+    encoder_again = fmkeras.load_model(tmp_path / "encoder.keras")
     np.testing.assert_allclose(
         encoder_again.predict(INPUTS, verbose=0)["sequence_output"],
         encoder.predict(INPUTS, verbose=0)["sequence_output"],

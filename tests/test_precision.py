@@ -1,5 +1,6 @@
 """`train.precision`: the policy `auto` picks, and a bfloat16 run that trains,
-resumes exactly, reloads with float32 variables and exports float32 outputs."""
+resumes exactly, reloads with float32 variables and exports float32 outputs
+(and writes the TensorBoard profile that `train.profile_steps` asks for)."""
 
 import json
 import shutil
@@ -10,6 +11,7 @@ import pytest
 import tensorflow as tf
 from run_helpers import scalars, tiny_args
 
+import fmkeras
 from fmkeras.export import main as export_main
 from fmkeras.train import main
 from fmkeras.training.precision import resolve_precision
@@ -26,13 +28,15 @@ def test_auto_precision_follows_the_hardware():
 
 def test_a_bfloat16_run_trains_resumes_reloads_and_exports_float32(tmp_path, small_vocab, capsys):
     settings = {"train.precision": "mixed_bfloat16", "train.checkpoint_every": 10,
-                "train.eval_every": 10, "train.log_every": 5}  # fmt: skip
+                "train.eval_every": 10, "train.log_every": 5,
+                "train.profile_steps": "12,14"}  # fmt: skip
     run = tmp_path / "bf16"
     args = tiny_args(small_vocab, steps=20, **settings) + ["--out", str(run)]
     assert main(args) == 0
     assert "precision mixed_bfloat16: set by train.precision" in capsys.readouterr().out
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["precision"] == "mixed_bfloat16"
+    assert list((run / "logs" / "profile").glob("plugins/profile/*/*.xplane.pb"))
     losses = [value for _, value in scalars(run / "logs" / "train", "loss")]
     assert losses[-1] < losses[0]
     assert keras.mixed_precision.global_policy().name == "float32"  # restored after the run
@@ -45,7 +49,7 @@ def test_a_bfloat16_run_trains_resumes_reloads_and_exports_float32(tmp_path, sma
     assert resumed["resumed_from_step"] == 10
     assert resumed["valid_loss"] == pytest.approx(metrics["valid_loss"], abs=1e-3)
 
-    model = keras.saving.load_model(run / "model.keras")
+    model = fmkeras.load_model(run / "model.keras")
     assert {variable.dtype for variable in model.weights} == {"float32"}
     assert export_main([str(run), "--name", "mlm", "--out", str(tmp_path / "sm")]) == 0
     loaded = tf.saved_model.load(str(tmp_path / "sm" / "mlm" / "1"))

@@ -7,17 +7,19 @@ import subprocess
 import sys
 import time
 
-import keras
 import numpy as np
 import pytest
 import yaml
 from run_helpers import REPO, run_cli, scalars, tiny_args
 
+import fmkeras
 from fmkeras.evaluate import main as evaluate_main
 from fmkeras.export import main as export_main
 from fmkeras.predict import main as predict_main
 from fmkeras.text.wordpiece import read_vocabulary
 from fmkeras.train import main
+
+pytestmark = pytest.mark.usefixtures("data_dir")  # every test here reads the datasets
 
 
 def test_pretraining_writes_a_complete_run(tmp_path, small_vocab, capsys):
@@ -46,7 +48,7 @@ def test_pretraining_writes_a_complete_run(tmp_path, small_vocab, capsys):
     learning_rates = [v for _, v in scalars(run / "logs" / "train", "learning_rate")]
     assert max(learning_rates) <= 1e-3 + 1e-9
 
-    model = keras.saving.load_model(run / "model.keras")
+    model = fmkeras.load_model(run / "model.keras")
     assert int(model.optimizer.iterations.numpy()) == 50
     ids = np.array([[2, 10, 4, 30, 3]], "int32")
     logits = model.predict(
@@ -102,7 +104,7 @@ def test_changed_config_does_not_resume_silently(tmp_path, small_vocab, capsys):
 
 def test_killed_run_resumes_from_its_last_backup(tmp_path, small_vocab):
     run = tmp_path / "run"
-    args = tiny_args(small_vocab, steps=200, **{"train.eval_every": 200}) + ["--out", str(run)]
+    args = tiny_args(small_vocab, steps=100, **{"train.eval_every": 100}) + ["--out", str(run)]
     process = subprocess.Popen(
         [sys.executable, "-m", "fmkeras.train", *args],
         cwd=REPO,
@@ -122,9 +124,9 @@ def test_killed_run_resumes_from_its_last_backup(tmp_path, small_vocab):
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stdout
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["steps"] == 200 and 20 <= metrics["resumed_from_step"] < 200
-    model = keras.saving.load_model(run / "model.keras")
-    assert int(model.optimizer.iterations.numpy()) == 200
+    assert metrics["steps"] == 100 and 20 <= metrics["resumed_from_step"] < 100
+    model = fmkeras.load_model(run / "model.keras")
+    assert int(model.optimizer.iterations.numpy()) == 100
     assert not list((run / "backup").glob(".partial-*"))
 
     # Same data, masks, weights and optimizer state: the result matches a run never killed.
@@ -153,12 +155,14 @@ def test_too_little_data_is_reported_not_raised(tmp_path, small_vocab, capsys):
     assert "gutenberg_en/train.txt: only 59 sequences" in err and "train.batch_size=64" in err
 
 
-def test_runs_made_before_the_task_interface_still_work(tmp_path, small_vocab, data_dir, capsys):
+def test_runs_made_before_the_task_interface_still_work(tmp_path, mlm_run, small_vocab, data_dir,
+                                                        capsys):  # fmt: skip
     """A pretraining run directory as older versions wrote it (task `pretrain`, no
     task.json, no train.precision key) evaluates, answers fill-mask, exports and resumes."""
     run = tmp_path / "old"
-    args = tiny_args(small_vocab, steps=20, **{"train.checkpoint_every": 10}) + ["--out", str(run)]
-    assert main(args) == 0
+    shutil.copytree(mlm_run, run)
+    settings = {"train.checkpoint_every": 10, "train.eval_every": 10}
+    args = tiny_args(small_vocab, steps=20, **settings) + ["--out", str(run)]
     config = yaml.safe_load((run / "config.yaml").read_text())
     config["task"] = "pretrain"
     del config["train"]["precision"]

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import fmkeras
 from fmkeras.config import build_config, to_dict
 from fmkeras.errors import ConfigError
 from fmkeras.evaluate import main as evaluate_main
@@ -118,7 +119,7 @@ class WordCountTask(Task):
 
     @classmethod
     def load(cls, run, info, **options):
-        return WordCountPredictor(keras.saving.load_model(run.model), info)
+        return WordCountPredictor(fmkeras.load_model(run.model), info)
 
 
 @pytest.fixture(scope="module")

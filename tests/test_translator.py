@@ -7,14 +7,18 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import DATA_DIR, REPO
+from conftest import REPO
 from model_checks import run_model_checks
-from run_helpers import scalars, train_args
+from run_helpers import scalars, serve_in_fresh_process, train_args
 
+import fmkeras
+from fmkeras.config import DecodeConfig
 from fmkeras.decoding import beam_search, greedy_search
 from fmkeras.errors import DataError
 from fmkeras.evaluate import main as evaluate_main
+from fmkeras.export import main as export_main
 from fmkeras.models import Encoder, Translator
+from fmkeras.tasks import load_run
 from fmkeras.text.detokenizer import Detokenizer
 from fmkeras.text.parallel import read_parallel
 from fmkeras.text.wordpiece import WordPieceTokenizer, learn_vocabulary, write_vocabulary
@@ -41,7 +45,7 @@ def test_translator_round_trips(model, tmp_path):
     target = np.array([[START, 4, 5], [START, 6, PAD]], "int32")
     assert full_logits(model, target).shape == (2, 3, 25)
     run_model_checks(model, {"source_ids": SOURCE, "target_ids": target}, tmp_path)
-    reloaded = keras.saving.load_model(tmp_path / f"{model.name}.keras")
+    reloaded = fmkeras.load_model(tmp_path / f"{model.name}.keras")
     assert reloaded.lm_head.token_embedding is reloaded.target_embedding.token_embedding  # tied
 
 
@@ -139,10 +143,10 @@ def test_detokenize_joins_pieces_cjk_and_punctuation():
 @pytest.mark.parametrize(
     "path, lowercase", [("tatoeba_en_zh/valid.zh", True), ("multi30k_en_de/valid.de", False)]
 )
-def test_detokenized_references_tokenize_to_the_same_ids(tmp_path, path, lowercase):
+def test_detokenized_references_tokenize_to_the_same_ids(tmp_path, data_dir, path, lowercase):
     """Detokenizing what the tokenizer made of each valid reference loses no
     token (references with an `[UNK]` piece are left out: it has no text)."""
-    lines = (DATA_DIR / path).read_text(encoding="utf-8").splitlines()
+    lines = (data_dir / path).read_text(encoding="utf-8").splitlines()
     write_vocabulary(learn_vocabulary(lines, 4000, lowercase=lowercase), tmp_path / "vocab.txt")
     tokenizer = WordPieceTokenizer(tmp_path / "vocab.txt", lowercase=lowercase)
     ids = tokenizer.tokenize(tf.constant(lines))
@@ -153,7 +157,7 @@ def test_detokenized_references_tokenize_to_the_same_ids(tmp_path, path, lowerca
     assert tokenizer.tokenize(texts).to_list() == ids.to_list()
 
 
-def test_translate_end_to_end(tmp_path, capsys):
+def test_translate_end_to_end(tmp_path, data_dir, capsys):
     run = tmp_path / "en_zh"
     settings = {
         "model.size": "tiny",
@@ -179,14 +183,25 @@ def test_translate_end_to_end(tmp_path, capsys):
     capsys.readouterr()
     assert translate_main([str(run), "I like tea.", "Where is it?", "--beam", "2"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 2
-    valid = DATA_DIR / "tatoeba_en_zh"
+    valid = data_dir / "tatoeba_en_zh"
     out = ["--src", str(valid / "valid.en"), "--ref", str(valid / "valid.zh"), "--beam", "1"]
     assert evaluate_main([str(run), *out]) == 0
     scored = json.loads(capsys.readouterr().out)
     assert scored["chrf"] == pytest.approx(metrics["greedy"]["chrf"], abs=0.5)
 
+    # Exported: beam search and detokenization in the serving graph, as the run decodes.
+    decode = ["--beam", "2", "--max-length", "8"]
+    assert export_main([str(run), "--name", "zh", "--out", str(tmp_path / "sm"), *decode]) == 0
+    texts = ["I like tea.", "Where is the station?", "Héllo 東京 !", ""]
+    served = serve_in_fresh_process(tmp_path / "sm" / "zh" / "1", texts)
+    translator = load_run(run, decode=DecodeConfig(beam_width=2, max_length=8))
+    assert served["translation"] == translator.translations(texts)
+    assert np.asarray(served["token_ids"]).shape == (4, 8)
+    info = json.loads((tmp_path / "sm" / "zh" / "1" / "assets.extra" / "fmkeras.json").read_text())
+    assert (info["task"], info["beam_width"], info["max_length"]) == ("translate", 2, 8)
 
-def test_shared_vocabulary_is_learned_from_both_sides(tmp_path):
+
+def test_shared_vocabulary_is_learned_from_both_sides(tmp_path, data_dir):
     run = tmp_path / "shared"
     settings = {
         "model.size": "tiny",
@@ -205,7 +220,7 @@ def test_shared_vocabulary_is_learned_from_both_sides(tmp_path):
     vocabulary = (run / "vocab.txt").read_text(encoding="utf-8").split()
     assert (run / "target_vocab.txt").read_text(encoding="utf-8").split() == vocabulary
     assert {"the", "ein", "und"} <= set(vocabulary)  # English and German words
-    model = keras.saving.load_model(run / "model.keras")
+    model = fmkeras.load_model(run / "model.keras")
     assert model.target_vocabulary_size == len(vocabulary)
 
 
@@ -217,7 +232,7 @@ def test_shared_vocabulary_excludes_a_target_vocabulary_file(tmp_path, capsys):
 
 
 @pytest.mark.slow  # a 6-layer MiniLM encoder and decoder: ~1 minute
-def test_translation_warm_starts_the_encoder_from_a_checkpoint(tmp_path, minilm_dir):
+def test_translation_warm_starts_the_encoder_from_a_checkpoint(tmp_path, minilm_dir, data_dir):
     run = tmp_path / "warm"
     settings = {
         "model.init": str(minilm_dir),
@@ -233,7 +248,7 @@ def test_translation_warm_starts_the_encoder_from_a_checkpoint(tmp_path, minilm_
         "decode.max_length": 4,
     }
     assert main(train_args("translate", REPO / "trainers" / "en_de.yaml", settings, run)) == 0
-    model = keras.saving.load_model(run / "model.keras")
+    model = fmkeras.load_model(run / "model.keras")
     assert (model.encoder.num_layers, model.encoder.hidden_dim) == (6, 384)
     assert len(model.decoder_layers) == 6
     assert (run / "vocab.txt").read_bytes() == (minilm_dir / "vocab.txt").read_bytes()

@@ -168,3 +168,32 @@ class Evaluator(keras.callbacks.Callback):
         self.last_step = step
         if step // self.eval_every > last // self.eval_every and step < self.final_step:
             self.logger.write_validation(step, self.evaluate(self.model))
+
+
+class Profiler(keras.callbacks.Callback):
+    """Records a TensorFlow profile of optimizer steps `[start, end)` into
+    `log_dir`, for TensorBoard's Profile tab (`pip install tensorboard-plugin-profile`)."""
+
+    def __init__(self, log_dir, start, end):
+        super().__init__()
+        self.log_dir = str(log_dir)
+        self.start = start
+        self.end = end
+        self.active = False
+
+    def _step(self):
+        return int(_scalar(self.model.optimizer.iterations))
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if not self.active and self.start <= self._step() < self.end:
+            tf.profiler.experimental.start(self.log_dir)
+            self.active = True
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.active and self._step() >= self.end:
+            self.on_train_end()
+
+    def on_train_end(self, logs=None):
+        if self.active:
+            tf.profiler.experimental.stop()
+            self.active = False

@@ -11,10 +11,11 @@ import time
 import keras
 
 from fmkeras import distribute
+from fmkeras.config import profile_range
 from fmkeras.data import require_file, resolve_data_dir
 from fmkeras.tasks.registry import get_task
 from fmkeras.training import trainer
-from fmkeras.training.callbacks import Evaluator, TrainingLogger
+from fmkeras.training.callbacks import Evaluator, Profiler, TrainingLogger
 from fmkeras.training.checkpoints import write_json
 from fmkeras.training.optimizer import create_optimizer
 from fmkeras.training.precision import resolve_precision
@@ -93,9 +94,13 @@ def _train(task, strategy, log):
     cadence = trainer.describe_cadence(train)
     if cadence:
         log(cadence)
-    evaluator = Evaluator(task.evaluate, logger, train.eval_every, train.steps)
+    callbacks = [logger, Evaluator(task.evaluate, logger, train.eval_every, train.steps)]
+    if train.profile_steps:
+        start, end = profile_range(train)
+        callbacks.append(Profiler(run.logs / "profile", start, end))
+        log(f"profiling steps {start}..{end} into {run.logs / 'profile'} (TensorBoard: Profile)")
     started = time.time()
-    trainer.fit(model, task.train_dataset, train, run, start_step, [logger, evaluator],
+    trainer.fit(model, task.train_dataset, train, run, start_step, callbacks,
                 write_extra=write_extra)  # fmt: skip
     validation = task.evaluate(model)
     logger.write_validation(train.steps, validation)

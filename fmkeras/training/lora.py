@@ -17,15 +17,14 @@ the update has rank `rank` within each head (as in keras-hub).
 """
 
 import json
-from pathlib import Path
 
 import numpy as np
 from keras import ops
 
 from fmkeras.errors import DataError
 from fmkeras.training.checkpoints import atomic_path
+from fmkeras.training.run_dir import RunDir
 
-ADAPTER_FILE = "adapters.safetensors"
 PROJECTIONS = {"query": "query_dense", "key": "key_dense", "value": "value_dense",
                "output": "output_dense"}  # fmt: skip
 
@@ -116,4 +115,5 @@ def adapter_settings(finetune, targets):
 
 
 def adapter_file(directory):
-    return Path(directory) / ADAPTER_FILE
+    """Where a run directory, or one of its backups, keeps the adapters."""
+    return RunDir(directory).adapters

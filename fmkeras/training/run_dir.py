@@ -33,6 +33,7 @@ RESUMABLE_CHANGES = (
     "train.peak_gflops",
     "train.steps_per_execution",
     "train.jit_compile",
+    "train.profile_steps",
     "distribute.",
 )
 # What a run made before a key existed computed: the key's value then, where it is
