@@ -125,6 +125,8 @@ class TrainConfig:
     eval_steps: int | None = None  # validation batches; default the whole valid file
     log_every: int = 50  # steps between TensorBoard scalars
     profile_steps: str | None = None  # "START,END": a TensorBoard profile of these steps
+    # a validation metric (accuracy, f1, bleu, loss, ...): the saved model is the best one
+    keep_best: str | None = None
     label_smoothing: float = key(0.0, "translate")
     peak_gflops: float | None = None  # per-replica peak for MFU; default measured matmul ceiling
     seed: int = 42
@@ -154,10 +156,12 @@ class RunConfig:
     sections: dict = dataclasses.field(default_factory=dict)
 
     def section(self, name):
-        """A built-in or task-declared section by name."""
-        if name in self.sections:
-            return self.sections[name]
-        return getattr(self, name)
+        """A built-in or task-declared section by name (a declared section that
+        no key set has its defaults)."""
+        section = _section(self, name)
+        if section is None:
+            raise ConfigError(f"no config section {name!r}")
+        return section
 
 
 BUILT_IN_SECTIONS = ("model", "data", "finetune", "decode", "train", "distribute")

@@ -182,3 +182,32 @@ def test_names_and_aliases():
     assert task_names()[:4] == ["mlm", "classify", "tag", "translate"]
     with pytest.raises(ConfigError, match="task='clasify' is not one of mlm, classify"):
         build_config(None, ["task=clasify"])
+
+
+class PeakedWordCountTask(WordCountTask):
+    """Validation that peaks at step 50, whatever the weights: `train.keep_best`
+    must save the step-50 model, not the last one."""
+
+    name = "peaked_count"
+    aliases = ()
+
+    def evaluate(self, model):
+        step = int(model.optimizer.iterations.numpy())
+        return {"loss": float(abs(step - 50)), "accuracy": 1.0 - abs(step - 50) / 200}
+
+
+def test_keep_best_saves_the_best_validation_not_the_last(tmp_path, capsys):
+    register_task(PeakedWordCountTask)
+    train = write_lines(tmp_path / "train.txt", 200, seed=0)
+    args = ["peaked_count", "--out", str(tmp_path / "run")]
+    for key, value in {"data.train_file": train, "data.valid_file": train, "train.steps": 120,
+                       "train.checkpoint_every": 25, "train.eval_every": 25,
+                       "train.keep_best": "accuracy", "train.jit_compile": "false"}.items():
+        args += ["--set", f"{key}={value}"]  # fmt: skip
+    assert train_main(args) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert (metrics["best_step"], metrics["accuracy"]) == (50, 1.0)
+    saved = fmkeras.load_model(tmp_path / "run" / "model.keras")
+    assert int(saved.optimizer.iterations.numpy()) == 50  # the step-50 weights were restored
+    assert train_main([*args, "--set", "train.keep_best=f1"]) == 2
+    assert "train.keep_best='f1': validation reports loss, accuracy" in capsys.readouterr().err

@@ -152,14 +152,16 @@ class StopOnNaN(keras.callbacks.Callback):
 class Evaluator(keras.callbacks.Callback):
     """Validates at the first epoch end on or after every `eval_every` steps
     (the final step is left to the driver): `evaluate(model)` -> dict of
-    metrics, written through `logger.write_validation`."""
+    metrics, written through `logger.write_validation` and handed to
+    `on_validation(model, step, metrics)` if given (e.g. `BestKeeper.update`)."""
 
-    def __init__(self, evaluate, logger, eval_every, final_step):
+    def __init__(self, evaluate, logger, eval_every, final_step, on_validation=None):
         super().__init__()
         self.evaluate = evaluate
         self.logger = logger
         self.eval_every = eval_every
         self.final_step = final_step
+        self.on_validation = on_validation
         self.last_step = None
 
     def on_epoch_end(self, epoch, logs=None):
@@ -167,7 +169,10 @@ class Evaluator(keras.callbacks.Callback):
         last = self.last_step if self.last_step is not None else step - 1
         self.last_step = step
         if step // self.eval_every > last // self.eval_every and step < self.final_step:
-            self.logger.write_validation(step, self.evaluate(self.model))
+            metrics = self.evaluate(self.model)
+            self.logger.write_validation(step, metrics)
+            if self.on_validation is not None:
+                self.on_validation(self.model, step, metrics)
 
 
 class Profiler(keras.callbacks.Callback):

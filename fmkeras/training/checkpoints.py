@@ -16,6 +16,8 @@ from pathlib import Path
 
 import keras
 
+from fmkeras.errors import ConfigError
+
 STATE_FILE = "state.json"
 WEIGHTS_FILE = "state.weights.h5"
 
@@ -74,6 +76,71 @@ def restore_backup(model, backup_path):
         model.load_weights(Path(backup_path) / WEIGHTS_FILE)
 
 
+def write_backup(model, final, state, write_extra=None):
+    """Writes `model`'s weights and optimizer state, `state` (state.json) and
+    `write_extra(directory)`'s files into the directory `final`, through a
+    temporary directory renamed into place."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(prefix=".partial-", dir=final.parent))
+    try:
+        model.save_weights(temporary / WEIGHTS_FILE)
+        if write_extra is not None:
+            write_extra(temporary)
+        (temporary / STATE_FILE).write_text(json.dumps(state), encoding="utf-8")
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(temporary, final)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
+def read_state(directory):
+    """state.json of a backup directory, or None."""
+    path = Path(directory) / STATE_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+class BestKeeper:
+    """`train.keep_best`: keeps a backup of the best validation so far in
+    `directory` (lower is better for `loss` and `perplexity`, higher for the
+    rest); it survives resumption.
+
+    Args:
+        metric: a validation metric name (`accuracy`, `f1`, `bleu`, `loss`, ...).
+        directory: where the best backup lives.
+        write_extra: as for `Backup` (e.g. LoRA adapters).
+    """
+
+    LOWER_IS_BETTER = ("loss", "perplexity")
+
+    def __init__(self, metric, directory, write_extra=None):
+        self.metric = metric
+        self.directory = Path(directory)
+        self.write_extra = write_extra
+        state = read_state(self.directory)
+        if state and state.get("metric") != metric:  # kept for another metric: start over
+            state = None
+        self.step = state["step"] if state else None
+        self.value = state["value"] if state else None
+
+    def improves(self, value):
+        if self.value is None:
+            return True
+        return value < self.value if self.metric in self.LOWER_IS_BETTER else value > self.value
+
+    def update(self, model, step, metrics):
+        """Backs up `model` if `metrics[metric]` at `step` beats the best so far."""
+        value = metrics.get(self.metric)
+        if not isinstance(value, float):
+            known = ", ".join(k for k, v in metrics.items() if isinstance(v, float))
+            raise ConfigError(f"train.keep_best={self.metric!r}: validation reports {known}")
+        if self.improves(value):
+            write_backup(model, self.directory, {"step": step, "metric": self.metric,
+                                                 "value": value}, self.write_extra)  # fmt: skip
+            self.step, self.value = step, value
+
+
 class Backup(keras.callbacks.Callback):
     """Saves a backup at the end of every Keras epoch (`trainer.fit_phases` makes
     an epoch end every `train.checkpoint_every` steps and at the last step),
@@ -100,20 +167,7 @@ class Backup(keras.callbacks.Callback):
         if self.model.stop_training:  # e.g. NaN loss: keep the last good backup
             return
         step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
-        final = self.directory / f"step-{step:08d}"
-        self.directory.mkdir(parents=True, exist_ok=True)
-        temporary = Path(tempfile.mkdtemp(prefix=".partial-", dir=self.directory))
-        try:
-            self.model.save_weights(temporary / WEIGHTS_FILE)
-            if self.write_extra is not None:
-                self.write_extra(temporary)
-            (temporary / STATE_FILE).write_text(
-                json.dumps({"step": step}), encoding="utf-8"
-            )
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(temporary, final)
-        finally:
-            shutil.rmtree(temporary, ignore_errors=True)
+        write_backup(self.model, self.directory / f"step-{step:08d}", {"step": step},
+                     self.write_extra)  # fmt: skip
         for old in sorted(self.directory.glob("step-*"))[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)

@@ -16,7 +16,7 @@ from fmkeras.data import require_file, resolve_data_dir
 from fmkeras.tasks.registry import get_task
 from fmkeras.training import trainer
 from fmkeras.training.callbacks import Evaluator, Profiler, TrainingLogger
-from fmkeras.training.checkpoints import write_json
+from fmkeras.training.checkpoints import BestKeeper, restore_backup, write_json
 from fmkeras.training.optimizer import create_optimizer
 from fmkeras.training.precision import resolve_precision
 from fmkeras.training.run_dir import RunDir
@@ -94,7 +94,10 @@ def _train(task, strategy, log):
     cadence = trainer.describe_cadence(train)
     if cadence:
         log(cadence)
-    callbacks = [logger, Evaluator(task.evaluate, logger, train.eval_every, train.steps)]
+    keeper = BestKeeper(train.keep_best, run.best, write_extra) if train.keep_best else None
+    evaluator = Evaluator(task.evaluate, logger, train.eval_every, train.steps,
+                          on_validation=keeper.update if keeper else None)  # fmt: skip
+    callbacks = [logger, evaluator]
     if train.profile_steps:
         start, end = profile_range(train)
         callbacks.append(Profiler(run.logs / "profile", start, end))
@@ -104,6 +107,16 @@ def _train(task, strategy, log):
                 write_extra=write_extra)  # fmt: skip
     validation = task.evaluate(model)
     logger.write_validation(train.steps, validation)
+    best = {}
+    if keeper:
+        keeper.update(model, train.steps, validation)
+        if keeper.step != train.steps:  # an earlier validation was better: save that model
+            restore_backup(model, run.best)
+            if after_restore is not None:
+                after_restore(run.best)
+            validation = task.evaluate(model)
+        log(f"keeping step {keeper.step}: best validation {keeper.metric} {keeper.value:.4f}")
+        best = {"best_step": keeper.step, "best_metric": keeper.metric}
     task.save(model)
     if write_extra is not None:  # e.g. LoRA adapters beside model.keras, as in backups
         write_extra(run.root)
@@ -115,5 +128,6 @@ def _train(task, strategy, log):
         "train_seconds_this_attempt": time.time() - started,
         "replicas": strategy.num_replicas_in_sync,
         "jit_compile": xla,
+        **best,
         **logger.summary(),
     }

@@ -7,6 +7,7 @@ target_vocab.txt       translate: the target vocabulary
 task.json              what inference needs: the task, labels, casing, lengths
 logs/                  TensorBoard (train/, validation/)
 backup/step-*/         resumable backups (model + optimizer state, LoRA adapters)
+best/                  train.keep_best: a backup of the best validation so far
 model.keras            final task model (LoRA runs: adapters merged)
 encoder.keras          final encoder alone (a starting point for fine-tuning)
 adapters.safetensors   LoRA runs: adapters + head, keyed by variable path
@@ -34,6 +35,7 @@ RESUMABLE_CHANGES = (
     "train.steps_per_execution",
     "train.jit_compile",
     "train.profile_steps",
+    "train.keep_best",
     "distribute.",
 )
 # What a run made before a key existed computed: the key's value then, where it is
@@ -62,6 +64,7 @@ class RunDir:
     task_info = property(lambda self: self.root / "task.json")
     logs = property(lambda self: self.root / "logs")
     backups = property(lambda self: self.root / "backup")
+    best = property(lambda self: self.root / "best")
     model = property(lambda self: self.root / "model.keras")
     encoder = property(lambda self: self.root / "encoder.keras")
     adapters = property(lambda self: self.root / "adapters.safetensors")
