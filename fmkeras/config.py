@@ -36,11 +36,9 @@ ARCHITECTURE_KEYS = ("num_layers", "hidden_dim", "num_heads", "intermediate_dim"
 ENCODER_TASKS = ("classify", "tag")
 
 
-def key(default, *tasks, **kwargs):
+def key(default, *tasks):
     """A config field read only by `tasks` (all tasks when none are named)."""
-    if isinstance(default, list | dict):
-        raise TypeError("mutable defaults need default_factory")
-    return dataclasses.field(default=default, metadata={"tasks": tasks}, **kwargs)
+    return dataclasses.field(default=default, metadata={"tasks": tasks})
 
 
 @dataclasses.dataclass
@@ -411,7 +409,11 @@ def applies_to(key, task):
     section, _, name = key.partition(".")
     if section in SECTION_TASKS and task not in SECTION_TASKS[section]:
         return False
-    if section not in BUILT_IN_SECTIONS or not name:
+    if section not in BUILT_IN_SECTIONS:  # declared by a registered task: read by that task
+        from fmkeras.tasks.registry import declared_sections
+
+        return section in declared_sections(task)
+    if not name:
         return True
     fields = {f.name: f for f in dataclasses.fields(RunConfig.__dataclass_fields__[section]
                                                     .default_factory)}  # fmt: skip

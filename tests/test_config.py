@@ -121,4 +121,4 @@ def test_keys_say_which_tasks_read_them():
     assert applies_to("data.mask_rate", "mlm") and not applies_to("data.mask_rate", "classify")
     assert applies_to("finetune.method", "tag") and not applies_to("finetune.method", "mlm")
     assert applies_to("decode.beam_width", "translate")
-    assert applies_to("train.steps", "word_count")  # every task reads the shared keys
+    assert applies_to("train.steps", "my_task")  # every task reads the shared keys

@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 
 import fmkeras
-from fmkeras.config import build_config, to_dict
+from fmkeras.config import applies_to, build_config, to_dict
 from fmkeras.errors import ConfigError
 from fmkeras.evaluate import main as evaluate_main
 from fmkeras.export import main as export_main
@@ -171,6 +171,8 @@ def test_task_sections_are_typed_and_validated(word_count_task):
     config = build_config(None, ["task=word_count", "word_count.max_words=3"])
     assert config.section("word_count").max_words == 3
     assert to_dict(config)["word_count"] == {"max_words": 3}  # written to config.yaml
+    assert applies_to("word_count.max_words", "word_count")
+    assert not applies_to("word_count.max_words", "classify")
     with pytest.raises(ConfigError, match="word_count.max_words must be at least 1"):
         build_config(None, ["word_count.max_words=0"])
     with pytest.raises(ConfigError, match="Did you mean 'word_count.max_words'"):

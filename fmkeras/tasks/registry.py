@@ -55,9 +55,10 @@ def get_task(name):
     return _registered[name]
 
 
-def declared_sections():
-    """Config sections that registered tasks declare: name -> dataclass."""
+def declared_sections(task=None):
+    """Config sections that registered tasks (or only `task`) declare: name -> dataclass."""
     sections = {}
-    for task_class in _registered.values():
-        sections.update(task_class.sections)
+    for name, task_class in _registered.items():
+        if task is None or name == ALIASES.get(task, task):
+            sections.update(task_class.sections)
     return sections
