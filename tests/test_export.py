@@ -79,36 +79,6 @@ def test_versions_are_never_overwritten_silently(classify_run, tmp_path, capsys)
                         "--overwrite"]) == 0  # fmt: skip
 
 
-def test_tagger_export_tags_words_like_the_run(tmp_path):
-    run = tmp_path / "ner"
-    settings = {
-        "model.size": "tiny",
-        "model.init": "random",
-        "model.max_sequence_length": 16,
-        "data.sequence_length": 16,  # long sentences get cut: their last words are O
-        "data.max_lines": 300,
-        "data.vocab_size": 500,
-        "train.batch_size": 16,
-        "train.steps": 20,
-        "train.learning_rate": 3e-3,
-        "train.checkpoint_every": 20,
-        "train.eval_every": 20,
-        "train.jit_compile": "false",
-    }
-    assert train_main(train_args("tag", REPO / "trainers" / "conll2003.yaml", settings, run)) == 0
-    assert export_main([str(run), "--name", "ner", "--out", str(tmp_path / "sm")]) == 0
-    texts = [
-        "EU rejects German call to boycott British lamb .",
-        "Peter Blackburn of London said the U.S. team played well in the final game on Sunday",
-        "Rome",
-    ]
-    served = serve_in_fresh_process(tmp_path / "sm" / "ner" / "1", texts)
-    expected = load_run(run).tag([text.split() for text in texts])
-    assert [[t for t in row if t] for row in served["tags"]] == [
-        [tag for _, tag in sentence] for sentence in expected
-    ]
-
-
 def test_local_server_speaks_tf_serving_rest(classify_run, tmp_path):
     out = tmp_path / "saved_models"
     assert export_main([str(classify_run), "--name", "sst2", "--out", str(out)]) == 0

@@ -6,11 +6,12 @@ import keras
 import numpy as np
 import pytest
 from conftest import REPO
-from run_helpers import scalars, train_args
+from run_helpers import scalars, serve_in_fresh_process, train_args
 
 import fmkeras
 from fmkeras.errors import DataError
 from fmkeras.evaluate import main as evaluate_main
+from fmkeras.export import main as export_main
 from fmkeras.models import Classifier, Encoder
 from fmkeras.models.starting_point import load_starting_point
 from fmkeras.predict import main as predict_main
@@ -61,18 +62,33 @@ def test_classify_end_to_end_with_evaluate_and_predict(tmp_path, capsys, data_di
     assert "missing.tsv does not exist" in capsys.readouterr().err
 
 
-def test_tag_end_to_end_scores_entities(tmp_path, data_dir, capsys):
+def test_tag_end_to_end_scores_entities_and_exports(tmp_path, data_dir, capsys):
     run = tmp_path / "ner"
-    settings = {**QUICK, "data.max_lines": 400, "train.learning_rate": 3e-3}
+    settings = {**QUICK, "data.max_lines": 400, "train.learning_rate": 3e-3,
+                "model.max_sequence_length": 16,
+                "data.sequence_length": 16}  # long sentences get cut: their last words are O
     assert main(train_args("tag", REPO / "trainers" / "conll2003.yaml", settings, run)) == 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert {"precision", "recall", "f1", "per_type"} <= set(metrics)
-    assert metrics["sentences"] > 100
+    assert metrics["sentences"] > 100 and metrics["truncated_words"] > 0
     losses = [value for _, value in scalars(run / "logs" / "train", "loss")]
     assert losses[-1] < losses[0]
     tagged = load_run(run).tag([["EU", "rejects", "German", "call"], ["Peter"]])
     assert [word for word, _ in tagged[0]] == ["EU", "rejects", "German", "call"]
     assert all(tag in metrics_labels(run) for sentence in tagged for _, tag in sentence)
+
+    # The export tags raw text in the serving graph exactly as the run does.
+    assert export_main([str(run), "--name", "ner", "--out", str(tmp_path / "sm")]) == 0
+    texts = [
+        "EU rejects German call to boycott British lamb .",
+        "Peter Blackburn of London said the U.S. team played well in the final game on Sunday",
+        "Rome",
+    ]
+    served = serve_in_fresh_process(tmp_path / "sm" / "ner" / "1", texts)
+    expected = load_run(run).tag([text.split() for text in texts])
+    assert [[t for t in row if t] for row in served["tags"]] == [
+        [tag for _, tag in sentence] for sentence in expected
+    ]
 
 
 def metrics_labels(run):
