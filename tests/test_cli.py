@@ -98,3 +98,17 @@ def test_an_unwritable_run_directory_is_one_line(data_dir, tmp_path):
                  "--out", str(blocker / "run"))  # fmt: skip
     assert result.returncode == 2 and "cannot create the run directory" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_an_unreachable_tpu_fails_in_seconds_before_any_data_work(data_dir, tmp_path):
+    out = tmp_path / "run"
+    started = time.perf_counter()
+    settings = ["--set", "distribute.strategy=tpu", "--set", "distribute.tpu=local"]
+    result = run("-m", "fmkeras.train", "--recipe", "pretrain_gutenberg", *settings,
+                 "--out", str(out))  # fmt: skip
+    seconds = time.perf_counter() - started
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: no TPU reachable as distribute.tpu='local'")
+    assert "vocabulary" not in result.stdout and not out.exists()  # nothing read or written
+    assert seconds < 60, f"{seconds:.0f} s"
