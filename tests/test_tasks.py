@@ -4,6 +4,9 @@ built-in ones; old task names and run directories keep working."""
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 import types
 from pathlib import Path
 
@@ -213,3 +216,22 @@ def test_keep_best_saves_the_best_validation_not_the_last(tmp_path, capsys):
     assert int(saved.optimizer.iterations.numpy()) == 50  # the step-50 weights were restored
     assert train_main([*args, "--set", "train.keep_best=f1"]) == 2
     assert "train.keep_best='f1': validation reports loss, accuracy" in capsys.readouterr().err
+
+
+def test_tasks_outside_fmkeras_work_from_the_command_line(tmp_path):
+    plugin = tmp_path / "my_tasks.py"
+    plugin.write_text("from test_tasks import WordCountTask\n"
+                      "from fmkeras.tasks.registry import register_task\n"
+                      "register_task(WordCountTask)\n", encoding="utf-8")  # fmt: skip
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "FMKERAS_TASK_MODULES": "my_tasks",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), str(tests)])}  # fmt: skip
+    command = [sys.executable, "-m", "fmkeras.train", "count_words", "--list-keys",
+               "--set", "word_count.max_words=4"]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "word_count.max_words: 4" in result.stdout and "finetune.method" not in result.stdout
+    env["FMKERAS_TASK_MODULES"] = "no_such_module"
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "$FMKERAS_TASK_MODULES: cannot import 'no_such_module'" in result.stderr

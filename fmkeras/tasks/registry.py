@@ -4,9 +4,13 @@ Built-in tasks are imported on first use, so looking up or validating a
 name needs no TensorFlow. A new task registers itself with
 `@register_task` (see README, "Adding a task"); recipes then name it with
 `task: NAME`, and `train`, `evaluate`, `predict` and `export` find it here.
+The command lines import the modules named in `$FMKERAS_TASK_MODULES`
+(comma-separated) before they look a task up, so tasks outside fmkeras
+work from the command line too.
 """
 
 import importlib
+import os
 
 from fmkeras.errors import ConfigError
 
@@ -18,6 +22,16 @@ BUILT_IN = {
 }
 ALIASES = {"pretrain": "mlm"}  # old spellings that recipes and run directories still use
 _registered = {}  # tasks registered at run time: name -> class
+MODULES_ENV = "FMKERAS_TASK_MODULES"
+
+
+def import_task_modules():
+    """Imports the modules in `$FMKERAS_TASK_MODULES` (they register their tasks)."""
+    for name in filter(None, (part.strip() for part in os.environ.get(MODULES_ENV, "").split(","))):
+        try:
+            importlib.import_module(name)
+        except ImportError as error:
+            raise ConfigError(f"${MODULES_ENV}: cannot import {name!r} ({error})") from None
 
 
 def register_task(task_class):
@@ -34,11 +48,13 @@ def register_task(task_class):
 
 def task_names():
     """Every task name, built-in first, then the registered ones."""
+    import_task_modules()
     return [*BUILT_IN, *(name for name in _registered if name not in BUILT_IN)]
 
 
 def canonical_task(name):
     """The registered name for `name` or one of its aliases; ConfigError otherwise."""
+    import_task_modules()
     name = ALIASES.get(name, name)
     if name not in BUILT_IN and name not in _registered:
         choices = ", ".join(task_names())
@@ -57,6 +73,7 @@ def get_task(name):
 
 def declared_sections(task=None):
     """Config sections that registered tasks (or only `task`) declare: name -> dataclass."""
+    import_task_modules()
     sections = {}
     for name, task_class in _registered.items():
         if task is None or name == ALIASES.get(task, task):
