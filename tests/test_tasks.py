@@ -26,7 +26,6 @@ from fmkeras.tasks import load_run
 from fmkeras.tasks.base import Predictor, Task
 from fmkeras.tasks.registry import canonical_task, get_task, register_task, task_names
 from fmkeras.train import main as train_main
-from fmkeras.training.checkpoints import save_model
 
 BUCKETS = 64
 
@@ -115,10 +114,6 @@ class WordCountTask(Task):
 
     def info(self):
         return {**super().info(), "max_words": self.max_words}
-
-    def save(self, model):
-        save_model(model, self.run.model)
-        self.run.write_info(self.info())
 
     @classmethod
     def load(cls, run, info, **options):

@@ -99,9 +99,11 @@ class Task:
         return {"task": self.name, "sequence_length": self.config.data.sequence_length}
 
     def save(self, model):
-        """The final model, its encoder (a starting point for other runs) and task.json."""
+        """The final model, its encoder if it has one (a starting point for other
+        runs) and task.json."""
         save_model(model, self.run.model)
-        save_model(model.encoder, self.run.encoder)
+        if getattr(model, "encoder", None) is not None:
+            save_model(model.encoder, self.run.encoder)
         self.run.write_info(self.info())
 
     def final_metrics(self, model, validation):
