@@ -26,6 +26,7 @@ from fmkeras.tasks import load_run
 from fmkeras.tasks.base import Predictor, Task
 from fmkeras.tasks.registry import canonical_task, get_task, register_task, task_names
 from fmkeras.train import main as train_main
+from fmkeras.training.run_dir import RunDir
 
 BUCKETS = 64
 
@@ -230,3 +231,23 @@ def test_tasks_outside_fmkeras_work_from_the_command_line(tmp_path):
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert "$FMKERAS_TASK_MODULES: cannot import 'no_such_module'" in result.stderr
+
+
+def test_run_directories_say_what_is_wrong_with_them(tmp_path):
+    with pytest.raises(ConfigError, match="run directory .*/nope does not exist"):
+        RunDir(tmp_path / "nope").read_info()
+    with pytest.raises(ConfigError, match="is not an fmkeras run directory \\(no config.yaml\\)"):
+        RunDir(tmp_path).read_info()
+    run = RunDir(tmp_path / "unfinished")
+    run.prepare(build_config(None, []))
+    with pytest.raises(ConfigError, match="is not finished \\(no backup yet\\); run the same"):
+        run.read_info()
+    (run.backups / "step-00000040").mkdir(parents=True)
+    for name in ("state.json", "state.weights.h5"):
+        (run.backups / "step-00000040" / name).write_text('{"step": 40}')
+    with pytest.raises(ConfigError, match="its newest backup is step 40"):
+        run.read_info()
+    with pytest.raises(ConfigError, match="holds a 'mlm' run; this command needs a 'translate'"):
+        run.model.write_text("")
+        run.write_info({"task": "pretrain", "sequence_length": 8})
+        load_run(run.root, tasks=("translate",))

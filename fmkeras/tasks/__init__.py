@@ -16,6 +16,6 @@ def load_run(run_dir, tasks=None, **options):
     run = RunDir(run_dir)
     info = run.read_info()
     if tasks and info["task"] not in tasks:
-        raise ConfigError(f"{run.root} is a {info['task']} run; this needs a "
-                          f"{' or '.join(tasks)} run")  # fmt: skip
+        raise ConfigError(f"{run.root} holds a {info['task']!r} run; this command needs a "
+                          f"{' or '.join(map(repr, tasks))} run")  # fmt: skip
     return get_task(info["task"]).load(run, info, **options)
