@@ -3,9 +3,9 @@
 `fmkeras train|evaluate|predict|translate|export|serve|convert|launch|flops
 ...` runs the same `main` as `python -m fmkeras.<command> ...`. Every
 `main` is wrapped by `command`: an `FmkerasError` prints one line and exits
-2, Ctrl-C exits 130, and TensorFlow's C++ log level is set before
-TensorFlow is imported (command modules import it inside `main`, so
-`--help` answers at once).
+2 (`Stopped`, a run stopped by SIGTERM after its backup: 0), Ctrl-C exits
+130, and TensorFlow's C++ log level is set before TensorFlow is imported
+(command modules import it inside `main`, so `--help` answers at once).
 """
 
 import argparse
@@ -15,7 +15,7 @@ import os
 import sys
 
 from fmkeras import __version__
-from fmkeras.errors import FmkerasError
+from fmkeras.errors import FmkerasError, Stopped
 
 COMMANDS = {
     "train": "train a model from a recipe (default: the quickstart)",
@@ -81,6 +81,9 @@ def command(main):
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", TF_LOG_LEVEL)
         try:
             return main(sys.argv[1:] if argv is None else list(argv)) or 0
+        except Stopped as error:  # e.g. preemption: a backup was written, nothing is wrong
+            print(error, file=sys.stderr)
+            return 0
         except FmkerasError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2

@@ -15,6 +15,7 @@ This module imports no TensorFlow, so configuration errors come back at once.
 
 import dataclasses
 import difflib
+import math
 import typing
 from pathlib import Path
 from typing import Literal
@@ -119,6 +120,7 @@ class TrainConfig:
     jit_compile: Literal["auto", "true", "false"] = "auto"
     steps_per_execution: int = 1
     checkpoint_every: int = 200  # steps between backups
+    keep_backups: int = 2  # newest backups kept (resume falls back to an older good one)
     eval_every: int = 1000  # steps between validations
     eval_steps: int | None = None  # validation batches; default the whole valid file
     log_every: int = 50  # steps between TensorBoard scalars
@@ -185,17 +187,24 @@ def _check_type(key, value, annotation):
         if kind is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
+            return _finite(key, float(value))
         if kind is float and isinstance(value, str):
             try:  # PyYAML reads 3e-4 (no dot) as a string
-                return float(value)
+                number = float(value)
             except ValueError:
-                pass
+                continue
+            return _finite(key, number)
         if kind is str and isinstance(value, str | bool | int | float):
             # YAML reads `true`/`1e-3` as non-strings; keep what the user typed.
             return str(value).lower() if isinstance(value, bool) else str(value)
     names = " or ".join(k.__name__ for k in allowed if k is not type(None))
     raise ConfigError(f"{key} expects {names}, got {value!r} ({type(value).__name__})")
+
+
+def _finite(key, value):
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value}")
+    return value
 
 
 def _unknown_key(key, valid):
@@ -251,6 +260,18 @@ def _flatten(mapping, prefix=""):
             yield dotted, value
 
 
+def _yaml_problem(error):
+    """A YAML error in one line: what, and where (line:column)."""
+    if isinstance(error, RecursionError):
+        return "nested too deeply"
+    if isinstance(error, UnicodeDecodeError):
+        return f"not valid UTF-8 ({error.reason} at byte {error.start})"
+    mark = getattr(error, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    return f"{where}{problem}"
+
+
 def load_recipe(path):
     """Reads a YAML recipe into a flat `{dotted_key: value}` dict."""
     path = Path(path)
@@ -258,11 +279,14 @@ def load_recipe(path):
         raise ConfigError(f"recipe {path} does not exist")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise ConfigError(f"recipe {path} is not valid YAML: {error}") from None
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as error:
+        raise ConfigError(f"recipe {path} is not valid YAML: {_yaml_problem(error)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path} must be a mapping of sections, got {type(data).__name__}")
-    return dict(_flatten(data))
+    try:
+        return dict(_flatten(data))
+    except RecursionError:
+        raise ConfigError(f"recipe {path}: sections nested too deeply") from None
 
 
 def parse_override(text):
@@ -272,7 +296,7 @@ def parse_override(text):
         raise ConfigError(f"--set expects key=value, got {text!r}")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         value = raw
     return key.strip(), value
 
@@ -333,6 +357,7 @@ def validate(config):
     train, data, model = config.train, config.data, config.model
     _positive(config, "train.steps", "train.batch_size", "train.checkpoint_every",
               "train.eval_every", "train.log_every", "train.steps_per_execution",
+              "train.keep_backups",
               "data.vocab_size", "data.sequence_length", "model.max_sequence_length",
               "decode.beam_width", "decode.batch_size", "distribute.cpu_devices")  # fmt: skip
     _positive(config, "model.num_layers", "model.hidden_dim", "model.num_heads",

@@ -15,3 +15,8 @@ class DataError(FmkerasError):
 
 class TrainingError(FmkerasError):
     """Training cannot continue (e.g. the loss became NaN)."""
+
+
+class Stopped(FmkerasError):
+    """Training stopped on request (SIGTERM) after writing a backup: the command
+    prints the message (how to resume) and exits 0."""

@@ -2,7 +2,10 @@
 
 Writes `saved_models/NAME/VERSION/` (TF Serving's layout; the next free
 version unless `--version`; an existing version is kept unless
-`--overwrite`), built in a temporary directory and renamed into place.
+`--overwrite`), built in a hidden temporary directory (`.N-*`) and renamed
+into place, so a server never sees a partial version: an export killed
+midway leaves only the hidden directory, which the next export of that
+name removes.
 Any finished run exports: classify, tag, translate and mlm (fill-mask);
 `fmkeras.signatures` describes each task's signatures. The serving graph
 uses core TensorFlow ops only, so stock TF Serving loads it.
@@ -100,6 +103,9 @@ def export(run_dir, name, out="saved_models", version=None, overwrite=False, *,
     if quantize:
         quantize_model(predictor.model, quantize)
     functions = predictor.serving_functions()
+    for leftover in base.glob(".*-*"):  # from an export killed midway
+        if leftover.is_dir() and leftover.name[1:].split("-")[0].isdigit():
+            shutil.rmtree(leftover, ignore_errors=True)
     temporary = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=base))
     try:
         model_dir = temporary / "model"
@@ -112,8 +118,8 @@ def export(run_dir, name, out="saved_models", version=None, overwrite=False, *,
                               list(predictor.warmup_texts))  # fmt: skip
         if tflite:
             write_tflite(functions, extra / "model.tflite")
-        if target.exists():
-            shutil.rmtree(target)
+        if target.exists():  # --overwrite: the old version leaves with the temporary directory
+            os.rename(target, temporary / "replaced")
         os.rename(model_dir, target)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)

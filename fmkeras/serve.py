@@ -9,12 +9,17 @@ TF Serving itself on the same export). It speaks the subset users call:
 serving the `serving_default` signature of the newest version (a newly
 exported version is picked up without a restart). Concurrent requests are
 batched together (up to `--max-batch` rows, waiting at most `--batch-wait-ms`).
-Bad requests get TF Serving-style `{"error": "..."}` answers with status 400
-(404 for unknown models/versions) and the server keeps serving.
+Bad requests get TF Serving-style `{"error": "..."}` answers with a 4xx
+status (400 bad body, 404 unknown model or version, 408 slow client, 411/413
+missing or oversized body) and the server keeps serving. Connections stay
+open between requests (HTTP/1.1 keep-alive) until `--timeout` seconds idle;
+more than `--max-connections` at once get 503 at once; SIGTERM stops
+accepting, answers the requests in flight, then exits 0.
 """
 
 import json
 import queue
+import signal
 import sys
 import threading
 from concurrent.futures import Future
@@ -24,12 +29,17 @@ from pathlib import Path
 import numpy as np
 
 from fmkeras import cli
+from fmkeras.errors import ConfigError
 
 
 class BadRequest(Exception):
-    def __init__(self, message, status=400):
+    """A request answered with `status` and `{"error": message}`; `close` ends the
+    connection (when the body could not be read, the stream cannot be reused)."""
+
+    def __init__(self, message, status=400, close=False):
         super().__init__(message)
         self.status = status
+        self.close = close
 
 
 class ModelVersions:
@@ -122,6 +132,8 @@ def parse_request(body, max_batch):
         request = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise BadRequest(f"JSON Parse error: {error}") from None
+    except RecursionError:
+        raise BadRequest("JSON Parse error: nested too deeply") from None
     if not isinstance(request, dict) or ("instances" in request) == ("inputs" in request):
         raise BadRequest("Missing 'inputs' or 'instances' key (exactly one is required)")
     rows = "instances" in request
@@ -136,23 +148,116 @@ def parse_request(body, max_batch):
         raise BadRequest("empty batch")
     if len(values) > max_batch:
         raise BadRequest(f"batch of {len(values)} rows exceeds the maximum of {max_batch}")
+    for index, value in enumerate(values):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # e.g. a lone surrogate written as "\\ud800"
+            raise BadRequest(f"text {index} is not valid Unicode") from None
     return values, rows
 
 
-def make_handler(models, batcher, max_batch, max_body):
+class Server(ThreadingHTTPServer):
+    """A `ThreadingHTTPServer` with a deep listen backlog, a bound on open
+    connections (more get an immediate 503) and a count of requests in flight
+    (so SIGTERM can drain them).
+
+    Args:
+        address: `(host, port)`; port 0 picks a free one.
+        handler: the request handler class.
+        max_connections: connections served at once (each holds a thread).
+        backlog: the listen backlog. socketserver's default of 5 overflowed under
+            bursts of new connections, and TCP retried the dropped SYNs 1 s and
+            3 s later: the 1-2 s p99 tail that `tools/bench_serve.py --connection
+            new` measured (README, "Reliability").
+    """
+
+    daemon_threads = True
+
+    def __init__(self, address, handler, max_connections=256, backlog=1024):
+        self.request_queue_size = backlog
+        super().__init__(address, handler)
+        self.max_connections = max_connections
+        self.connections = 0
+        self.in_flight = 0
+        self.draining = False
+        self._idle = threading.Condition()
+
+    def process_request(self, request, client_address):
+        with self._idle:
+            admitted = self.connections < self.max_connections and not self.draining
+            self.connections += admitted
+        if admitted:
+            super().process_request(request, client_address)
+            return
+        reason = "shutting down" if self.draining else \
+            f"overloaded ({self.max_connections} connections open)"  # fmt: skip
+        body = json.dumps({"error": f"server {reason}; retry later"}).encode("utf-8")
+        try:
+            request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json"
+                            b"\r\nRetry-After: 1\r\nConnection: close\r\nContent-Length: %d"
+                            b"\r\n\r\n%s" % (len(body), body))  # fmt: skip
+        except OSError:
+            pass
+        self.shutdown_request(request)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._idle:
+                self.connections -= 1
+
+    def request_started(self):
+        with self._idle:
+            self.in_flight += 1
+
+    def request_finished(self):
+        with self._idle:
+            self.in_flight -= 1
+            self._idle.notify_all()
+
+    def drain(self, timeout):
+        """Stops admitting connections and waits (at most `timeout` seconds) until
+        no request is in flight; returns how many were still running."""
+        with self._idle:
+            self.draining = True
+            self._idle.wait_for(lambda: self.in_flight == 0, timeout)
+            return self.in_flight
+
+
+def make_handler(models, batcher, max_batch, max_body, timeout):
     class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+        protocol_version = "HTTP/1.1"  # keep-alive
 
         def log_message(self, *args):  # quiet; TF Serving logs no access lines either
             pass
 
-        def _reply(self, status, payload):
-            data = json.dumps(payload).encode("utf-8")
+        def _reply(self, status, payload, close=False):
+            data = json.dumps(payload).encode("utf-8") if self.command != "HEAD" else b""
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
+            if close or self.server.draining:
+                self.send_header("Connection", "close")
+                self.close_connection = True
             self.end_headers()
-            self.wfile.write(data)
+            if data:
+                self.wfile.write(data)
+
+        def _body(self):
+            """The request body; refuses bodies it cannot delimit or that are too big
+            (those answers close the connection: the unread bytes cannot be skipped)."""
+            if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+                raise BadRequest("chunked bodies are not accepted; send Content-Length", 411, True)
+            length = self.headers.get("Content-Length")
+            if length is None:
+                raise BadRequest("a :predict request needs a Content-Length header", 411, True)
+            if not length.strip().isdigit():
+                raise BadRequest(f"bad Content-Length {length!r}", 400, True)
+            if int(length) > max_body:
+                raise BadRequest(f"request body of {int(length)} bytes exceeds {max_body}", 413,
+                                 True)  # fmt: skip
+            return self.rfile.read(int(length))
 
         def _route(self):
             parts = self.path.split("?")[0].strip("/").split("/")
@@ -184,17 +289,26 @@ def make_handler(models, batcher, max_batch, max_body):
                 self._reply(error.status, {"error": str(error)})
 
         def do_POST(self):
+            self.server.request_started()
             try:
+                self._predict()
+            finally:
+                self.server.request_finished()
+
+        def _not_allowed(self):
+            self._reply(405, {"error": f"{self.command} is not served; use GET or POST"}, True)
+
+        do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _not_allowed
+
+        def _predict(self):
+            try:
+                body = self._body()  # read first: an unread body would corrupt keep-alive
                 _, version, verb = self._route()
                 if verb != "predict":
                     raise BadRequest(
                         f"Malformed request: only :predict is served, not :{verb}", 404
                     )
-                length = int(self.headers.get("Content-Length") or 0)
-                if length > max_body:
-                    self.rfile.read(length)
-                    raise BadRequest(f"request body of {length} bytes exceeds {max_body}")
-                texts, rows = parse_request(self.rfile.read(length), max_batch)
+                texts, rows = parse_request(body, max_batch)
                 _, outputs = batcher.submit(version, texts)
                 if rows:
                     payload = {"predictions": [
@@ -204,19 +318,33 @@ def make_handler(models, batcher, max_batch, max_body):
                     payload = {"outputs": {k: _jsonable(v) for k, v in outputs.items()}}
                 self._reply(200, payload)
             except BadRequest as error:
-                self._reply(error.status, {"error": str(error)})
+                self._reply(error.status, {"error": str(error)}, error.close)
+            except TimeoutError:  # the client stopped sending its body
+                self._reply(408, {"error": f"no data from the client for {timeout:g} s"}, True)
             except Exception as error:  # noqa: BLE001 - answer, log, keep serving
                 self._reply(500, {"error": f"{type(error).__name__}: {error}"})
 
+    # Socket timeout: a client that sends nothing for this long (idle between
+    # requests, or stalled in the middle of one) loses its connection and thread.
+    Handler.timeout = timeout
     return Handler
 
 
-def create_server(model_dir, port=8501, max_batch=64, batch_wait_ms=5, max_body=1 << 20):
+def create_server(model_dir, port=8501, max_batch=64, batch_wait_ms=5, max_body=1 << 20, *,
+                  host="127.0.0.1", timeout=30.0, max_connections=256, backlog=1024):  # fmt: skip
+    """A `Server` for the exported model `model_dir` (loaded here, so a broken
+    export fails before any request) and its `ModelVersions`."""
+    if not Path(model_dir).is_dir():
+        raise ConfigError(f"{model_dir} is not a directory of exported versions "
+                          "(python -m fmkeras.export RUN --name NAME writes one)")  # fmt: skip
     models = ModelVersions(model_dir)
-    models.signature()  # load (and fail on a broken export) before accepting requests
+    try:
+        models.signature()  # load (and fail on a broken export) before accepting requests
+    except BadRequest:
+        raise ConfigError(f"{model_dir} holds no exported version (no N/saved_model.pb)") from None
     batcher = Batcher(models, max_batch, batch_wait_ms / 1000)
-    handler = make_handler(models, batcher, max_batch, max_body)
-    return ThreadingHTTPServer(("127.0.0.1", port), handler), models
+    handler = make_handler(models, batcher, max_batch, max_body, timeout)
+    return Server((host, port), handler, max_connections, backlog), models
 
 
 EXAMPLES = """examples:
@@ -227,24 +355,50 @@ EXAMPLES = """examples:
 def build_parser():
     parser = cli.parser("serve", __doc__, EXAMPLES)
     parser.add_argument("model_dir", help="saved_models/NAME (holding numbered versions)")
-    parser.add_argument("--port", type=int, default=8501, help="port on 127.0.0.1")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (0.0.0.0: every interface)")  # fmt: skip
+    parser.add_argument("--port", type=int, default=8501, help="port (0: a free one)")
     parser.add_argument("--max-batch", type=int, default=64,
                         help="rows run together, and the largest request accepted")  # fmt: skip
     parser.add_argument("--batch-wait-ms", type=float, default=5,
                         help="how long a request waits for others to batch with")  # fmt: skip
+    parser.add_argument("--timeout", type=float, default=30,
+                        help="seconds a connection may stay silent (idle or mid-request) "
+                        "before it is closed")  # fmt: skip
+    parser.add_argument("--max-connections", type=int, default=256,
+                        help="connections served at once; more get 503")  # fmt: skip
+    parser.add_argument("--backlog", type=int, default=1024,
+                        help="connections the kernel queues before they are accepted")  # fmt: skip
     return parser
 
 
 @cli.command
 def main(argv):
     args = build_parser().parse_args(argv)
-    server, models = create_server(args.model_dir, args.port, args.max_batch, args.batch_wait_ms)
-    url = f"http://127.0.0.1:{server.server_address[1]}/v1/models/{models.name}"
-    print(f"serving {models.name} versions {models.versions()} at {url}", flush=True)
+    server, models = create_server(args.model_dir, args.port, args.max_batch, args.batch_wait_ms,
+                                   host=args.host, timeout=args.timeout,
+                                   max_connections=args.max_connections,
+                                   backlog=args.backlog)  # fmt: skip
+    host, port = server.server_address[:2]
+    print(f"serving {models.name} versions {models.versions()} at "
+          f"http://{host}:{port}/v1/models/{models.name}", flush=True)  # fmt: skip
+
+    def stop(signum, frame):  # serve_forever runs in this thread: shut it down from another
+        server.draining = True
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
+    unanswered = server.drain(args.timeout)
+    server.server_close()
+    if unanswered:
+        print(f"stopped: {unanswered} request(s) still running after {args.timeout:g} s",
+              flush=True)  # fmt: skip
+    else:
+        print("stopped: every request in flight was answered", flush=True)
     return 0
 
 

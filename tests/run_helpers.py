@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import tensorflow as tf
@@ -52,6 +53,17 @@ def tiny_args(vocab, steps=40, **extra):
     for key, value in settings.items():
         args += ["--set", f"{key}={value}"]
     return args
+
+
+def wait_for(path, process, seconds=300):
+    """Waits until `path` exists while `process` runs."""
+    deadline = time.time() + seconds
+    while not path.exists():
+        if process.poll() is not None:
+            said = process.stderr.read()[-2000:] if process.stderr else ""
+            raise AssertionError(f"the process ended before {path} appeared: {said}")
+        assert time.time() < deadline, f"no {path} within {seconds} s"
+        time.sleep(0.02)
 
 
 def run_cli(args, **kwargs):

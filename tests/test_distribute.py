@@ -8,23 +8,13 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
-from run_helpers import REPO, run_cli, run_workers, scalars, tiny_args
+from run_helpers import REPO, run_cli, run_workers, scalars, tiny_args, wait_for
 from shard_data import examples, pipeline
 
 pytestmark = pytest.mark.usefixtures("data_dir")  # every test here reads the datasets
-
-
-def wait_for(path, process, seconds=300):
-    """Waits until `path` exists while `process` runs."""
-    deadline = time.time() + seconds
-    while not path.exists():
-        assert process.poll() is None, f"the process ended before {path} appeared"
-        assert time.time() < deadline, f"no {path} within {seconds} s"
-        time.sleep(0.05)
 
 
 def kill_after_first_backup(args, run):

@@ -1,10 +1,15 @@
 """SavedModel export of a classifier, loaded the ways TF Serving loads it, in
 a process without tensorflow-text or fmkeras."""
 
+import http.client
 import json
 import shutil
+import signal
+import socket
 import subprocess
+import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +22,7 @@ from run_helpers import serve_in_fresh_process, train_args
 
 import fmkeras
 from fmkeras.export import main as export_main
-from fmkeras.serve import create_server
+from fmkeras.serve import ModelVersions, create_server
 from fmkeras.tasks import load_run
 from fmkeras.text.wordpiece import WordPieceTokenizer
 from fmkeras.train import main as train_main
@@ -68,6 +73,25 @@ def test_export_loads_like_tf_serving_with_the_same_outputs(classify_run, tmp_pa
     assert values == load_run(classify_run).model.count_params()
 
 
+def test_a_killed_export_leaves_no_version_a_server_could_see(classify_run, tmp_path):
+    base = tmp_path / "sm" / "m"
+    export = subprocess.Popen(
+        [sys.executable, "-m", "fmkeras.export", str(classify_run), "--name", "m", "--out",
+         str(tmp_path / "sm")], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.time() + 120
+    while not list(base.glob(".1-*/model/*")):  # the SavedModel is being written
+        assert export.poll() is None and time.time() < deadline, "export ended before the kill"
+        time.sleep(0.01)
+    export.kill()
+    export.wait()
+    assert [p.name for p in base.iterdir() if not p.name.startswith(".")] == []
+    assert ModelVersions(base).versions() == []
+    assert export_main([str(classify_run), "--name", "m", "--out", str(tmp_path / "sm")]) == 0
+    assert [p.name for p in base.iterdir()] == ["1"]  # the leftover was removed
+    assert ModelVersions(base).versions() == [1]
+
+
 def test_versions_are_never_overwritten_silently(classify_run, tmp_path, capsys):
     out = str(tmp_path / "saved_models")
     assert export_main([str(classify_run), "--name", "m", "--out", out]) == 0
@@ -79,12 +103,53 @@ def test_versions_are_never_overwritten_silently(classify_run, tmp_path, capsys)
                         "--overwrite"]) == 0  # fmt: skip
 
 
+def raw_exchange(port, data, timeout=30):
+    """Sends raw bytes on a fresh connection; returns `(status, json body, headers)`."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as connection:
+        connection.sendall(data)
+        response = http.client.HTTPResponse(connection)
+        response.begin()
+        return response.status, json.loads(response.read() or b"{}"), dict(response.getheaders())
+
+
+def post(path, body, headers=None):
+    """A raw POST request with `Content-Length` unless `headers` say otherwise."""
+    headers = {"Content-Length": str(len(body)), **(headers or {})}
+    lines = "".join(f"{k}: {v}\r\n" for k, v in headers.items() if v is not None)
+    return f"POST {path} HTTP/1.1\r\nHost: x\r\n{lines}\r\n".encode() + body
+
+
+# Every bad request gets a 4xx and a JSON error naming the problem (README, "Reliability").
+BAD_REQUESTS = [
+    (post("/v1/models/sst2:predict", b"{not json"), 400, "JSON Parse error"),
+    (post("/v1/models/sst2:predict", b'{"instances": ' + b"[" * 5000 + b"]" * 5000 + b"}"),
+     400, "nested too deeply"),
+    (post("/v1/models/sst2:predict", b'{"instances": [1, 2]}'), 400, "expected a list of strings"),
+    (post("/v1/models/sst2:predict", b'{"instances": []}'), 400, "empty batch"),
+    (post("/v1/models/sst2:predict", b'{"instances": ["x", "x", "x", "x", "x", "x", "x", "x", '
+          b'"x"]}'), 400, "exceeds the maximum of 8"),
+    (post("/v1/models/sst2:predict", b'{"rows": ["x"]}'), 400, "Missing 'inputs' or 'instances'"),
+    (post("/v1/models/sst2:predict", b'{"instances": ["\xff\xfe"]}'), 400, "JSON Parse error"),
+    (post("/v1/models/sst2:predict", b'{"instances": ["\\ud800"]}'), 400, "not valid Unicode"),
+    (post("/v1/models/sst2:predict", b"x" * 10, {"Content-Length": str(2 << 20)}), 413, "exceeds"),
+    (post("/v1/models/sst2:predict", b"{}", {"Content-Length": "-3"}), 400, "bad Content-Length"),
+    (post("/v1/models/sst2:predict", b"{}", {"Content-Length": None}), 411, "Content-Length"),
+    (post("/v1/models/sst2:predict", b"2\r\n{}\r\n0\r\n\r\n",
+          {"Content-Length": None, "Transfer-Encoding": "chunked"}), 411, "chunked"),
+    (post("/v1/models/other:predict", b'{"instances": ["x"]}'), 404, "Servable not found"),
+    (post("/v1/models/sst2/versions/7:predict", b'{"instances": ["x"]}'), 404, "Specific(sst2, 7)"),
+    (post("/v1/models/sst2:classify", b'{"instances": ["x"]}'), 404, "only :predict"),
+    (b"PUT /v1/models/sst2 HTTP/1.1\r\nContent-Length: 0\r\n\r\n", 405, "use GET or POST"),
+]
+
+
 def test_local_server_speaks_tf_serving_rest(classify_run, tmp_path):
     out = tmp_path / "saved_models"
     assert export_main([str(classify_run), "--name", "sst2", "--out", str(out)]) == 0
-    server, _ = create_server(out / "sst2", port=0, max_batch=8)
+    server, _ = create_server(out / "sst2", port=0, max_batch=8, timeout=1, max_connections=20)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/v1/models"
+    port = server.server_address[1]
+    url = f"http://127.0.0.1:{port}/v1/models"
 
     def call(path, body=None):
         data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
@@ -104,16 +169,31 @@ def test_local_server_speaks_tf_serving_rest(classify_run, tmp_path):
         assert [p["label"] for p in body["predictions"]] == [label for label, _ in expected]
         status, body = call("/sst2/versions/1:predict", {"inputs": {"texts": TEXTS[:2]}})
         assert status == 200 and len(body["outputs"]["probabilities"]) == 2
-        for bad, fragment in [
-            (b"{not json", "JSON Parse error"),
-            ({"instances": [1, 2]}, "expected a list of strings"),
-            ({"instances": ["x"] * 9}, "exceeds the maximum of 8"),
-            ({"rows": ["x"]}, "Missing 'inputs' or 'instances'"),
-        ]:
-            status, body = call("/sst2:predict", bad)
-            assert status == 400 and fragment in body["error"]
-        assert call("/other:predict", {"instances": ["x"]})[0] == 404
-        assert call("/sst2/versions/7:predict", {"instances": ["x"]})[0] == 404
+        for request, expected_status, fragment in BAD_REQUESTS:
+            status, body, _ = raw_exchange(port, request)
+            assert (status, fragment in body["error"]) == (expected_status, True), request[:60]
+
+        # Keep-alive: one connection answers a bad request, then a good one.
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        connection.request("POST", "/v1/models/sst2:predict", b'{"instances": [7]}')
+        assert connection.getresponse().read() and connection.sock is not None
+        connection.request("POST", "/v1/models/sst2:predict", b'{"instances": ["fine"]}')
+        assert connection.getresponse().status == 200
+        connection.close()
+
+        # A client that stops in the middle of its body gets 408 after --timeout (1 s).
+        start = time.perf_counter()
+        request = post("/v1/models/sst2:predict", b'{"inst', {"Content-Length": "40"})
+        assert raw_exchange(port, request)[0] == 408 and time.perf_counter() - start < 10
+
+        # Beyond --max-connections (20), a connection gets 503 at once; then service resumes.
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]
+        status, body, headers = raw_exchange(port, post("/v1/models/sst2:predict", b"{}"))
+        assert (status, headers.get("Retry-After")) == (503, "1") and "overloaded" in body["error"]
+        for connection in idle:
+            connection.close()
+        time.sleep(0.2)
+        assert call("/sst2:predict", {"instances": ["back"]})[0] == 200
 
         # A new export is served without a restart.
         assert export_main([str(classify_run), "--name", "sst2", "--out", str(out)]) == 0
@@ -127,6 +207,35 @@ def test_local_server_speaks_tf_serving_rest(classify_run, tmp_path):
         assert statuses == [200] * 200
     finally:
         server.shutdown()
+
+
+def test_server_drains_in_flight_requests_on_sigterm(classify_run, tmp_path):
+    out = tmp_path / "sm"
+    assert export_main([str(classify_run), "--name", "sst2", "--out", str(out)]) == 0
+    # --batch-wait-ms 3000: a lone request waits 3 s for company, so it is in flight at SIGTERM.
+    server = subprocess.Popen(
+        [sys.executable, "-m", "fmkeras.serve", str(out / "sst2"), "--port", "0",
+         "--batch-wait-ms", "3000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+    )  # fmt: skip
+    try:
+        started = server.stdout.readline()
+        assert "serving sst2 versions [1] at http://127.0.0.1:" in started, server.stderr.read()
+        port = int(started.rsplit(":", 1)[1].split("/")[0])
+        request = post("/v1/models/sst2:predict", b'{"instances": ["late"]}')
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(raw_exchange, port, request)
+            time.sleep(1.0)
+            server.send_signal(signal.SIGTERM)
+            status, body, headers = answer.result(timeout=60)
+        assert status == 200 and len(body["predictions"]) == 1
+        assert headers.get("Connection") == "close"
+        assert server.wait(timeout=60) == 0
+        assert "every request in flight was answered" in server.stdout.read()
+        with pytest.raises(OSError):  # no longer listening
+            socket.create_connection(("127.0.0.1", port), timeout=5)
+    finally:
+        server.kill()
 
 
 def test_fill_mask_export_ranks_pieces_for_every_mask(mlm_run, tmp_path):

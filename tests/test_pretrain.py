@@ -1,16 +1,21 @@
-"""End-to-end pretraining: files, curves, errors, NaN, resume after SIGKILL."""
+"""End-to-end pretraining: files, curves, errors, NaN, and the training faults
+(SIGTERM, SIGKILL, a damaged backup, a full disk)."""
 
+import errno
 import json
 import math
+import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
-import time
 
+import keras
 import numpy as np
 import pytest
 import yaml
-from run_helpers import REPO, run_cli, scalars, tiny_args
+from run_helpers import REPO, run_cli, scalars, tiny_args, wait_for
 
 import fmkeras
 from fmkeras.evaluate import main as evaluate_main
@@ -18,6 +23,7 @@ from fmkeras.export import main as export_main
 from fmkeras.predict import main as predict_main
 from fmkeras.text.wordpiece import read_vocabulary
 from fmkeras.train import main
+from fmkeras.training.checkpoints import backup_problem
 
 pytestmark = pytest.mark.usefixtures("data_dir")  # every test here reads the datasets
 
@@ -102,38 +108,84 @@ def test_changed_config_does_not_resume_silently(tmp_path, small_vocab, capsys):
     assert main(tiny_args(small_vocab, steps=20) + ["--out", run]) == 0
 
 
-def test_killed_run_resumes_from_its_last_backup(tmp_path, small_vocab):
+def start_run(args):
+    """`python -m fmkeras.train ARGS` in the background (stderr readable)."""
+    command = [sys.executable, "-m", "fmkeras.train", *args]
+    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+
+
+def test_faults_lose_at_most_the_steps_since_the_last_backup(tmp_path, small_vocab, capsys):
+    """SIGTERM -> a backup and exit 0; SIGKILL -> resume from the last backup; a damaged
+    newest backup -> fall back to the previous one. The finished run equals one never
+    interrupted (same data, masks, weights and optimizer state)."""
     run = tmp_path / "run"
-    args = tiny_args(small_vocab, steps=100, **{"train.eval_every": 100}) + ["--out", str(run)]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "fmkeras.train", *args],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 300
-    while not (run / "backup" / "step-00000020").is_dir():
-        assert process.poll() is None, "the run ended before its first backup"
-        assert time.time() < deadline, "no backup within 300 s"
-        time.sleep(0.05)
-    process.kill()  # SIGKILL: no chance to clean up
-    process.wait()
+    args = tiny_args(small_vocab, steps=80, **{"train.eval_every": 80}) + ["--out", str(run)]
+    backups = run / "backup"
+
+    first = start_run(args)
+    wait_for(backups / "step-00000020", first)
+    first.send_signal(signal.SIGTERM)  # preemption's notice
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err
+    stopped = re.search(r"stopped by SIGTERM at step (\d+) of 80: backup (\S+) written\. "
+                        r"Run the same command again", err)  # fmt: skip
+    assert stopped, err
+    step = int(stopped.group(1))
+    assert 20 <= step < 40 and (backups / f"step-{step:08d}").is_dir(), step
+
+    second = start_run(args)  # resumes from the SIGTERM backup, mid-interval
+    wait_for(backups / "step-00000040", second)
+    second.kill()  # SIGKILL: no chance to clean up
+    second.wait()
     assert not (run / "metrics.json").exists(), "the run finished before it was killed"
 
-    resumed = run_cli(args)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resuming from" in resumed.stdout
+    # Damage the newest backup as a bad disk would: resume falls back to the one before.
+    weights = backups / "step-00000040" / "state.weights.h5"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "step-00000040 is unusable (checksum mismatch in state.weights.h5)" in out
+    assert f"resuming from {backups / f'step-{step:08d}'}" in out
+    assert (backups / "corrupt-step-00000040").is_dir()
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["steps"] == 100 and 20 <= metrics["resumed_from_step"] < 100
-    model = fmkeras.load_model(run / "model.keras")
-    assert int(model.optimizer.iterations.numpy()) == 100
-    assert not list((run / "backup").glob(".partial-*"))
+    assert metrics["steps"] == 80 and metrics["resumed_from_step"] == step
+    assert int(fmkeras.load_model(run / "model.keras").optimizer.iterations.numpy()) == 80
+    assert not list(backups.glob(".partial-*"))
 
-    # Same data, masks, weights and optimizer state: the result matches a run never killed.
-    uninterrupted = run_cli(args[:-1] + [str(tmp_path / "uninterrupted")])
-    assert uninterrupted.returncode == 0, uninterrupted.stderr
+    assert main(args[:-1] + [str(tmp_path / "uninterrupted")]) == 0
     reference = json.loads((tmp_path / "uninterrupted" / "metrics.json").read_text())
     assert metrics["valid_loss"] == pytest.approx(reference["valid_loss"], abs=1e-4)
+
+
+def test_a_failed_backup_write_stops_the_run_keeping_the_last(tmp_path, small_vocab, monkeypatch,
+                                                              capsys):  # fmt: skip
+    run = tmp_path / "run"
+    settings = {"train.checkpoint_every": 10, "train.keep_backups": 1}
+    args = tiny_args(small_vocab, steps=20, **settings) + ["--out", str(run)]
+    save_weights, calls = keras.Model.save_weights, []
+
+    def disk_full_on_second_backup(model, path, *rest, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return save_weights(model, path, *rest, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "save_weights", disk_full_on_second_backup)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"could not write the backup {run / 'backup' / 'step-00000020'}: No space left on " \
+        "device; the previous backups (step-00000010) are intact" in err  # fmt: skip
+    assert backup_problem(run / "backup" / "step-00000010") is None
+    assert [p.name for p in (run / "backup").iterdir()] == ["step-00000010"]
+
+    monkeypatch.setattr(keras.Model, "save_weights", save_weights)  # space freed
+    assert main(args) == 0
+    assert json.loads((run / "metrics.json").read_text())["resumed_from_step"] == 10
+    assert [p.name for p in (run / "backup").iterdir()] == ["step-00000020"]  # keep_backups=1
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ built-in ones; old task names and run directories keep working."""
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import types
@@ -251,3 +252,21 @@ def test_run_directories_say_what_is_wrong_with_them(tmp_path):
         run.model.write_text("")
         run.write_info({"task": "pretrain", "sequence_length": 8})
         load_run(run.root, tasks=("translate",))
+
+
+@pytest.mark.parametrize("task, recipe", [("classify", "sst2"), ("tag", "conll2003"),
+                                          ("translate", "en_zh")])  # fmt: skip
+def test_a_nan_loss_stops_every_task_with_its_last_good_backup(task, recipe, tmp_path, data_dir,
+                                                               capsys):  # fmt: skip
+    settings = {"model.size": "tiny", "model.init": "random", "data.max_lines": 200,
+                "data.vocab_size": 500, "train.batch_size": 8, "train.steps": 6,
+                "train.checkpoint_every": 2, "train.eval_every": 6, "train.warmup_steps": 0,
+                "train.learning_rate": 1e30, "train.jit_compile": "false"}  # fmt: skip
+    args = [task, "--recipe", recipe, "--out", str(tmp_path / "run")]
+    for key, value in settings.items():
+        args += ["--set", f"{key}={value}"]
+    assert train_main(args) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"loss became NaN or infinite at step \d; training stopped\. Last good "
+                     r"backup: (none|\S+step-0000000\d)\.", err), err  # fmt: skip
+    assert not (tmp_path / "run" / "model.keras").exists()

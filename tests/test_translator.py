@@ -161,7 +161,7 @@ def test_translate_end_to_end(tmp_path, data_dir, capsys):
     run = tmp_path / "en_zh"
     settings = {
         "model.size": "tiny",
-        "data.max_lines": 1500,  # also the first 1,000 valid pairs
+        "data.max_lines": 600,  # also the first 600 valid pairs (each validation decodes them)
         "data.vocab_size": 1500,
         "data.sequence_length": 32,
         "decode.max_length": 12,  # an untrained decoder rarely stops early
@@ -184,7 +184,10 @@ def test_translate_end_to_end(tmp_path, data_dir, capsys):
     assert translate_main([str(run), "I like tea.", "Where is it?", "--beam", "2"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 2
     valid = data_dir / "tatoeba_en_zh"
-    out = ["--src", str(valid / "valid.en"), "--ref", str(valid / "valid.zh"), "--beam", "1"]
+    for side in ("en", "zh"):  # the validation pairs the run decoded
+        lines = (valid / f"valid.{side}").read_text(encoding="utf-8").splitlines(keepends=True)
+        (tmp_path / f"valid.{side}").write_text("".join(lines[:600]), encoding="utf-8")
+    out = ["--src", str(tmp_path / "valid.en"), "--ref", str(tmp_path / "valid.zh"), "--beam", "1"]
     assert evaluate_main([str(run), *out]) == 0
     scored = json.loads(capsys.readouterr().out)
     assert scored["chrf"] == pytest.approx(metrics["greedy"]["chrf"], abs=0.5)

@@ -66,15 +66,36 @@ def learn_vocabulary(lines, vocabulary_size, lowercase=True, log=print, batch_si
 
 
 def read_vocabulary(path):
-    """Reads a BERT `vocab.txt` (one piece per line)."""
+    """Reads a BERT `vocab.txt` (one piece per line; each non-empty and unique)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"vocabulary file {path} does not exist")
     try:
-        vocabulary = path.read_text(encoding="utf-8").splitlines()
+        vocabulary = path.read_text(encoding="utf-8").split("\n")
     except UnicodeDecodeError as error:
-        raise DataError(f"{path}: not valid UTF-8 ({error.reason})") from None
+        raise DataError(f"{path}: not valid UTF-8 ({error.reason} at byte {error.start})") from None
+    if vocabulary and vocabulary[-1] == "":  # the final newline
+        vocabulary.pop()
+    vocabulary = [piece.removesuffix("\r") for piece in vocabulary]
+    check_vocabulary(vocabulary, path)
     return vocabulary
+
+
+def check_vocabulary(vocabulary, source="the vocabulary"):
+    """Raises `DataError` naming `source`:line for an empty or repeated piece,
+    or for missing special tokens."""
+    seen = {}
+    for number, piece in enumerate(vocabulary, start=1):
+        if not piece:
+            raise DataError(f"{source}:{number}: empty piece")
+        if piece in seen:
+            raise DataError(f"{source}:{number}: piece {piece!r} repeats line {seen[piece]}")
+        seen[piece] = number
+    missing = [token for token in RESERVED_TOKENS if token not in seen]
+    if missing:
+        raise DataError(f"{source} lacks the special tokens {missing}")
+    if len(seen) == len(RESERVED_TOKENS):
+        raise DataError(f"{source} has no pieces besides the special tokens")
 
 
 def write_vocabulary(vocabulary, path):
@@ -97,24 +118,27 @@ class WordPieceTokenizer:
     """
 
     def __init__(self, vocabulary, lowercase=True):
+        source = str(vocabulary) if isinstance(vocabulary, str | Path) else "the vocabulary"
         if isinstance(vocabulary, str | Path):
             vocabulary = read_vocabulary(vocabulary)
+        else:
+            check_vocabulary(vocabulary)
         self.vocabulary = list(vocabulary)
         self.lowercase = lowercase
         index = {piece: i for i, piece in enumerate(self.vocabulary)}
-        missing = [t for t in RESERVED_TOKENS if t not in index]
-        if missing:
-            raise DataError(f"vocabulary lacks the special tokens {missing}")
         self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (
             index[t] for t in RESERVED_TOKENS
         )
-        self._tokenizer = tf_text.FastBertTokenizer(
-            vocab=self.vocabulary,
-            suffix_indicator="##",
-            token_out_type=tf.int32,
-            unknown_token=UNK,
-            lower_case_nfd_strip_accents=False,  # see `normalize`
-        )
+        try:
+            self._tokenizer = tf_text.FastBertTokenizer(
+                vocab=self.vocabulary,
+                suffix_indicator="##",
+                token_out_type=tf.int32,
+                unknown_token=UNK,
+                lower_case_nfd_strip_accents=False,  # see `normalize`
+            )
+        except RuntimeError as error:  # the trie builder's own checks
+            raise DataError(f"{source}: {error}") from None
 
     @property
     def vocabulary_size(self):

@@ -1,7 +1,9 @@
 """Callbacks: TensorBoard scalars with throughput and MFU, periodic
-validation, and a NaN guard."""
+validation, a NaN guard and a SIGTERM stop."""
 
 import math
+import signal
+import threading
 import time
 
 import keras
@@ -149,6 +151,39 @@ class StopOnNaN(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
+class StopOnSignal(keras.callbacks.Callback):
+    """A context manager and callback: while active, SIGTERM (the notice cloud
+    preemption and job schedulers send first) stops training at the next step
+    boundary instead of killing the process; `step` tells where. Outside the
+    main thread (where Python cannot install handlers) it does nothing."""
+
+    def __init__(self, signals=(signal.SIGTERM,)):
+        super().__init__()
+        self.signals = signals
+        self.received = None
+        self.step = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for number in self.signals:
+                self._previous[number] = signal.signal(number, self._receive)
+        return self
+
+    def __exit__(self, *exc_info):
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous = {}
+
+    def _receive(self, number, frame):
+        self.received = signal.Signals(number).name
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.received and self.step is None:
+            self.step = int(_scalar(self.model.optimizer.iterations))
+            self.model.stop_training = True
+
+
 class Evaluator(keras.callbacks.Callback):
     """Validates at the first epoch end on or after every `eval_every` steps
     (the final step is left to the driver): `evaluate(model)` -> dict of
@@ -168,6 +203,8 @@ class Evaluator(keras.callbacks.Callback):
         step = int(_scalar(self.model.optimizer.iterations))
         last = self.last_step if self.last_step is not None else step - 1
         self.last_step = step
+        if self.model.stop_training:  # NaN or SIGTERM: stop without validating
+            return
         if step // self.eval_every > last // self.eval_every and step < self.final_step:
             metrics = self.evaluate(self.model)
             self.logger.write_validation(step, metrics)

@@ -1,13 +1,16 @@
 """Atomic files and resumable backups of a training run.
 
 A backup is a directory `backup/step-NNNNNNNN/` holding the model and
-optimizer state (`state.weights.h5`, keyed by layer path) and `state.json`.
-It is written under a temporary name and renamed into place, so a run
-killed at any moment leaves either the previous backup or the new one,
-never a torn one.
+optimizer state (`state.weights.h5`, keyed by layer path) and `state.json`
+(the step, and the SHA-256 of every other file). It is written under a
+temporary name and renamed into place, so a run killed at any moment leaves
+either the previous backup or the new one, never a torn one; a backup
+damaged afterwards (a bad disk, a copy cut short) fails its checksums, and
+resuming falls back to the previous one.
 """
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -16,7 +19,7 @@ from pathlib import Path
 
 import keras
 
-from fmkeras.errors import ConfigError
+from fmkeras.errors import ConfigError, TrainingError
 
 STATE_FILE = "state.json"
 WEIGHTS_FILE = "state.weights.h5"
@@ -53,19 +56,68 @@ def save_model(model, path):
         model.save(temporary)
 
 
-def latest_backup(directory, at_most=None):
-    """`(path, state)` of the newest complete backup in `directory` (not after
-    step `at_most`, if given), or `(None, None)`."""
+def checksums(directory):
+    """`{relative path: sha256}` of the files under `directory` but state.json."""
+    directory, sums = Path(directory), {}
+    for path in sorted(directory.rglob("*")):
+        if path.is_file() and path.name != STATE_FILE:
+            digest = hashlib.sha256()
+            with open(path, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+            sums[path.relative_to(directory).as_posix()] = digest.hexdigest()
+    return sums
+
+
+def backup_problem(directory):
+    """Why the backup `directory` cannot be used (missing files, unreadable
+    state.json, a checksum mismatch), or None if it is sound. Backups written
+    before checksums were recorded are checked for their files only."""
     directory = Path(directory)
-    if not directory.is_dir():
-        return None, None
-    for candidate in sorted(directory.glob("step-*"), reverse=True):
-        state_path = candidate / STATE_FILE
-        if state_path.is_file() and (candidate / WEIGHTS_FILE).is_file():
-            state = json.loads(state_path.read_text(encoding="utf-8"))
-            if at_most is None or state["step"] <= at_most:
-                return candidate, state
+    if not (directory / WEIGHTS_FILE).is_file():
+        return f"no {WEIGHTS_FILE}"
+    state = read_state(directory)
+    if state is None:
+        return f"{STATE_FILE} is missing or unreadable"
+    expected = state.get("sha256")
+    if expected is not None:
+        found = checksums(directory)
+        damaged = sorted(name for name in expected.keys() | found.keys()
+                         if expected.get(name) != found.get(name))  # fmt: skip
+        if damaged:
+            return f"checksum mismatch in {', '.join(damaged)}"
+    return None
+
+
+def backups(directory, at_most=None):
+    """`[(path, step)]` of the `step-N` directories in `directory`, newest first
+    (not after step `at_most`, if given)."""
+    directory = Path(directory)
+    found = [(path, int(path.name.removeprefix("step-")))
+             for path in (directory.glob("step-*") if directory.is_dir() else ())
+             if path.name.removeprefix("step-").isdigit()]  # fmt: skip
+    return sorted(((path, step) for path, step in found if at_most is None or step <= at_most),
+                  key=lambda item: item[1], reverse=True)  # fmt: skip
+
+
+def latest_backup(directory, at_most=None):
+    """`(path, state)` of the newest backup in `directory` with both its files
+    (not after step `at_most`, if given), or `(None, None)`."""
+    for path, _ in backups(directory, at_most):
+        state = read_state(path)
+        if state is not None and (path / WEIGHTS_FILE).is_file():
+            return path, state
     return None, None
+
+
+def set_aside(backup, reason, log):
+    """Renames an unusable backup to `corrupt-step-N` (kept for inspection, never
+    resumed from) and says so."""
+    target = backup.with_name(f"corrupt-{backup.name}")
+    shutil.rmtree(target, ignore_errors=True)
+    os.rename(backup, target)
+    log(f"backup {backup} is unusable ({reason}); moved to {target.name}, falling back to "
+        "the previous backup")  # fmt: skip
 
 
 def restore_backup(model, backup_path):
@@ -77,9 +129,11 @@ def restore_backup(model, backup_path):
 
 
 def write_backup(model, final, state, write_extra=None):
-    """Writes `model`'s weights and optimizer state, `state` (state.json) and
-    `write_extra(directory)`'s files into the directory `final`, through a
-    temporary directory renamed into place."""
+    """Writes `model`'s weights and optimizer state, `write_extra(directory)`'s
+    files and `state` with their checksums (state.json) into the directory
+    `final`, through a temporary directory renamed into place. A failed write
+    (a full disk, say) raises `TrainingError` and leaves earlier backups as
+    they were."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     temporary = Path(tempfile.mkdtemp(prefix=".partial-", dir=final.parent))
@@ -87,18 +141,30 @@ def write_backup(model, final, state, write_extra=None):
         model.save_weights(temporary / WEIGHTS_FILE)
         if write_extra is not None:
             write_extra(temporary)
+        state = {**state, "sha256": checksums(temporary)}
         (temporary / STATE_FILE).write_text(json.dumps(state), encoding="utf-8")
         if final.exists():
             shutil.rmtree(final)
         os.rename(temporary, final)
+    except OSError as error:
+        others = sorted(p.name for p in final.parent.glob("step-*") if p != final)
+        kept = f"the previous backups ({', '.join(others)}) are intact" if others else \
+            "there is no earlier backup"  # fmt: skip
+        raise TrainingError(
+            f"could not write the backup {final}: {error.strerror or error}; {kept}. Free "
+            "space (or fix the directory), then run the same command again to resume"
+        ) from None
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
 
 
 def read_state(directory):
-    """state.json of a backup directory, or None."""
-    path = Path(directory) / STATE_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    """state.json of a backup directory, or None (missing or unreadable)."""
+    try:
+        state = json.loads((Path(directory) / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) and isinstance(state.get("step"), int) else None
 
 
 class BestKeeper:
@@ -144,7 +210,8 @@ class BestKeeper:
 class Backup(keras.callbacks.Callback):
     """Saves a backup at the end of every Keras epoch (`trainer.fit_phases` makes
     an epoch end every `train.checkpoint_every` steps and at the last step),
-    named by the optimizer step; keeps the newest `keep`.
+    named by the optimizer step, unless training was stopped (a NaN loss);
+    keeps the newest `keep` (`train.keep_backups`).
 
     Args:
         directory: where `step-*` backups go.
@@ -164,10 +231,15 @@ class Backup(keras.callbacks.Callback):
             shutil.rmtree(partial, ignore_errors=True)
 
     def on_epoch_end(self, epoch, logs=None):
-        if self.model.stop_training:  # e.g. NaN loss: keep the last good backup
-            return
+        if not self.model.stop_training:  # e.g. NaN loss: keep the last good backup
+            self.save()
+
+    def save(self):
+        """Backs up the model at its current step (if not already); returns the path."""
         step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
-        write_backup(self.model, self.directory / f"step-{step:08d}", {"step": step},
-                     self.write_extra)  # fmt: skip
+        final = self.directory / f"step-{step:08d}"
+        if backup_problem(final) is not None:
+            write_backup(self.model, final, {"step": step}, self.write_extra)
         for old in sorted(self.directory.glob("step-*"))[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
+        return final

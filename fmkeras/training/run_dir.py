@@ -36,6 +36,7 @@ RESUMABLE_CHANGES = (
     "train.jit_compile",
     "train.profile_steps",
     "train.keep_best",
+    "train.keep_backups",
     "distribute.",
 )
 # What a run made before a key existed computed: the key's value then, where it is

@@ -1,16 +1,25 @@
 """The `fit` loop every task shares: backups every `train.checkpoint_every`
-steps and at the end, resume from the newest backup, a NaN guard."""
+steps and at the end, resume from the newest sound backup, a NaN guard, and
+a backup then a clean exit on SIGTERM."""
 
 import math
+import signal
 import warnings
 
 import keras
 import tensorflow as tf
 
 from fmkeras import distribute
-from fmkeras.errors import ConfigError, TrainingError
-from fmkeras.training.callbacks import StopOnNaN
-from fmkeras.training.checkpoints import Backup, latest_backup, restore_backup
+from fmkeras.errors import ConfigError, Stopped, TrainingError
+from fmkeras.training.callbacks import StopOnNaN, StopOnSignal
+from fmkeras.training.checkpoints import (
+    Backup,
+    backup_problem,
+    backups,
+    latest_backup,
+    restore_backup,
+    set_aside,
+)
 from fmkeras.workarounds import compile_replica_steps_with_xla
 
 
@@ -87,31 +96,45 @@ def compile_model(model, strategy, train, log, **compile_args):
 
 
 def resume(model, run, train, log, after_restore=None):
-    """Restores the newest backup of `run` into the compiled `model`; returns its step."""
-    backup_path, state = latest_backup(run.backups)
+    """Restores the newest sound backup of `run` into the compiled `model`;
+    returns its step (0 without one). A damaged backup (failed checksums, or
+    weights that do not load) is set aside and the previous one is used."""
+    multi_worker = isinstance(model.distribute_strategy,
+                              tf.distribute.MultiWorkerMirroredStrategy)  # fmt: skip
+    candidates = []
+    for path, step in backups(run.backups):
+        problem = backup_problem(path)
+        if problem is None:
+            candidates.append((path, step))
+        elif not multi_worker:  # workers must agree on a step: no silent fallback there
+            set_aside(path, problem, log)
     # Multi-worker: every worker has its own backups, and one may have been killed
     # before writing the newest; all resume from the newest step they all have.
-    newest = state["step"] if state else 0
+    newest = candidates[0][1] if candidates else 0
     agreed = distribute.smallest_across_workers(model.distribute_strategy, newest)
-    if agreed != newest:
-        backup_path, state = latest_backup(run.backups, at_most=agreed)
-        if agreed and (state is None or state["step"] != agreed):
-            raise ConfigError(
-                f"the workers' newest common backup is step {agreed}, but {run.backups} "
-                "no longer has it; delete the run directories of all workers to start over"
-            )
-    if backup_path is None:
-        return 0
-    if state["step"] > train.steps:
+    candidates = [(path, step) for path, step in candidates if step <= agreed]
+    if agreed and (not candidates or candidates[0][1] != agreed):
         raise ConfigError(
-            f"{backup_path} is at step {state['step']}, past train.steps={train.steps}; "
-            "resume with the original train.steps"
+            f"the workers' newest common backup is step {agreed}, but {run.backups} "
+            "no longer has a sound copy of it; delete the run directories of all workers "
+            "to start over"
         )
-    restore_backup(model, backup_path)
-    if after_restore is not None:
-        after_restore(backup_path)
-    log(f"resuming from {backup_path} (step {state['step']} of {train.steps})")
-    return state["step"]
+    for path, step in candidates:
+        if step > train.steps:
+            raise ConfigError(f"{path} is at step {step}, past train.steps={train.steps}; "
+                              "resume with the original train.steps")  # fmt: skip
+        try:
+            restore_backup(model, path)
+        except Exception as error:  # noqa: BLE001 - e.g. h5py on a truncated file
+            if multi_worker:
+                raise ConfigError(f"{path} cannot be restored: {error}") from None
+            set_aside(path, f"{type(error).__name__}: {error}", log)
+            continue
+        if after_restore is not None:
+            after_restore(path)
+        log(f"resuming from {path} (step {step} of {train.steps})")
+        return step
+    return 0
 
 
 def fit(model, train_data, train, run, start_step, callbacks=(), **backup):
@@ -121,31 +144,47 @@ def fit(model, train_data, train, run, start_step, callbacks=(), **backup):
     `fit_phases` phase starts its own). `backup` keyword arguments go to
     `Backup` (e.g. `write_extra`). A cadence that does not divide
     `train.steps` is logged by the caller (`describe_cadence`).
+
+    SIGTERM stops a single-process run at the next step with a backup and
+    raises `Stopped` (exit 0). Multi-worker runs keep TensorFlow's own
+    handling: all workers would have to agree on the step to stop at, so a
+    terminated cluster resumes from its newest common backup instead.
     """
     stop_on_nan = StopOnNaN()
-    saver = Backup(run.backups, **backup)
+    saver = Backup(run.backups, keep=train.keep_backups, **backup)
     compiled_steps = model.steps_per_execution
-    for first_step, steps_per_epoch, epochs in fit_phases(start_step, train.steps,
-                                                          train.checkpoint_every):  # fmt: skip
-        # Keras runs whole executions: an epoch that is not a multiple of
-        # steps_per_execution would overrun it, so such a phase runs fewer per call.
-        set_steps_per_execution(model, math.gcd(steps_per_epoch, compiled_steps))
-        model.fit(
-            train_data(first_step),
-            epochs=epochs,
-            steps_per_epoch=steps_per_epoch,
-            callbacks=[stop_on_nan, *callbacks, saver],
-            shuffle=False,  # datasets order themselves
-            verbose=0,
-        )
-        if stop_on_nan.bad_step is not None:
-            last, _ = latest_backup(run.backups)
-            raise TrainingError(
-                f"the loss became NaN or infinite at step {stop_on_nan.bad_step}; training "
-                f"stopped. Last good backup: {last or 'none'}. Lower train.learning_rate or "
-                "raise train.warmup_steps, then run the same command again to resume from "
-                "that backup."
+    multi_worker = isinstance(model.distribute_strategy,
+                              tf.distribute.MultiWorkerMirroredStrategy)  # fmt: skip
+    stop_on_signal = StopOnSignal(signals=() if multi_worker else (signal.SIGTERM,))
+    with stop_on_signal:
+        for first_step, steps_per_epoch, epochs in fit_phases(start_step, train.steps,
+                                                              train.checkpoint_every):  # fmt: skip
+            # Keras runs whole executions: an epoch that is not a multiple of
+            # steps_per_execution would overrun it, so such a phase runs fewer per call.
+            set_steps_per_execution(model, math.gcd(steps_per_epoch, compiled_steps))
+            model.fit(
+                train_data(first_step),
+                epochs=epochs,
+                steps_per_epoch=steps_per_epoch,
+                callbacks=[stop_on_nan, stop_on_signal, *callbacks, saver],
+                shuffle=False,  # datasets order themselves
+                verbose=0,
             )
+            if stop_on_nan.bad_step is not None:
+                last, _ = latest_backup(run.backups)
+                raise TrainingError(
+                    f"the loss became NaN or infinite at step {stop_on_nan.bad_step}; training "
+                    f"stopped. Last good backup: {last or 'none'}. Lower train.learning_rate "
+                    "or raise train.warmup_steps, then run the same command again to resume "
+                    "from that backup."
+                )
+            if stop_on_signal.step is not None:
+                path = saver.save()
+                raise Stopped(
+                    f"stopped by {stop_on_signal.received} at step {stop_on_signal.step} of "
+                    f"{train.steps}: backup {path} written. Run the same command again to "
+                    "resume from it."
+                )
 
 
 def evaluate(model, dataset):
