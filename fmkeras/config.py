@@ -251,11 +251,12 @@ def set_value(config, key, value):
     setattr(target, parts[1], _check_type(key, value, field.type))
 
 
-def _flatten(mapping, prefix=""):
+def flatten(mapping, prefix=""):
+    """`(dotted key, value)` pairs of nested dicts."""
     for key, value in mapping.items():
         dotted = f"{prefix}{key}"
         if isinstance(value, dict):
-            yield from _flatten(value, dotted + ".")
+            yield from flatten(value, dotted + ".")
         else:
             yield dotted, value
 
@@ -284,7 +285,7 @@ def load_recipe(path):
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path} must be a mapping of sections, got {type(data).__name__}")
     try:
-        return dict(_flatten(data))
+        return dict(flatten(data))
     except RecursionError:
         raise ConfigError(f"recipe {path}: sections nested too deeply") from None
 
@@ -449,7 +450,7 @@ def applies_to(key, task):
 def keys_for(task, config=None):
     """`[(key, value)]` of every key `task` reads, with its value in `config`
     (default: the defaults), in section order."""
-    flat = dict(_flatten(to_dict(config or RunConfig(task=task))))
+    flat = flat_config(config or RunConfig(task=task))
     return [(key, value) for key, value in flat.items() if key != "task" and applies_to(key, task)]
 
 
@@ -458,3 +459,8 @@ def to_dict(config):
     flat = dataclasses.asdict(config)
     sections = flat.pop("sections")
     return {**flat, **sections}
+
+
+def flat_config(config):
+    """`{dotted key: value}` of a `RunConfig` (declared sections included)."""
+    return dict(flatten(to_dict(config)))

@@ -3,7 +3,9 @@
 classify runs print a label and probabilities, tag runs word tags, translate
 runs the translation, and mlm runs the likeliest pieces for each `[MASK]`.
 Texts come from the arguments, or one per line from `--file` (`-` for
-stdin). Prints one JSON object per text.
+stdin). Prints one JSON object per text, in input order: an empty (or
+blank) text gets `{"text": "", "empty": true}` and no prediction, so the
+output stays aligned with the input lines.
 """
 
 import json
@@ -34,11 +36,14 @@ def main(argv):
     from fmkeras.data import read_input_texts
     from fmkeras.tasks import load_run
 
-    texts = read_input_texts(args.texts, args.file)
+    texts = read_input_texts(args.texts, args.file, keep_empty=True)
     if not texts:
         parser.error("give texts as arguments or --file")
     predictor = load_run(args.run_dir, decode=cli.decode_config(args), top_k=args.top_k)
-    for result in predictor.predict(texts):
+    given = [text for text in texts if text.strip()]
+    results = iter(predictor.predict(given) if given else [])
+    for text in texts:
+        result = next(results) if text.strip() else {"text": text, "empty": True}
         print(json.dumps(result, ensure_ascii=False))
     return 0
 

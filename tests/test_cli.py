@@ -1,11 +1,16 @@
 """The command lines as a user runs them: one entry point per command, shared
 help and errors, the `fmkeras` console script, and bundled recipes by name."""
 
+import json
+import os
+import pty
 import subprocess
 import sys
 
 import pytest
 from conftest import REPO
+from run_helpers import scalars, tiny_args
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fmkeras import __version__
 from fmkeras.cli import COMMANDS
@@ -105,3 +110,63 @@ def test_an_unreachable_tpu_fails_in_seconds_before_any_data_work(data_dir, tmp_
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("error: no TPU reachable as distribute.tpu='local'")
     assert "vocabulary" not in result.stdout and not out.exists()  # nothing read or written
+
+
+# A short run on one step grid: train points at 1, 5, 10, 12; backups and validation at 5, 10, 12.
+SHORT = {"train.log_every": 5, "train.eval_every": 5, "train.eval_steps": 2,
+         "train.checkpoint_every": 5}  # fmt: skip
+
+
+def test_a_short_run_shows_progress_eta_throughput_and_a_live_bar(small_vocab, tmp_path):
+    """The issue's 5-step run, a little longer, in a terminal: a live bar, and every
+    point says step N/total, the elapsed time and (between the first and the last) an
+    ETA; the first and the last step are always logged, so the run reports a throughput."""
+    leader, follower = pty.openpty()
+    command = ["-m", "fmkeras.train", *tiny_args(small_vocab, steps=12, **SHORT)]
+    process = subprocess.Popen([sys.executable, *command, "--out", str(tmp_path / "run")],
+                               cwd=REPO, stdout=follower, stderr=subprocess.DEVNULL)  # fmt: skip
+    os.close(follower)
+    output = b""
+    while chunk := read_terminal(leader):
+        output += chunk
+    assert process.wait(timeout=300) == 0
+    text = output.decode("utf-8", "replace")
+    assert "\r" in text and "12/12" in text  # Keras's Progbar redraws its line
+    lines = [line for line in text.replace("\r", "\n").splitlines() if "elapsed" in line]
+    assert [line.split("step ")[1].split(":")[0] for line in lines] == \
+        ["1/12 (8%)", "5/12 (42%)", "10/12 (83%)", "12/12 (100%)"]  # fmt: skip
+    assert all("ETA" in line for line in lines[1:3]) and "tokens/s" in lines[1]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["tokens_per_second"] > 0 and metrics["mfu"] > 0
+    # Train and validation points share one step grid, the final step included.
+    assert [s for s, _ in scalars(tmp_path / "run" / "logs" / "train", "loss")] == [1, 5, 10, 12]
+    assert [s for s, _ in scalars(tmp_path / "run" / "logs" / "validation", "loss")] == [5, 10, 12]
+
+
+def read_terminal(leader):
+    """The next output of a pseudo-terminal, or b"" once the child closed it."""
+    try:
+        return os.read(leader, 65536)
+    except OSError:  # EIO: no process holds the terminal any more
+        return b""
+
+
+def test_train_points_are_window_means_not_running_means(small_vocab, tmp_path):
+    """Keras's running loss restarts at every backup (step 10 here); each point is
+    the mean of the per-step losses since the previous point."""
+    from fmkeras.train import main
+
+    per_step, windows = tmp_path / "per_step", tmp_path / "windows"
+    settings = {**SHORT, "train.checkpoint_every": 10, "train.eval_every": 10}
+    per_step_args = tiny_args(small_vocab, steps=12, **{**settings, "train.log_every": 1})
+    assert main(per_step_args + ["--out", str(per_step)]) == 0
+    assert main(tiny_args(small_vocab, steps=12, **settings) + ["--out", str(windows)]) == 0
+    losses = dict(scalars(per_step / "logs" / "train", "loss"))
+    assert sorted(losses) == list(range(1, 13))
+    points = dict(scalars(windows / "logs" / "train", "loss"))
+    for start, end in ((2, 5), (6, 10), (11, 12)):
+        window = [losses[step] for step in range(start, end + 1)]
+        assert points[end] == pytest.approx(sum(window) / len(window), rel=1e-4), end
+    # The run's configuration is in TensorBoard as text and as an HParams session.
+    tags = EventAccumulator(str(windows / "logs")).Reload().Tags()["tensors"]
+    assert {"config", "_hparams_/session_start_info"} <= set(tags)

@@ -57,6 +57,14 @@ def test_classify_end_to_end_with_evaluate_and_predict(tmp_path, capsys, data_di
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["text"] for line in lines] == ["a gorgeous , witty film", "dull"]
     assert all(sum(line["probabilities"].values()) == pytest.approx(1, abs=1e-4) for line in lines)
+    # Empty texts get no made-up label, and --file output stays aligned with its lines.
+    texts = tmp_path / "texts.txt"
+    texts.write_text("dull\n\n   \na gorgeous , witty film\n", encoding="utf-8")
+    assert predict_main([str(run), "", "--file", str(texts)]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line.get("empty", False) for line in lines] == [True, False, True, True, False]
+    labelled = [line["text"] for line in lines if "label" in line]
+    assert labelled == ["dull", "a gorgeous , witty film"]
 
     assert evaluate_main([str(run), "--data", str(tmp_path / "missing.tsv")]) == 2
     assert "missing.tsv does not exist" in capsys.readouterr().err
@@ -101,10 +109,16 @@ def test_bad_rows_stop_or_are_skipped(tmp_path, data_dir, capsys):
     settings = {**QUICK, "data.train_file": str(train), "train.steps": 2}
     recipe = REPO / "trainers" / "sst2.yaml"
     assert main(train_args("classify", recipe, settings, tmp_path / "a")) == 2
-    assert f"error: {train}:82: not valid UTF-8" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"error: {train}:82: not valid UTF-8" in err and "set data.bad_rows=skip" in err
     settings["data.bad_rows"] = "skip"
     assert main(train_args("classify", recipe, settings, tmp_path / "b")) == 0
     assert "skipped 1 bad rows" in capsys.readouterr().out
+    # The evaluate command's hint names its own flag.
+    assert evaluate_main([str(tmp_path / "b"), "--data", str(train)]) == 2
+    assert "(pass --bad-rows skip to skip such rows)" in capsys.readouterr().err
+    assert evaluate_main([str(tmp_path / "b"), "--data", str(train), "--bad-rows", "skip"]) == 0
+    assert json.loads(capsys.readouterr().out)["skipped_rows"] == 1
 
 
 def tiny_starting_point(directory):
@@ -183,11 +197,17 @@ def test_lora_backup_restores_base_kernels_and_adapters(tmp_path):
     np.testing.assert_allclose(restored.predict(INPUTS, verbose=0), expected, atol=1e-5)
 
 
-def test_lora_run_saves_adapters_that_reproduce_the_merged_model(tmp_path, data_dir):
+def test_lora_run_saves_adapters_that_reproduce_the_merged_model(tmp_path, data_dir, capsys):
     start_dir = tiny_starting_point(tmp_path / "start")
     run = tmp_path / "lora"
     settings = {**QUICK, "model.init": str(start_dir), "model.dropout": 0.0, "train.steps": 20}
-    assert main(train_args("classify", REPO / "trainers" / "sst2_lora.yaml", settings, run)) == 0
+    recipe = REPO / "trainers" / "sst2_lora.yaml"
+    # Keys the checkpoint makes irrelevant: a contradicting width fails, a size warns.
+    wide = {**settings, "model.hidden_dim": 32}
+    assert main(train_args("classify", recipe, wide, tmp_path / "wide")) == 2
+    assert "model.hidden_dim=32 contradicts model.init=" in capsys.readouterr().err
+    assert main(train_args("classify", recipe, settings, run)) == 0
+    assert "warning: model.size=tiny is ignored: model.init=" in capsys.readouterr().out
     metrics = json.loads((run / "metrics.json").read_text())
     assert 0 < metrics["lora"]["trainable_share"] < 0.2
     merged = fmkeras.load_model(run / "model.keras")

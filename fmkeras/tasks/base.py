@@ -26,6 +26,8 @@ from typing import ClassVar
 
 import numpy as np
 
+from fmkeras.config import ARCHITECTURE_KEYS, SIZES, ModelConfig
+from fmkeras.errors import ConfigError
 from fmkeras.models import Encoder, encoder_kwargs
 from fmkeras.models.starting_point import load_starting_point, resolve_init
 from fmkeras.text.wordpiece import WordPieceTokenizer, learn_vocabulary, write_vocabulary
@@ -36,6 +38,23 @@ def log_softmax(logits):
     """Numerically stable log-probabilities over the last axis (numpy)."""
     shifted = logits - logits.max(-1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def check_against_checkpoint(model, encoder, log):
+    """The architecture keys a checkpoint `model.init` makes irrelevant: an
+    explicit dimension that differs from the checkpoint's is an error, and a
+    `model.size` other than the default that the checkpoint does not match is
+    ignored with a warning."""
+    found = {name: getattr(encoder, name) for name in ARCHITECTURE_KEYS}
+    for name, value in found.items():
+        wanted = getattr(model, name)
+        if wanted is not None and wanted != value:
+            raise ConfigError(f"model.{name}={wanted} contradicts model.init={model.init}, whose "
+                              f"encoder has {name} {value}; drop model.{name}")  # fmt: skip
+    if model.size not in (ModelConfig.size, "custom") and SIZES[model.size] != found:
+        shape = ", ".join(f"{name} {value}" for name, value in found.items())
+        log(f"warning: model.size={model.size} is ignored: model.init={model.init} brings its "
+            f"own encoder ({shape}); model.init=random trains a {model.size} one")  # fmt: skip
 
 
 class Task:
@@ -133,6 +152,7 @@ class Task:
             encoder = Encoder(**encoder_kwargs(model, tokenizer.vocabulary_size), name="encoder")
             return encoder, tokenizer, f"random {model.size} encoder"
         start = load_starting_point(model.init, model.dropout)
+        check_against_checkpoint(model, start.encoder, self.log)
         if not self.run.vocab.is_file():
             write_vocabulary(start.vocabulary, self.run.vocab)
         tokenizer = WordPieceTokenizer(start.vocabulary, lowercase=start.lowercase)

@@ -6,7 +6,13 @@ from sklearn.metrics import confusion_matrix, f1_score
 
 from fmkeras.models import Classifier
 from fmkeras.signatures import classifier_functions
-from fmkeras.tasks.finetune import EncoderPredictor, EncoderTask, collect, cross_entropy
+from fmkeras.tasks.finetune import (
+    EVALUATE_SKIP_HINT,
+    EncoderPredictor,
+    EncoderTask,
+    collect,
+    cross_entropy,
+)
 from fmkeras.tasks.registry import register_task
 from fmkeras.text.labelled import encode_texts, label_vocabulary, read_tsv
 
@@ -58,7 +64,7 @@ class ClassifyPredictor(EncoderPredictor):
     def evaluate(self, data, bad_rows="fail", batch_size=32):
         """Metrics on a TSV with the run's columns."""
         rows = read_tsv(data, self.info["text_column"], self.info["label_column"], bad_rows,
-                        labels=set(self.labels))  # fmt: skip
+                        labels=set(self.labels), skip_hint=EVALUATE_SKIP_HINT)  # fmt: skip
         ids, labels = encode_rows(self.tokenizer, rows, self.labels, self.info["sequence_length"])
         metrics = classification_metrics(collect(self.model, self.batches(ids, labels, batch_size)),
                                           self.labels)  # fmt: skip

@@ -12,6 +12,9 @@ from fmkeras.text.labelled import batched
 from fmkeras.text.wordpiece import WordPieceTokenizer
 from fmkeras.training import lora
 
+# A bad row met by `python -m fmkeras.evaluate`: the hint names that command's flag.
+EVALUATE_SKIP_HINT = "pass --bad-rows skip"
+
 
 def collect(model, dataset):
     """`[(logits, label)]` per example of a finite dataset, in dataset order.

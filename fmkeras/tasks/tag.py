@@ -10,7 +10,13 @@ from seqeval.metrics import classification_report, f1_score, precision_score, re
 
 from fmkeras.models import Tagger
 from fmkeras.signatures import tagger_functions
-from fmkeras.tasks.finetune import EncoderPredictor, EncoderTask, collect, cross_entropy
+from fmkeras.tasks.finetune import (
+    EVALUATE_SKIP_HINT,
+    EncoderPredictor,
+    EncoderTask,
+    collect,
+    cross_entropy,
+)
 from fmkeras.tasks.registry import register_task
 from fmkeras.text.labelled import encode_words, read_conll
 
@@ -76,7 +82,7 @@ class TagPredictor(EncoderPredictor):
 
     def evaluate(self, data, bad_rows="fail", batch_size=32):
         """Entity-level metrics on a CoNLL file."""
-        rows = read_conll(data, bad_rows, tags=set(self.labels))
+        rows = read_conll(data, bad_rows, tags=set(self.labels), skip_hint=EVALUATE_SKIP_HINT)
         ids, pieces, truncated = encode_rows(self.tokenizer, rows, self.labels,
                                              self.info["sequence_length"])  # fmt: skip
         examples = collect(self.model, self.batches(ids, pieces, batch_size))

@@ -26,14 +26,18 @@ class Rows:
         return len(self.inputs)
 
 
+# How to skip bad rows, as the recipe says it; the evaluate command names its flag.
+RECIPE_SKIP_HINT = "set data.bad_rows=skip"
+
+
 class _Rejecter:
-    def __init__(self, path, bad_rows):
-        self.path, self.bad_rows, self.skipped = path, bad_rows, []
+    def __init__(self, path, bad_rows, skip_hint):
+        self.path, self.bad_rows, self.skip_hint, self.skipped = path, bad_rows, skip_hint, []
 
     def __call__(self, line, reason):
         message = f"{self.path}:{line}: {reason}"
         if self.bad_rows != "skip":
-            raise DataError(f"{message} (set data.bad_rows=skip to skip such rows)")
+            raise DataError(f"{message} ({self.skip_hint} to skip such rows)")
         self.skipped.append(message)
 
 
@@ -47,12 +51,14 @@ def _decoded_lines(path, reject):
                 reject(number, f"not valid UTF-8 ({error.reason} at byte {error.start})")
 
 
-def read_tsv(path, text_column, label_column, bad_rows="fail", max_rows=None, labels=None):
+def read_tsv(path, text_column, label_column, bad_rows="fail", max_rows=None, labels=None,
+             skip_hint=RECIPE_SKIP_HINT):  # fmt: skip
     """Reads a TSV with a header line into `Rows` of (text, label string).
 
     `labels`, if given, is the closed label set: other labels are bad rows.
+    `skip_hint` tells, in a bad-row error, how to skip such rows.
     """
-    reject = _Rejecter(path, bad_rows)
+    reject = _Rejecter(path, bad_rows, skip_hint)
     lines = _decoded_lines(path, reject)
     first = next(lines, None)
     if first is None:
@@ -99,11 +105,11 @@ def iob1_to_iob2(tags):
     return converted
 
 
-def read_conll(path, bad_rows="fail", max_rows=None, tags=None):
+def read_conll(path, bad_rows="fail", max_rows=None, tags=None, skip_hint=RECIPE_SKIP_HINT):
     """Reads CoNLL-2003 style NER (word first, tag last, blank line between
     sentences, `-DOCSTART-` ignored; IOB1 or IOB2) into `Rows` of (words, IOB2
     tags). `tags`, if given, is the closed tag set: other tags are bad rows."""
-    reject = _Rejecter(path, bad_rows)
+    reject = _Rejecter(path, bad_rows, skip_hint)
     sentences, tag_lists = [], []
     words, labels, problem = [], [], None
 

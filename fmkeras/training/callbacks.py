@@ -3,6 +3,7 @@ validation, a NaN guard and a SIGTERM stop."""
 
 import math
 import signal
+import sys
 import threading
 import time
 
@@ -15,103 +16,178 @@ def _scalar(value):
     return float(np.asarray(keras.ops.convert_to_numpy(value)))
 
 
-class TrainingLogger(keras.callbacks.Callback):
-    """Writes TensorBoard scalars every `log_every` steps and after each validation.
+def clock(seconds):
+    """`H:MM:SS`."""
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
-    Train (`logs/train`): loss, accuracy, learning rate, and either tokens
-    per second, model-FLOPs utilisation and perplexity (`exp(loss)`, language
-    models) or examples per second (tasks with variable-length batches).
-    Validation (`logs/validation`): whatever `write_validation` is given. The
-    step axis is the optimizer's iteration count, so resumed runs continue
-    the same curves. Train loss/accuracy are Keras's running means since the
-    last backup.
+
+class TrainingLogger(keras.callbacks.Callback):
+    """Progress lines, a live bar and TensorBoard scalars.
+
+    Train scalars (`logs/train`) are written on the step grid validation
+    uses: every multiple of `log_every`, the first step of an attempt and
+    the final step. Loss and metrics are means over the steps since the
+    previous point (recovered from Keras's running means, which restart at
+    every backup), not running means. Throughput (tokens or examples per
+    second, MFU) counts only the time spent in training steps, and the
+    first step of an attempt (tracing, compilation) is left out. Each line
+    shows `step N/total (P %)`, the elapsed time of this attempt and an ETA
+    from the wall time per step since the first step. When stdout is a
+    terminal, a Keras `Progbar` shows every step in between.
+
+    Validation (`logs/validation`): whatever `write_validation` is given.
+    The step axis is the optimizer's iteration count, so resumed runs
+    continue the same curves.
 
     Args:
         log_dir: TensorBoard directory.
-        log_every: steps between train scalars.
+        log_every: steps between train points.
+        final_step: the run's last step (`train.steps`).
         tokens_per_step: global batch * sequence length (language models).
         flops_per_step: training FLOPs of one global step (with tokens_per_step).
         peak_flops: FLOP/s the hardware can do (for MFU).
         examples_per_step: global batch, when tokens_per_step is None.
         print_fn: where the console lines go (None: silent).
+        progress_bar: show a live bar (default: when stdout is a terminal).
     """
 
     def __init__(
         self,
         log_dir,
         log_every,
+        final_step,
         tokens_per_step=None,
         flops_per_step=None,
         peak_flops=None,
         examples_per_step=None,
         print_fn=print,
+        progress_bar=None,
     ):
         super().__init__()
         self.log_dir = str(log_dir)
         self.log_every = log_every
+        self.final_step = final_step
         self.tokens_per_step = tokens_per_step
         self.flops_per_step = flops_per_step
         self.peak_flops = peak_flops
         self.examples_per_step = examples_per_step
         self.print_fn = print_fn
-        self.throughput = []  # tokens/s (or examples/s) of each logged interval
+        self.progress_bar = sys.stdout.isatty() if progress_bar is None else progress_bar
+        self.throughput = []  # tokens/s (or examples/s) of each timed window
         self.last_validation_step = None
+        self._attempt = None  # (first step, wall time) of this attempt
+        self._bar = None
         # Made here, not in on_train_begin: a finished run that is started again skips
         # `fit` but still writes its final validation.
         self.train_writer = tf.summary.create_file_writer(f"{self.log_dir}/train")
         self.valid_writer = tf.summary.create_file_writer(f"{self.log_dir}/validation")
 
-    def on_train_begin(self, logs=None):
-        self._mark = None
-
     def _step(self):
         return int(_scalar(self.model.optimizer.iterations))
 
+    def _say(self, message):
+        if self.print_fn:
+            if self._bar is not None:  # clear the bar's line; it redraws on the next step
+                sys.stdout.write("\r\033[K")
+            self.print_fn(message)
+
+    def on_train_begin(self, logs=None):
+        if self._attempt is None:  # fit_phases calls `fit` several times per attempt
+            step = self._step()
+            self._attempt = (step, time.perf_counter())
+            self._first_done = None  # (step, time) when the attempt's first step finished
+            self._last_point = None  # step of the last train point
+            self._busy, self._busy_steps = 0.0, 0
+            if self.progress_bar and self.print_fn and step < self.final_step:
+                self._bar = keras.utils.Progbar(self.final_step - step, unit_name="step")
+
+    def on_epoch_begin(self, epoch, logs=None):
+        # Keras's running means restart with every epoch (every backup).
+        self._epoch_start = self._step()
+        self._window = (0, {})  # (steps, {name: sum}) this epoch up to the last point
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._batch_began = time.perf_counter()
+
     def on_train_batch_end(self, batch, logs=None):
-        step, now = self._step(), time.perf_counter()
-        if self._mark is None:  # the first call includes tracing/compilation: start timing here
-            self._mark = (step, now)
+        now, step = time.perf_counter(), self._step()
+        done = step - self._epoch_start
+        sums = {k: float(v) * done for k, v in (logs or {}).items()
+                if np.ndim(v) == 0 and math.isfinite(float(v))}  # fmt: skip
+        if self._first_done is None:
+            self._first_done = (step, now)
+        else:  # the first step (tracing, compilation) is not timed
+            self._busy += now - self._batch_began
+            self._busy_steps += step - self._last_busy_step
+        self._last_busy_step = step
+        if self._bar is not None:
+            self._bar.update(step - self._attempt[0], finalize=step >= self.final_step)
+        first = self._last_point is None
+        on_grid = first or step >= self.final_step or \
+            step // self.log_every > self._last_point // self.log_every  # fmt: skip
+        if not on_grid:
             return
-        if step - self._mark[0] < self.log_every:
-            return
-        seconds = (now - self._mark[1]) / (step - self._mark[0])
-        self._mark = (step, now)
-        loss = float(logs["loss"])
-        scalars = {
-            "loss": loss,
-            "accuracy": float(logs.get("accuracy", math.nan)),
-            "learning_rate": _scalar(self.model.optimizer.learning_rate),
-        }
-        if self.tokens_per_step:
-            scalars["perplexity"] = math.exp(min(loss, 50.0))
-            scalars["tokens_per_second"] = self.tokens_per_step / seconds
-            scalars["mfu"] = self.flops_per_step / seconds / self.peak_flops
-            speed = f"{scalars['tokens_per_second']:,.0f} tokens/s MFU {scalars['mfu']:.1%}"
-        else:
-            scalars["examples_per_second"] = self.examples_per_step / seconds
-            speed = f"{scalars['examples_per_second']:,.0f} examples/s"
-        self.throughput.append(scalars.get("tokens_per_second", scalars.get("examples_per_second")))
+        window_steps = done - self._window[0]
+        means = {name: (sums[name] - self._window[1].get(name, 0.0)) / max(window_steps, 1)
+                 for name in sorted(sums, key=lambda name: name != "loss")}  # loss first
+        self._window = (done, sums)
+        self._last_point = step
+        self._write_point(step, now, means)
+
+    def _write_point(self, step, now, means):
+        scalars = {**means, "learning_rate": _scalar(self.model.optimizer.learning_rate)}
+        speed = ""
+        if self._busy_steps:
+            seconds = self._busy / self._busy_steps
+            self._busy, self._busy_steps = 0.0, 0
+            if self.tokens_per_step:
+                scalars["tokens_per_second"] = self.tokens_per_step / seconds
+                scalars["mfu"] = self.flops_per_step / seconds / self.peak_flops
+                speed = f" | {scalars['tokens_per_second']:,.0f} tokens/s MFU {scalars['mfu']:.1%}"
+            else:
+                scalars["examples_per_second"] = self.examples_per_step / seconds
+                speed = f" | {scalars['examples_per_second']:,.0f} examples/s"
+            self.throughput.append(scalars.get("tokens_per_second",
+                                               scalars.get("examples_per_second")))  # fmt: skip
+        if self.tokens_per_step and "loss" in means:
+            scalars["perplexity"] = math.exp(min(means["loss"], 50.0))
         with self.train_writer.as_default(step=step):
             for name, value in scalars.items():
                 tf.summary.scalar(name, value)
-        if self.print_fn:
-            self.print_fn(
-                f"step {step}: loss {loss:.4f} accuracy {scalars['accuracy']:.4f} "
-                f"lr {scalars['learning_rate']:.2e} {speed}"
-            )
+        first_step, first_time = self._first_done
+        timing = f" | {clock(now - self._attempt[1])} elapsed"
+        if step > first_step and step < self.final_step:
+            eta = (now - first_time) / (step - first_step) * (self.final_step - step)
+            timing += f", ETA {clock(eta)}"
+        shown = " ".join(f"{name} {value:.4f}" for name, value in means.items())
+        self._say(f"step {step}/{self.final_step} ({step / self.final_step:.0%}): {shown} "
+                  f"lr {scalars['learning_rate']:.2e}{speed}{timing}")  # fmt: skip
 
     def median_throughput(self):
         ordered = sorted(self.throughput)
         return ordered[len(ordered) // 2] if ordered else None
 
     def summary(self):
-        """metrics.json's throughput entries: the median over the logged intervals."""
+        """metrics.json's throughput entries: the median over the timed windows."""
         median = self.median_throughput()
         if not self.tokens_per_step:
             return {"examples_per_second": median}
         mfu = median * self.flops_per_step / self.tokens_per_step / self.peak_flops if median \
             else None  # fmt: skip
         return {"tokens_per_second": median, "mfu": mfu}
+
+    def write_run_info(self, config):
+        """The run's configuration (a flat `{key: value}`) as TensorBoard text and
+        as an HParams session in `log_dir`, so runs compare by their settings."""
+        from tensorboard.plugins.hparams import api as hparams
+
+        values = {key: value if isinstance(value, bool | int | float | str) else str(value)
+                  for key, value in config.items()}  # fmt: skip
+        table = "\n".join(f"| `{key}` | `{value}` |" for key, value in values.items())
+        with tf.summary.create_file_writer(self.log_dir).as_default(step=0):
+            hparams.hparams(values)
+            tf.summary.text("config", f"| key | value |\n| --- | --- |\n{table}")
 
     def write_validation(self, step, metrics):
         """Validation summaries at `step` (once per step): the float entries of
@@ -129,9 +205,8 @@ class TrainingLogger(keras.callbacks.Callback):
                 if isinstance(value, str):  # e.g. translation samples
                     tf.summary.text(name, value)
         self.valid_writer.flush()
-        if self.print_fn:
-            shown = " ".join(f"{name} {value:.4f}" for name, value in scalars.items())
-            self.print_fn(f"step {step}: validation {shown}")
+        shown = " ".join(f"{name} {value:.4f}" for name, value in scalars.items())
+        self._say(f"step {step}/{self.final_step}: validation {shown}")
 
     def on_train_end(self, logs=None):
         self.train_writer.flush()

@@ -11,7 +11,7 @@ import time
 import keras
 
 from fmkeras import distribute
-from fmkeras.config import profile_range
+from fmkeras.config import flat_config, profile_range
 from fmkeras.data import require_file, resolve_data_dir
 from fmkeras.tasks.registry import get_task
 from fmkeras.training import trainer
@@ -88,7 +88,9 @@ def _train(task, strategy, log):
                                     **task.compile_args(model))  # fmt: skip
     write_extra, after_restore = task.backup_hooks(model)
     start_step = trainer.resume(model, run, train, log, after_restore=after_restore)
-    logger = TrainingLogger(run.logs, train.log_every, print_fn=log, **task.logger_settings(model))
+    logger = TrainingLogger(run.logs, train.log_every, train.steps, print_fn=log,
+                            **task.logger_settings(model))  # fmt: skip
+    logger.write_run_info(dict(flat_config(config)))
     log(f"model: {model.count_params():,} parameters; {strategy.num_replicas_in_sync} "
         f"replica(s), XLA {'on' if xla else 'off'}; steps {start_step}..{train.steps}")  # fmt: skip
     cadence = trainer.describe_cadence(train)

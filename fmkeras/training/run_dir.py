@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from fmkeras.config import RunConfig, to_dict
+from fmkeras.config import RunConfig, flat_config, flatten, to_dict
 from fmkeras.errors import ConfigError
 from fmkeras.training.checkpoints import atomic_path, latest_backup, write_json
 
@@ -42,14 +42,6 @@ RESUMABLE_CHANGES = (
 # What a run made before a key existed computed: the key's value then, where it is
 # not the key's default today.
 VALUES_BEFORE_THE_KEY = {"train.precision": "float32"}
-
-
-def _flat(mapping, prefix=""):
-    for key, value in mapping.items():
-        if isinstance(value, dict):
-            yield from _flat(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
 
 
 @dataclasses.dataclass
@@ -83,15 +75,15 @@ class RunDir:
         except OSError as error:
             raise ConfigError(f"cannot create the run directory {self.root}: "
                               f"{error.strerror}") from None  # fmt: skip
-        new = dict(_flat(to_dict(config)))
+        new = flat_config(config)
         if self.config.is_file() and latest_backup(self.backups)[0] is not None:
-            old = dict(_flat(self.read_config()))
+            old = dict(flatten(self.read_config()))
             if "task" in old:
                 from fmkeras.tasks.registry import ALIASES
 
                 old["task"] = ALIASES.get(old["task"], old["task"])
             # A key the run's fmkeras version did not have yet counts as what it computed then.
-            defaults = {**dict(_flat(to_dict(RunConfig()))), **VALUES_BEFORE_THE_KEY}
+            defaults = {**flat_config(RunConfig()), **VALUES_BEFORE_THE_KEY}
             changed = [
                 f"{key}: {old.get(key, defaults.get(key))!r} -> {new.get(key)!r}"
                 for key in sorted(new)
