@@ -56,6 +56,18 @@ def parser(prog, doc, epilog=None, version_flag=True):
     return result
 
 
+def rounded(value, digits=4):
+    """`value` (nested dicts and lists) with floats rounded, for output people
+    read; files written for programs keep full precision."""
+    if isinstance(value, float):
+        return round(value, digits)
+    if isinstance(value, dict):
+        return {key: rounded(item, digits) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [rounded(item, digits) for item in value]
+    return value
+
+
 def decode_arguments(parser):
     """Decoding flags of translate runs (`translate`, `evaluate`, `predict`, `export`)."""
     group = parser.add_argument_group("translate runs")

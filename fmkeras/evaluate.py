@@ -4,7 +4,9 @@ classify / tag runs: `--data` in the format the run was trained on (TSV with
 the same columns, or CoNLL). mlm runs: `--data` is a text file; prints
 masked-LM loss, accuracy and perplexity. translate runs: `--src` and `--ref`
 are aligned line files; prints BLEU and chrF (sacreBLEU) and can write the
-hypotheses. Prints the metrics as JSON and optionally writes them (`--out`).
+hypotheses. Prints the metrics as JSON (floats to 4 decimals) and optionally
+writes them at full precision (`--out`). The keys are those of the run's
+metrics.json (`loss`, `accuracy`, ...).
 """
 
 import json
@@ -53,8 +55,8 @@ def main(argv):
             raise DataError(f"{inputs[name]} does not exist")
     metrics = predictor.evaluate(**inputs)
     if args.out:
-        write_json(args.out, metrics)
-    print(json.dumps(metrics, indent=2))
+        write_json(args.out, metrics)  # full precision
+    print(json.dumps(cli.rounded(metrics), indent=2, ensure_ascii=False))
     return 0
 
 

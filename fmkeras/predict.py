@@ -3,9 +3,9 @@
 classify runs print a label and probabilities, tag runs word tags, translate
 runs the translation, and mlm runs the likeliest pieces for each `[MASK]`.
 Texts come from the arguments, or one per line from `--file` (`-` for
-stdin). Prints one JSON object per text, in input order: an empty (or
-blank) text gets `{"text": "", "empty": true}` and no prediction, so the
-output stays aligned with the input lines.
+stdin). Prints one JSON object per text (probabilities to 4 decimals), in
+input order: an empty (or blank) text gets `{"text": "", "empty": true}` and
+no prediction, so the output stays aligned with the input lines.
 """
 
 import json
@@ -44,7 +44,7 @@ def main(argv):
     results = iter(predictor.predict(given) if given else [])
     for text in texts:
         result = next(results) if text.strip() else {"text": text, "empty": True}
-        print(json.dumps(result, ensure_ascii=False))
+        print(json.dumps(cli.rounded(result), ensure_ascii=False))
     return 0
 
 

@@ -39,17 +39,16 @@ QUICKSTART_CLASSIFY = {
     "train.log_every": 50,
 }
 SUMMARY_KEYS = (
-    "valid_loss",
-    "valid_masked_accuracy",
-    "valid_perplexity",
-    "tokens_per_second",
-    "mfu",
+    "loss",
     "accuracy",
+    "perplexity",
     "macro_f1",
     "f1",
-    "examples_per_second",
     "bleu",
     "chrf",
+    "tokens_per_second",
+    "mfu",
+    "examples_per_second",
 )
 
 
@@ -110,8 +109,8 @@ def train_one(config, out, data_dir_option):
     from fmkeras.training.driver import train
 
     run, metrics = train(config, out, data_dir_option, log=log)
-    summary = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                        for k, v in metrics.items() if k in SUMMARY_KEYS)  # fmt: skip
+    shown = [(key, metrics[key]) for key in SUMMARY_KEYS if metrics.get(key) is not None]
+    summary = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown)
     log(f"done: {summary}")
     log(f"run directory {run.root}: model {run.model.name}, encoder {run.encoder.name}, "
         f"vocabulary {run.vocab.name}, metrics {run.metrics.name}, "

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from conftest import REPO
 from run_helpers import scalars, serve_in_fresh_process, train_args
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import fmkeras
 from fmkeras.errors import DataError
@@ -48,15 +49,24 @@ def test_classify_end_to_end_with_evaluate_and_predict(tmp_path, capsys, data_di
     losses = [value for _, value in scalars(run / "logs" / "train", "loss")]
     assert losses[-1] < losses[0]
     assert [step for step, _ in scalars(run / "logs" / "validation", "macro_f1")] == [20, 40]
+    images = EventAccumulator(str(run / "logs" / "validation")).Reload().Tags()["tensors"]
+    assert {"confusion_matrix", "confusion_matrix_table"} <= set(images)  # image and table
 
     capsys.readouterr()
     assert evaluate_main([str(run), "--data", str(data_dir / "sst2" / "dev.tsv")]) == 0
-    scored = json.loads(capsys.readouterr().out)
-    assert scored["accuracy"] == pytest.approx(metrics["accuracy"])
+    scored = json.loads(capsys.readouterr().out)  # the keys of metrics.json, 4 decimals
+    assert scored["accuracy"] == round(metrics["accuracy"], 4)
+    assert {"loss", "accuracy", "macro_f1", "skipped_rows"} <= set(scored) & set(metrics)
+    assert evaluate_main([str(run), "--data", str(data_dir / "sst2" / "dev.tsv"), "--out",
+                          str(tmp_path / "scored.json")]) == 0  # fmt: skip
+    written = json.loads((tmp_path / "scored.json").read_text())
+    assert written["accuracy"] == pytest.approx(metrics["accuracy"], rel=1e-9)  # full precision
+    capsys.readouterr()
     assert predict_main([str(run), "a gorgeous , witty film", "dull"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["text"] for line in lines] == ["a gorgeous , witty film", "dull"]
-    assert all(sum(line["probabilities"].values()) == pytest.approx(1, abs=1e-4) for line in lines)
+    assert all(sum(line["probabilities"].values()) == pytest.approx(1, abs=2e-4) for line in lines)
+    assert all(len(repr(p)) <= 6 for line in lines for p in line["probabilities"].values())
     # Empty texts get no made-up label, and --file output stays aligned with its lines.
     texts = tmp_path / "texts.txt"
     texts.write_text("dull\n\n   \na gorgeous , witty film\n", encoding="utf-8")
@@ -118,7 +128,9 @@ def test_bad_rows_stop_or_are_skipped(tmp_path, data_dir, capsys):
     assert evaluate_main([str(tmp_path / "b"), "--data", str(train)]) == 2
     assert "(pass --bad-rows skip to skip such rows)" in capsys.readouterr().err
     assert evaluate_main([str(tmp_path / "b"), "--data", str(train), "--bad-rows", "skip"]) == 0
-    assert json.loads(capsys.readouterr().out)["skipped_rows"] == 1
+    assert json.loads(capsys.readouterr().out)["skipped_rows"] == {"data": 1}
+    metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert metrics["skipped_rows"] == {"train": 1, "valid": 0}
 
 
 def tiny_starting_point(directory):

@@ -68,7 +68,7 @@ class ClassifyPredictor(EncoderPredictor):
         ids, labels = encode_rows(self.tokenizer, rows, self.labels, self.info["sequence_length"])
         metrics = classification_metrics(collect(self.model, self.batches(ids, labels, batch_size)),
                                           self.labels)  # fmt: skip
-        return {**metrics, "skipped_rows": len(rows.skipped), "file": str(data)}
+        return {**metrics, "skipped_rows": {"data": len(rows.skipped)}, "file": str(data)}
 
     def serving_functions(self):
         return classifier_functions(self)

@@ -138,10 +138,14 @@ class MaskedLMTask(Task):
     def final_metrics(self, model, validation):
         data, train = self.config.data, self.config.train
         arch = encoder_kwargs(self.config.model, self.tokenizer.vocabulary_size)
+        perplexity = math.exp(min(validation["loss"], 50.0))
         return {
+            **validation,  # loss, accuracy (of the masked tokens): the names evaluate prints
+            "perplexity": perplexity,
+            # The names metrics.json used before every task reported `loss`; kept for scripts.
             "valid_loss": validation["loss"],
             "valid_masked_accuracy": validation["accuracy"],
-            "valid_perplexity": math.exp(min(validation["loss"], 50.0)),
+            "valid_perplexity": perplexity,
             "peak_gflops": self.peak_gflops,
             "parameters": model.count_params(),
             "non_embedding_parameters": parameter_counts(arch)["non_embedding"],

@@ -87,7 +87,7 @@ class TagPredictor(EncoderPredictor):
                                              self.info["sequence_length"])  # fmt: skip
         examples = collect(self.model, self.batches(ids, pieces, batch_size))
         metrics = tagging_metrics(examples, self.labels, truncated)
-        return {**metrics, "skipped_rows": len(rows.skipped), "file": str(data)}
+        return {**metrics, "skipped_rows": {"data": len(rows.skipped)}, "file": str(data)}
 
     def serving_functions(self):
         return tagger_functions(self)

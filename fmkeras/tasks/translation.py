@@ -230,7 +230,9 @@ class TranslateTask(Task):
         greedy = {k: v for k, v in validation.items() if k != "samples"}
         beam = {k: v for k, v in self.evaluate(model, beam_width).items() if k != "samples"}
         return {
-            "valid_loss": greedy["loss"],
+            "loss": greedy["loss"],  # teacher-forced, as every task's `loss`
+            "accuracy": greedy["accuracy"],
+            "valid_loss": greedy["loss"],  # the names before every task reported `loss`
             "valid_accuracy": greedy["accuracy"],
             "greedy": greedy,
             f"beam{beam_width}": beam,

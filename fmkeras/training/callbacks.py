@@ -16,6 +16,26 @@ def _scalar(value):
     return float(np.asarray(keras.ops.convert_to_numpy(value)))
 
 
+def confusion_image(matrix, cell=24):
+    """A `(1, H, W, 3)` uint8 heatmap of a confusion matrix (rows: true labels,
+    columns: predictions), each row normalized; white is 0, dark blue is 1."""
+    counts = np.asarray(matrix, np.float64)
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    white, blue = np.array([255.0, 255.0, 255.0]), np.array([8.0, 48.0, 107.0])
+    pixels = white + shares[..., None] * (blue - white)  # (true, predicted, rgb)
+    pixels = np.repeat(np.repeat(pixels, cell, axis=0), cell, axis=1)
+    return pixels[None].round().astype(np.uint8)
+
+
+def confusion_table(matrix, labels=None):
+    """A confusion matrix as a Markdown table (TensorBoard's Text tab)."""
+    labels = labels or [str(i) for i in range(len(matrix))]
+    rows = [f"| **{label}** | " + " | ".join(str(n) for n in row) + " |"
+            for label, row in zip(labels, matrix, strict=True)]  # fmt: skip
+    header = "| true \\ predicted | " + " | ".join(labels) + " |"
+    return "\n".join([header, "|" + " --- |" * (len(labels) + 1), *rows])
+
+
 def clock(seconds):
     """`H:MM:SS`."""
     seconds = int(seconds)
@@ -204,6 +224,10 @@ class TrainingLogger(keras.callbacks.Callback):
             for name, value in metrics.items():
                 if isinstance(value, str):  # e.g. translation samples
                     tf.summary.text(name, value)
+            if metrics.get("confusion_matrix") is not None:  # classification
+                matrix, labels = metrics["confusion_matrix"], metrics.get("labels")
+                tf.summary.image("confusion_matrix", confusion_image(matrix))
+                tf.summary.text("confusion_matrix_table", confusion_table(matrix, labels))
         self.valid_writer.flush()
         shown = " ".join(f"{name} {value:.4f}" for name, value in scalars.items())
         self._say(f"step {step}/{self.final_step}: validation {shown}")
