@@ -164,9 +164,14 @@ def test_train_points_are_window_means_not_running_means(small_vocab, tmp_path):
     losses = dict(scalars(per_step / "logs" / "train", "loss"))
     assert sorted(losses) == list(range(1, 13))
     points = dict(scalars(windows / "logs" / "train", "loss"))
+    norms = dict(scalars(per_step / "logs" / "train", "gradient_norm"))
+    norm_points = dict(scalars(windows / "logs" / "train", "gradient_norm"))
     for start, end in ((2, 5), (6, 10), (11, 12)):
         window = [losses[step] for step in range(start, end + 1)]
         assert points[end] == pytest.approx(sum(window) / len(window), rel=1e-4), end
+        window = [norms[step] for step in range(start, end + 1)]
+        assert norm_points[end] == pytest.approx(sum(window) / len(window), rel=1e-4), end
+    assert all(0 < norm < 1e3 for norm in norms.values())
     # The run's configuration is in TensorBoard as text and as an HParams session.
     tags = EventAccumulator(str(windows / "logs")).Reload().Tags()["tensors"]
     assert {"config", "_hparams_/session_start_info"} <= set(tags)

@@ -51,3 +51,21 @@ def test_fit_phases_back_up_every_interval_and_at_the_end():
     # first catches up to the next multiple.
     assert fit_phases(7, 30, 5) == [(7, 3, 1), (10, 5, 4)]
     assert fit_phases(2003, 2003, 500) == []
+
+
+def test_the_gradient_norm_is_measured_before_clipping_and_not_saved(tmp_path):
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, use_bias=False)])
+    optimizer = create_optimizer(TrainConfig(steps=10, clip_norm=1.0))
+    norm = keras.metrics.Mean(name="gradient_norm")
+    optimizer.measure_gradient_norm(norm)
+    for gradient in ([[3.0], [4.0]], [[6.0], [8.0]]):  # global norms 5 and 10
+        optimizer.apply_gradients([(np.array(gradient, "float32"), model.weights[0])])
+    assert float(norm.result()) == pytest.approx(7.5)  # unclipped, averaged
+    # The saved state is AdamW's: a backup of it loads into a stock Keras AdamW.
+    stock = keras.optimizers.AdamW.from_config(optimizer.get_config())
+    stock.build(model.trainable_variables)
+    names = [[v.path.split("/", 1)[1] for v in o.variables] for o in (optimizer, stock)]
+    assert names[0] == names[1] and len(names[0]) == 3  # iteration, momentum, velocity
+    model.compile(optimizer=optimizer, loss="mse")
+    model.save(tmp_path / "m.keras")
+    assert type(keras.saving.load_model(tmp_path / "m.keras").optimizer).__name__ == "AdamW"

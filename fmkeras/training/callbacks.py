@@ -70,6 +70,9 @@ class TrainingLogger(keras.callbacks.Callback):
         examples_per_step: global batch, when tokens_per_step is None.
         print_fn: where the console lines go (None: silent).
         progress_bar: show a live bar (default: when stdout is a terminal).
+        gradient_norm: optional `keras.metrics.Mean` the optimizer feeds with each
+            step's global gradient norm (`optimizer.AdamW.measure_gradient_norm`);
+            logged as the mean over each window, then reset.
     """
 
     def __init__(
@@ -83,8 +86,10 @@ class TrainingLogger(keras.callbacks.Callback):
         examples_per_step=None,
         print_fn=print,
         progress_bar=None,
+        gradient_norm=None,
     ):
         super().__init__()
+        self.gradient_norm = gradient_norm
         self.log_dir = str(log_dir)
         self.log_every = log_every
         self.final_step = final_step
@@ -157,6 +162,11 @@ class TrainingLogger(keras.callbacks.Callback):
 
     def _write_point(self, step, now, means):
         scalars = {**means, "learning_rate": _scalar(self.model.optimizer.learning_rate)}
+        norm = ""
+        if self.gradient_norm is not None:
+            scalars["gradient_norm"] = float(self.gradient_norm.result())
+            self.gradient_norm.reset_state()
+            norm = f" grad_norm {scalars['gradient_norm']:.3g}"
         speed = ""
         if self._busy_steps:
             seconds = self._busy / self._busy_steps
@@ -182,7 +192,7 @@ class TrainingLogger(keras.callbacks.Callback):
             timing += f", ETA {clock(eta)}"
         shown = " ".join(f"{name} {value:.4f}" for name, value in means.items())
         self._say(f"step {step}/{self.final_step} ({step / self.final_step:.0%}): {shown} "
-                  f"lr {scalars['learning_rate']:.2e}{speed}{timing}")  # fmt: skip
+                  f"lr {scalars['learning_rate']:.2e}{norm}{speed}{timing}")  # fmt: skip
 
     def median_throughput(self):
         ordered = sorted(self.throughput)

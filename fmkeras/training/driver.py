@@ -83,13 +83,15 @@ def _train(task, strategy, log):
     keras.utils.set_random_seed(train.seed)  # initialisation (data order and masks use it too)
     with strategy.scope():
         model = task.build_model()
-        xla = trainer.compile_model(model, strategy, train, log,
-                                    optimizer=create_optimizer(train),
+        optimizer = create_optimizer(train)
+        gradient_norm = keras.metrics.Mean(name="gradient_norm")  # read by the logger
+        optimizer.measure_gradient_norm(gradient_norm)
+        xla = trainer.compile_model(model, strategy, train, log, optimizer=optimizer,
                                     **task.compile_args(model))  # fmt: skip
     write_extra, after_restore = task.backup_hooks(model)
     start_step = trainer.resume(model, run, train, log, after_restore=after_restore)
     logger = TrainingLogger(run.logs, train.log_every, train.steps, print_fn=log,
-                            **task.logger_settings(model))  # fmt: skip
+                            gradient_norm=gradient_norm, **task.logger_settings(model))  # fmt: skip
     logger.write_run_info(dict(flat_config(config)))
     log(f"model: {model.count_params():,} parameters; {strategy.num_replicas_in_sync} "
         f"replica(s), XLA {'on' if xla else 'off'}; steps {start_step}..{train.steps}")  # fmt: skip

@@ -1,4 +1,5 @@
-"""AdamW with warmup + decay, no weight decay on LayerNorm and bias."""
+"""AdamW with warmup + decay, no weight decay on LayerNorm and bias, and the
+gradient norm measured for the logs."""
 
 import math
 
@@ -41,12 +42,35 @@ class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
         }
 
 
+@keras.saving.register_keras_serializable(package="fmkeras")
+class AdamW(keras.optimizers.AdamW):
+    """Keras's AdamW that can also measure the global norm of each step's
+    gradients (before clipping) into a `keras.metrics.Mean` given to
+    `measure_gradient_norm` (the training logger reads and resets it). Its
+    saved state is AdamW's: the metric is kept out of the optimizer's tracked
+    variables, so backups of runs made before stay loadable. Under
+    multi-device strategies the norm is each replica's, averaged.
+    """
+
+    def measure_gradient_norm(self, metric):
+        # object.__setattr__: Keras's attribute tracking would add the metric's
+        # variables to the optimizer's (and so to every backup).
+        object.__setattr__(self, "_gradient_norm", metric)
+
+    def apply(self, grads, trainable_variables=None):
+        metric = self.__dict__.get("_gradient_norm")
+        if metric is not None:
+            squares = [ops.sum(ops.square(ops.cast(g, "float32"))) for g in grads if g is not None]
+            metric.update_state(ops.sqrt(ops.sum(ops.stack(squares))))
+        return super().apply(grads, trainable_variables)
+
+
 def create_optimizer(train_config):
     """AdamW from a `TrainConfig`: schedule, weight-decay exclusions, clipping."""
     warmup = train_config.warmup_steps
     if warmup is None:
         warmup = train_config.steps // 10
-    optimizer = keras.optimizers.AdamW(
+    optimizer = AdamW(
         learning_rate=WarmupDecay(
             train_config.learning_rate, warmup, train_config.steps, train_config.decay
         ),
