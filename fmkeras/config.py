@@ -284,10 +284,7 @@ def load_recipe(path):
         raise ConfigError(f"recipe {path} is not valid YAML: {_yaml_problem(error)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path} must be a mapping of sections, got {type(data).__name__}")
-    try:
-        return dict(flatten(data))
-    except RecursionError:
-        raise ConfigError(f"recipe {path}: sections nested too deeply") from None
+    return dict(flatten(data))
 
 
 def parse_override(text):

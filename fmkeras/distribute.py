@@ -120,10 +120,15 @@ def worker_role():
     return index, is_chief
 
 
+def is_multi_worker(strategy):
+    """Whether `strategy` spans several worker processes."""
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+
+
 def smallest_across_workers(strategy, value):
     """The smallest of every worker's int `value` (a collective: all workers call
     it); `value` itself for single-process strategies."""
-    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    if not is_multi_worker(strategy):
         return value
     local = strategy.experimental_distribute_values_from_function(
         lambda _: tf.constant([value], tf.int64)
@@ -137,7 +142,7 @@ def accelerators_in_use(strategy):
     devices), so a CPU process counts once (and each multi-worker process once)."""
     if tf.config.list_logical_devices("TPU") or tf.config.list_logical_devices("GPU"):
         return strategy.num_replicas_in_sync
-    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    if is_multi_worker(strategy):
         return strategy.num_replicas_in_sync // max(1, len(strategy.extended.worker_devices))
     return 1
 

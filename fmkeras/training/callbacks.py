@@ -16,6 +16,11 @@ def _scalar(value):
     return float(np.asarray(keras.ops.convert_to_numpy(value)))
 
 
+def optimizer_step(model):
+    """The optimizer's iteration count: the step axis of every log and backup."""
+    return int(_scalar(model.optimizer.iterations))
+
+
 def confusion_image(matrix, cell=24):
     """A `(1, H, W, 3)` uint8 heatmap of a confusion matrix (rows: true labels,
     columns: predictions), each row normalized; white is 0, dark blue is 1."""
@@ -108,9 +113,6 @@ class TrainingLogger(keras.callbacks.Callback):
         self.train_writer = tf.summary.create_file_writer(f"{self.log_dir}/train")
         self.valid_writer = tf.summary.create_file_writer(f"{self.log_dir}/validation")
 
-    def _step(self):
-        return int(_scalar(self.model.optimizer.iterations))
-
     def _say(self, message):
         if self.print_fn:
             if self._bar is not None:  # clear the bar's line; it redraws on the next step
@@ -119,7 +121,7 @@ class TrainingLogger(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         if self._attempt is None:  # fit_phases calls `fit` several times per attempt
-            step = self._step()
+            step = optimizer_step(self.model)
             self._attempt = (step, time.perf_counter())
             self._first_done = None  # (step, time) when the attempt's first step finished
             self._last_point = None  # step of the last train point
@@ -129,17 +131,14 @@ class TrainingLogger(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         # Keras's running means restart with every epoch (every backup).
-        self._epoch_start = self._step()
+        self._epoch_start = optimizer_step(self.model)
         self._window = (0, {})  # (steps, {name: sum}) this epoch up to the last point
 
     def on_train_batch_begin(self, batch, logs=None):
         self._batch_began = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None):
-        now, step = time.perf_counter(), self._step()
-        done = step - self._epoch_start
-        sums = {k: float(v) * done for k, v in (logs or {}).items()
-                if np.ndim(v) == 0 and math.isfinite(float(v))}  # fmt: skip
+        now, step = time.perf_counter(), optimizer_step(self.model)
         if self._first_done is None:
             self._first_done = (step, now)
         else:  # the first step (tracing, compilation) is not timed
@@ -153,6 +152,9 @@ class TrainingLogger(keras.callbacks.Callback):
             step // self.log_every > self._last_point // self.log_every  # fmt: skip
         if not on_grid:
             return
+        done = step - self._epoch_start
+        sums = {k: float(v) * done for k, v in (logs or {}).items()
+                if np.ndim(v) == 0 and math.isfinite(float(v))}  # fmt: skip
         window_steps = done - self._window[0]
         means = {name: (sums[name] - self._window[1].get(name, 0.0)) / max(window_steps, 1)
                  for name in sorted(sums, key=lambda name: name != "loss")}  # loss first
@@ -256,7 +258,7 @@ class StopOnNaN(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         if logs and not math.isfinite(float(logs.get("loss", 0.0))):
-            self.bad_step = int(_scalar(self.model.optimizer.iterations))
+            self.bad_step = optimizer_step(self.model)
             self.model.stop_training = True
 
 
@@ -289,7 +291,7 @@ class StopOnSignal(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         if self.received and self.step is None:
-            self.step = int(_scalar(self.model.optimizer.iterations))
+            self.step = optimizer_step(self.model)
             self.model.stop_training = True
 
 
@@ -309,7 +311,7 @@ class Evaluator(keras.callbacks.Callback):
         self.last_step = None
 
     def on_epoch_end(self, epoch, logs=None):
-        step = int(_scalar(self.model.optimizer.iterations))
+        step = optimizer_step(self.model)
         last = self.last_step if self.last_step is not None else step - 1
         self.last_step = step
         if self.model.stop_training:  # NaN or SIGTERM: stop without validating
@@ -332,16 +334,13 @@ class Profiler(keras.callbacks.Callback):
         self.end = end
         self.active = False
 
-    def _step(self):
-        return int(_scalar(self.model.optimizer.iterations))
-
     def on_train_batch_begin(self, batch, logs=None):
-        if not self.active and self.start <= self._step() < self.end:
+        if not self.active and self.start <= optimizer_step(self.model) < self.end:
             tf.profiler.experimental.start(self.log_dir)
             self.active = True
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.active and self._step() >= self.end:
+        if self.active and optimizer_step(self.model) >= self.end:
             self.on_train_end()
 
     def on_train_end(self, logs=None):

@@ -235,11 +235,10 @@ class Backup(keras.callbacks.Callback):
             self.save()
 
     def save(self):
-        """Backs up the model at its current step (if not already); returns the path."""
+        """Backs up the model at its current step; returns the backup's path."""
         step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
         final = self.directory / f"step-{step:08d}"
-        if backup_problem(final) is not None:
-            write_backup(self.model, final, {"step": step}, self.write_extra)
+        write_backup(self.model, final, {"step": step}, self.write_extra)
         for old in sorted(self.directory.glob("step-*"))[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         return final

@@ -92,7 +92,7 @@ def _train(task, strategy, log):
     start_step = trainer.resume(model, run, train, log, after_restore=after_restore)
     logger = TrainingLogger(run.logs, train.log_every, train.steps, print_fn=log,
                             gradient_norm=gradient_norm, **task.logger_settings(model))  # fmt: skip
-    logger.write_run_info(dict(flat_config(config)))
+    logger.write_run_info(flat_config(config))
     log(f"model: {model.count_params():,} parameters; {strategy.num_replicas_in_sync} "
         f"replica(s), XLA {'on' if xla else 'off'}; steps {start_step}..{train.steps}")  # fmt: skip
     cadence = trainer.describe_cadence(train)

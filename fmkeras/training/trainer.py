@@ -99,8 +99,7 @@ def resume(model, run, train, log, after_restore=None):
     """Restores the newest sound backup of `run` into the compiled `model`;
     returns its step (0 without one). A damaged backup (failed checksums, or
     weights that do not load) is set aside and the previous one is used."""
-    multi_worker = isinstance(model.distribute_strategy,
-                              tf.distribute.MultiWorkerMirroredStrategy)  # fmt: skip
+    multi_worker = distribute.is_multi_worker(model.distribute_strategy)
     candidates = []
     for path, step in backups(run.backups):
         problem = backup_problem(path)
@@ -153,8 +152,7 @@ def fit(model, train_data, train, run, start_step, callbacks=(), **backup):
     stop_on_nan = StopOnNaN()
     saver = Backup(run.backups, keep=train.keep_backups, **backup)
     compiled_steps = model.steps_per_execution
-    multi_worker = isinstance(model.distribute_strategy,
-                              tf.distribute.MultiWorkerMirroredStrategy)  # fmt: skip
+    multi_worker = distribute.is_multi_worker(model.distribute_strategy)
     stop_on_signal = StopOnSignal(signals=() if multi_worker else (signal.SIGTERM,))
     with stop_on_signal:
         for first_step, steps_per_epoch, epochs in fit_phases(start_step, train.steps,
