@@ -27,6 +27,7 @@ COMMANDS = {
     "convert": "import a Hugging Face BERT checkpoint",
     "launch": "run a command as several local multi-worker processes",
     "flops": "parameters, FLOPs and memory of the named sizes",
+    "explain": "why a finished run predicted what it did (attributions, attention, faithfulness)",
 }
 # TensorFlow's C++ logs are off in the command lines: at start-up even its
 # error level reports CUDA probing and oneDNN notices on CPU-only machines, and

@@ -75,6 +75,8 @@ class DataConfig:
     max_predictions: int | None = key(None, "mlm")
     text_column: str = key("sentence", "classify")  # TSV column names (header line required)
     label_column: str = key("label", "classify")
+    # a second text column: sentence pairs, [CLS] a [SEP] b [SEP] with segment ids 0/1
+    text_pair_column: str | None = key(None, "classify")
     # fail | skip (skipped rows are counted and reported)
     bad_rows: Literal["fail", "skip"] = key("fail", *ENCODER_TASKS)
     source_language: str = key("en", "translate")  # files are <train_file>.<language>

@@ -54,17 +54,20 @@ def quantize_model(model, mode):
     model.quantize("int8", filters=lambda layer: isinstance(layer, dense))
 
 
-def write_warmup_requests(path, name, texts):
-    """TF Serving's warm-up file: one `PredictionLog` per text batch."""
+def write_warmup_requests(path, name, inputs):
+    """TF Serving's warm-up file: one `PredictionLog` per batch of `inputs`
+    (`{input name: [strings]}`): all of them, then the first row."""
     import tensorflow as tf
     from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
     with tf.io.TFRecordWriter(str(path)) as writer:
-        for batch in (texts, texts[:1]):
+        for rows in (None, 1):
             request = predict_pb2.PredictRequest()
             request.model_spec.name = name
             request.model_spec.signature_name = "serving_default"
-            request.inputs["texts"].CopyFrom(tf.make_tensor_proto(batch, dtype=tf.string))
+            for key, values in inputs.items():
+                batch = values[:rows]
+                request.inputs[key].CopyFrom(tf.make_tensor_proto(batch, dtype=tf.string))
             log = prediction_log_pb2.PredictionLog(
                 predict_log=prediction_log_pb2.PredictLog(request=request)
             )
@@ -112,10 +115,11 @@ def export(run_dir, name, out="saved_models", version=None, overwrite=False, *,
         functions.archive().write_out(str(model_dir), verbose=False)
         extra = model_dir / "assets.extra"
         extra.mkdir(exist_ok=True)
-        info = {**predictor.export_info(), "source": str(run_dir), "quantize": quantize}
+        info = {**predictor.export_info(), "source": str(run_dir), "quantize": quantize,
+                "serving_inputs": list(functions.text_names)}  # fmt: skip
         (extra / "fmkeras.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
         write_warmup_requests(extra / "tf_serving_warmup_requests", name,
-                              list(predictor.warmup_texts))  # fmt: skip
+                              predictor.warmup_inputs())  # fmt: skip
         if tflite:
             write_tflite(functions, extra / "model.tflite")
         if target.exists():  # --overwrite: the old version leaves with the temporary directory
@@ -148,7 +152,9 @@ def main(argv):
     target = export(args.run_dir, args.name, args.out, args.model_version, args.overwrite,
                     decode=cli.decode_config(args), top_k=args.top_k,
                     quantize=args.quantize, tflite=args.tflite)  # fmt: skip
-    print(f"wrote {target} (signatures serving_default: texts; serve_token_ids)")
+    info = json.loads((target / "assets.extra" / "fmkeras.json").read_text(encoding="utf-8"))
+    inputs = ", ".join(info["serving_inputs"])
+    print(f"wrote {target} (signatures serving_default: {inputs}; serve_token_ids)")
     return 0
 
 

@@ -73,6 +73,10 @@ class ModelVersions:
         return version, self._loaded[version][1]
 
 
+def rows_of(columns):
+    return len(next(iter(columns.values())))
+
+
 class Batcher:
     """Runs requests for the same version together: one signature call per batch."""
 
@@ -81,22 +85,23 @@ class Batcher:
         self.requests = queue.Queue()
         threading.Thread(target=self._loop, daemon=True).start()
 
-    def submit(self, version, texts):
+    def submit(self, version, columns):
+        """Outputs for `columns` (`{input name: [strings]}`) from `version`."""
         future = Future()
-        self.requests.put((version, texts, future))
+        self.requests.put((version, columns, future))
         return future.result()
 
     def _loop(self):
         while True:
             pending = [self.requests.get()]
-            rows = len(pending[0][1])
+            rows = rows_of(pending[0][1])
             while rows < self.max_batch:
                 try:
                     item = self.requests.get(timeout=self.wait)
                 except queue.Empty:
                     break
                 pending.append(item)
-                rows += len(item[1])
+                rows += rows_of(item[1])
             for version in {item[0] for item in pending}:
                 group = [item for item in pending if item[0] == version]
                 self._run(version, group)
@@ -104,13 +109,15 @@ class Batcher:
     def _run(self, version, group):
         try:
             number, signature = self.models.signature(version)
-            texts = [text for _, chunk, _ in group for text in chunk]
-            outputs = {k: v.numpy() for k, v in signature(texts=np.array(texts, object)).items()}
+            inputs = {name: np.array([text for _, columns, _ in group for text in columns[name]],
+                                     object) for name in group[0][1]}  # fmt: skip
+            outputs = {k: v.numpy() for k, v in signature(**inputs).items()}
             start = 0
-            for _, chunk, future in group:
-                part = {k: v[start : start + len(chunk)] for k, v in outputs.items()}
+            for _, columns, future in group:
+                size = rows_of(columns)
+                part = {k: v[start : start + size] for k, v in outputs.items()}
                 future.set_result((number, part))
-                start += len(chunk)
+                start += size
         except Exception as error:  # noqa: BLE001 - every waiting request must be answered
             for _, _, future in group:
                 future.set_exception(error)
@@ -126,8 +133,9 @@ def _jsonable(value):
     return value
 
 
-def parse_request(body, max_batch):
-    """Texts from a TF Serving predict body, and whether it used the row form."""
+def parse_request(body, max_batch, names=("texts",)):
+    """The string inputs `names` of a TF Serving predict body as `{name:
+    [values]}` (all of one length), and whether it used the row form."""
     try:
         request = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -138,22 +146,39 @@ def parse_request(body, max_batch):
         raise BadRequest("Missing 'inputs' or 'instances' key (exactly one is required)")
     rows = "instances" in request
     values = request["instances"] if rows else request["inputs"]
-    if isinstance(values, dict):  # {"inputs": {"texts": [...]}}
-        values = values.get("texts")
-    if isinstance(values, list):  # rows may be {"texts": "..."} or plain strings
-        values = [v.get("texts") if isinstance(v, dict) else v for v in values]
-    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
-        raise BadRequest("expected a list of strings for input 'texts' (type DT_STRING)")
-    if not values:
+    if isinstance(values, dict):  # {"inputs": {"texts": [...], ...}}
+        columns = {name: values.get(name) for name in names}
+    elif isinstance(values, list) and rows:  # rows: {"texts": "...", ...} or plain strings
+        columns = {name: [v.get(name) if isinstance(v, dict) else v for v in values]
+                   for name in names}  # fmt: skip
+        if len(names) > 1 and not all(isinstance(v, dict) for v in values):
+            raise BadRequest(f"each instance needs the inputs {', '.join(names)}")
+    else:  # {"inputs": [...]}: the only input
+        columns = {name: values for name in names[:1]} if len(names) == 1 else {}
+    for name in names:
+        column = columns.get(name)
+        if not isinstance(column, list) or not all(isinstance(v, str) for v in column):
+            raise BadRequest(f"expected a list of strings for input '{name}' (type DT_STRING)")
+    lengths = {len(column) for column in columns.values()}
+    if len(lengths) > 1:
+        raise BadRequest(f"inputs {', '.join(names)} have different batch sizes {sorted(lengths)}")
+    size = lengths.pop()
+    if not size:
         raise BadRequest("empty batch")
-    if len(values) > max_batch:
-        raise BadRequest(f"batch of {len(values)} rows exceeds the maximum of {max_batch}")
-    for index, value in enumerate(values):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:  # e.g. a lone surrogate written as "\\ud800"
-            raise BadRequest(f"text {index} is not valid Unicode") from None
-    return values, rows
+    if size > max_batch:
+        raise BadRequest(f"batch of {size} rows exceeds the maximum of {max_batch}")
+    for name, column in columns.items():
+        for index, value in enumerate(column):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:  # e.g. a lone surrogate written as "\\ud800"
+                raise BadRequest(f"{name} {index} is not valid Unicode") from None
+    return columns, rows
+
+
+def input_names(signature):
+    """The string inputs of a `serving_default` signature, `texts` first."""
+    return tuple(sorted(signature.structured_input_signature[1], key=lambda n: n != "texts"))
 
 
 class Server(ThreadingHTTPServer):
@@ -308,11 +333,13 @@ def make_handler(models, batcher, max_batch, max_body, timeout):
                     raise BadRequest(
                         f"Malformed request: only :predict is served, not :{verb}", 404
                     )
-                texts, rows = parse_request(body, max_batch)
-                _, outputs = batcher.submit(version, texts)
+                names = input_names(models.signature(version)[1])
+                columns, rows = parse_request(body, max_batch, names)
+                _, outputs = batcher.submit(version, columns)
                 if rows:
                     payload = {"predictions": [
-                        {k: _jsonable(v[i]) for k, v in outputs.items()} for i in range(len(texts))
+                        {k: _jsonable(v[i]) for k, v in outputs.items()}
+                        for i in range(rows_of(columns))
                     ]}  # fmt: skip
                 else:
                     payload = {"outputs": {k: _jsonable(v) for k, v in outputs.items()}}

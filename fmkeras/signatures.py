@@ -6,7 +6,9 @@ detokenization in the graph with core TensorFlow ops only, so stock TF
 Serving loads it without tensorflow-text) and `serve_token_ids` (token ids
 in, for clients that tokenize themselves):
 
-classify   -> label, label_id, probabilities (batch, classes)
+classify   -> label, label_id, probabilities (batch, classes); a sentence-pair
+              run takes two string inputs, `texts` and `text_pairs`, and
+              packs `[CLS] a [SEP] b [SEP]` with segment ids in the graph.
 tag        -> words, tags (batch, max_words), padded with ""; words beyond
               the sequence length are tagged O. Token ids -> tag_ids,
               probabilities per token.
@@ -24,10 +26,11 @@ import keras
 import tensorflow as tf
 
 from fmkeras.text.core_tokenizer import CoreBertTokenizer
-from fmkeras.text.labelled import add_cls_sep
+from fmkeras.text.labelled import add_cls_sep, pack_pair, truncate_longest_first
 
 MASK_TOKEN = "[MASK]"
 ENCODER_INPUTS = ("token_ids", "segment_ids", "padding_mask")
+PAIR_INPUTS = ("texts", "text_pairs")  # a sentence-pair classifier's string inputs
 
 
 def core_tokenizer(tokenizer):
@@ -65,9 +68,19 @@ def classifier_functions(run):
         ids = add_cls_sep(tokenizer.tokenize(texts)[:, : length - 2], cls_id, sep_id)
         return outputs(_encoder_features(ids, pad_id))
 
+    def serve_text_pairs(texts, text_pairs):
+        first, second = truncate_longest_first(
+            tokenizer.tokenize(texts), tokenizer.tokenize(text_pairs), length - 3
+        )
+        ids, segments = pack_pair(first, second, cls_id, sep_id)
+        return outputs({**_encoder_features(ids, pad_id), "segment_ids": segments.to_tensor(0)})
+
     def serve_token_ids(*ids):
         return outputs(dict(zip(ENCODER_INPUTS, ids, strict=True)))
 
+    if run.info.get("text_pair_column"):  # sentence pairs: two string inputs
+        return ServingFunctions(tokenizer, serve_text_pairs, serve_token_ids, ENCODER_INPUTS,
+                                text_names=PAIR_INPUTS)  # fmt: skip
     return ServingFunctions(tokenizer, serve_texts, serve_token_ids, ENCODER_INPUTS)
 
 
@@ -179,9 +192,10 @@ class ServingFunctions:
     (the functions capture the model's variables themselves)."""
 
     tokenizer: CoreBertTokenizer
-    serve_texts: Callable  # (batch,) strings -> dict of outputs
+    serve_texts: Callable  # (batch,) strings named `text_names` -> dict of outputs
     serve_ids: Callable  # int32 (batch, seq) inputs named `id_names` -> dict of outputs
     id_names: tuple
+    text_names: tuple = ("texts",)
 
     def archive(self, texts=True):
         """An `ExportArchive` with `serving_default` (raw texts; unless `texts`
@@ -195,7 +209,7 @@ class ServingFunctions:
             archive.add_endpoint(
                 "serving_default",
                 self.serve_texts,
-                input_signature=[tf.TensorSpec([None], tf.string, name="texts")],
+                input_signature=[tf.TensorSpec([None], tf.string, name=n) for n in self.text_names],
             )
         ids = [tf.TensorSpec([None, None], tf.int32, name=name) for name in self.id_names]
         archive.add_endpoint("serve_token_ids", self.serve_ids, input_signature=ids)

@@ -109,16 +109,17 @@ SERVE_CHECK = textwrap.dedent("""
     def plain(outputs):
         return {k: tf.convert_to_tensor(v).numpy().tolist() for k, v in outputs.items()}
 
-    path, texts = sys.argv[1], json.loads(sys.argv[2])
+    path, inputs = sys.argv[1], json.loads(sys.argv[2])
+    inputs = {"texts": inputs} if isinstance(inputs, list) else inputs  # name -> strings
     warmup_file = f"{path}/assets.extra/tf_serving_warmup_requests"
     records = [record.numpy() for record in tf.data.TFRecordDataset(warmup_file)]
     loaded = tf.saved_model.load(path)
-    eager = loaded.signatures["serving_default"](texts=tf.constant(texts))
+    eager = loaded.signatures["serving_default"](**{k: tf.constant(v) for k, v in inputs.items()})
     with tf.compat.v1.Session(graph=tf.Graph()) as session:  # TF Serving's C++ path
         meta = tf.compat.v1.saved_model.loader.load(session, ["serve"], path)
         signature = meta.signature_def["serving_default"]
         fetches = {k: v.name for k, v in signature.outputs.items()}
-        graph = session.run(fetches, {signature.inputs["texts"].name: texts})
+        graph = session.run(fetches, {signature.inputs[k].name: v for k, v in inputs.items()})
         # TF Serving replays assets.extra/tf_serving_warmup_requests at load time.
         for record in records:
             log = prediction_log_pb2.PredictionLog.FromString(record)
@@ -136,7 +137,8 @@ SERVE_CHECK = textwrap.dedent("""
 def serve_in_fresh_process(version, texts):
     """Outputs of `serving_default` in a TF-only process, loaded as
     `tf.saved_model.load` (eager) and as TF Serving does (session), after
-    replaying the warm-up requests; the two must agree."""
+    replaying the warm-up requests; the two must agree. `texts` is a list
+    (the `texts` input) or `{input name: [strings]}`."""
     result = subprocess.run(
         [sys.executable, "-c", SERVE_CHECK, str(version), json.dumps(texts)],
         capture_output=True, text=True, timeout=300,

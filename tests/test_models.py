@@ -49,6 +49,23 @@ def test_encoder_ignores_padding():
 
 
 @pytest.mark.parametrize("normalize_first", [False, True])
+def test_token_vectors_give_the_outputs_of_token_ids(normalize_first):
+    """`call_with_token_vectors` (explanations) is the functional model's forward pass."""
+    encoder = tiny_encoder(dropout=0.0, normalize_first=normalize_first)
+    vectors = encoder.token_embedding(INPUTS["token_ids"])
+    outputs = encoder.call_with_token_vectors(
+        vectors, INPUTS["segment_ids"], INPUTS["padding_mask"], return_attention_scores=True
+    )
+    for key, value in encoder(INPUTS).items():
+        np.testing.assert_allclose(outputs[key], value, atol=1e-5)
+    scores = outputs["attention_scores"]
+    assert len(scores) == TINY["num_layers"] and scores[0].shape == (2, TINY["num_heads"], 6, 6)
+    np.testing.assert_allclose(np.sum(scores[0], -1), 1.0, atol=1e-5)
+    padding = np.asarray(INPUTS["padding_mask"])[:, None, None, :] == 0
+    assert np.all(np.asarray(scores[-1])[np.broadcast_to(padding, scores[-1].shape)] < 1e-6)
+
+
+@pytest.mark.parametrize("normalize_first", [False, True])
 def test_encoder_and_masked_lm_round_trip(tmp_path, normalize_first):
     encoder = tiny_encoder(normalize_first=normalize_first)
     model = MaskedLM(encoder)

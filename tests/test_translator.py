@@ -49,6 +49,17 @@ def test_translator_round_trips(model, tmp_path):
     assert reloaded.lm_head.token_embedding is reloaded.target_embedding.token_embedding  # tied
 
 
+def test_source_vectors_give_the_logits_of_source_ids(model):
+    """`call_with_source_vectors` (explanations) is the functional forward pass."""
+    target = np.array([[START, 4, 5], [START, 6, PAD]], "int32")
+    vectors = model.encoder.token_embedding(SOURCE)
+    logits, scores = model.call_with_source_vectors(vectors, SOURCE, target,
+                                                    return_attention_scores=True)  # fmt: skip
+    np.testing.assert_allclose(logits, full_logits(model, target), atol=1e-5)
+    assert len(scores["cross"]) == 2 and scores["cross"][0].shape == (2, 2, 3, SOURCE.shape[1])
+    np.testing.assert_allclose(np.sum(scores["cross"][-1], -1), 1.0, atol=1e-5)
+
+
 def test_cached_steps_equal_full_recomputation(model):
     state = model.initial_state(SOURCE, max_length=8)
     target = np.full((2, 1), START, "int32")

@@ -85,12 +85,19 @@ class TextEmbedding(keras.layers.Layer):
         start_index: int, position of the first token.
         training: bool.
         """
-        x = self.token_embedding(token_ids)  # (batch, seq, hidden)
-        positions = ops.arange(ops.shape(token_ids)[1]) + start_index
-        x = x + ops.expand_dims(self.position_embedding(positions), 0)
+        token_vectors = self.token_embedding(token_ids)  # (batch, seq, hidden)
+        return self.embed_vectors(token_vectors, segment_ids, start_index, training)
+
+    def embed_vectors(self, token_vectors, segment_ids=None, start_index=0, training=None):
+        """The embedding of token vectors instead of ids: adds positions and
+        segments to `token_vectors` `(batch, seq, hidden)`, then LayerNorm and
+        dropout. `call` is `embed_vectors(token_embedding(token_ids), ...)`;
+        explanations integrate gradients over `token_vectors`."""
+        positions = ops.arange(ops.shape(token_vectors)[1]) + start_index
+        x = token_vectors + ops.expand_dims(self.position_embedding(positions), 0)
         if self.num_segments:
             if segment_ids is None:
-                segment_ids = ops.zeros_like(token_ids)
+                segment_ids = ops.zeros(ops.shape(token_vectors)[:2], "int32")
             x = x + self.segment_embedding(segment_ids)
         return self.dropout_layer(self.layer_norm(x), training=training)
 

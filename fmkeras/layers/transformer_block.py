@@ -86,10 +86,16 @@ class TransformerBlock(keras.layers.Layer):
 
     def _residual(self, x, layer_norm, function, dropout, training):
         """`LN(x + drop(f(x)))`, or `x + drop(f(LN(x)))` when normalizing first."""
-        residual = x
-        if self.normalize_first:
-            x = layer_norm(x)
-        x = dropout(function(x), training=training) + residual
+        output = function(self._sublayer_input(x, layer_norm))
+        return self._add_residual(output, x, layer_norm, dropout, training)
+
+    def _sublayer_input(self, x, layer_norm):
+        """What a sublayer reads: `LN(x)` when normalizing first, else `x`."""
+        return layer_norm(x) if self.normalize_first else x
+
+    def _add_residual(self, output, residual, layer_norm, dropout, training):
+        """`residual + drop(output)`, then LayerNorm unless normalizing first."""
+        x = dropout(output, training=training) + residual
         return x if self.normalize_first else layer_norm(x)
 
     def get_config(self):

@@ -72,6 +72,7 @@ class TransformerDecoderBlock(TransformerBlock):
         self_attention_cache_update_index=None,
         cross_attention_cache=None,
         training=None,
+        return_attention_scores=False,
     ):
         """Args:
         decoder_sequence: `(batch, target, hidden)`; with a cache, only the
@@ -83,6 +84,12 @@ class TransformerDecoderBlock(TransformerBlock):
         self_attention_cache_update_index: write position in the cache.
         cross_attention_cache: precomputed encoder keys/values.
         training: bool.
+        return_attention_scores: bool (without caches). Also return the
+            cross-attention probabilities `(batch, heads, target, source)`.
+
+        Returns the output `(batch, target, hidden)`; with a cache, also the
+        updated self- and cross-attention caches; with
+        `return_attention_scores`, also the cross-attention probabilities.
         """
         use_cache = self_attention_cache is not None
         target_length = ops.shape(decoder_sequence)[1]
@@ -95,11 +102,9 @@ class TransformerDecoderBlock(TransformerBlock):
         self_mask = causal_mask(target_length, source_length, offset)  # (1, target, source)
         self_mask = merge_masks(decoder_padding_mask, self_mask)
 
-        def self_attend(x):
-            nonlocal self_attention_cache
-            if not use_cache:
-                return self.self_attention_layer(x, x, attention_mask=self_mask, training=training)
-            x, self_attention_cache = self.self_attention_layer(
+        x = self._sublayer_input(decoder_sequence, self.self_attention_layer_norm)
+        if use_cache:
+            attended, self_attention_cache = self.self_attention_layer(
                 x,
                 x,
                 attention_mask=self_mask,
@@ -107,31 +112,29 @@ class TransformerDecoderBlock(TransformerBlock):
                 cache_update_index=self_attention_cache_update_index,
                 training=training,
             )
-            return x
-
-        x = self._residual(
-            decoder_sequence,
-            self.self_attention_layer_norm,
-            self_attend,
-            self.dropout_layer,
-            training,
+        else:
+            attended = self.self_attention_layer(x, x, attention_mask=self_mask, training=training)
+        x = self._add_residual(
+            attended, decoder_sequence, self.self_attention_layer_norm, self.dropout_layer, training
         )
 
+        scores = None
         if self.has_cross_attention:
             cross_mask = merge_masks(encoder_padding_mask)
-
-            def cross_attend(x):
-                if cross_attention_cache is None:
-                    return self.cross_attention_layer(
-                        x, encoder_sequence, attention_mask=cross_mask, training=training
-                    )
-                x, _ = self.cross_attention_layer(
-                    x, attention_mask=cross_mask, cache=cross_attention_cache, training=training
+            query = self._sublayer_input(x, self.cross_attention_layer_norm)
+            if cross_attention_cache is None:
+                attended = self.cross_attention_layer(
+                    query, encoder_sequence, attention_mask=cross_mask, training=training,
+                    return_attention_scores=return_attention_scores,
+                )  # fmt: skip
+                if return_attention_scores:
+                    attended, scores = attended  # (batch, heads, target, source)
+            else:
+                attended, _ = self.cross_attention_layer(
+                    query, attention_mask=cross_mask, cache=cross_attention_cache, training=training
                 )
-                return x
-
-            x = self._residual(
-                x, self.cross_attention_layer_norm, cross_attend, self.dropout_layer, training
+            x = self._add_residual(
+                attended, x, self.cross_attention_layer_norm, self.dropout_layer, training
             )
 
         x = self._residual(
@@ -139,7 +142,7 @@ class TransformerDecoderBlock(TransformerBlock):
         )
         if use_cache:
             return x, self_attention_cache, cross_attention_cache
-        return x
+        return (x, scores) if return_attention_scores else x
 
     def compute_cross_attention_cache(self, encoder_sequence):
         """Encoder keys/values `(batch, 2, source, heads, head_dim)` for decoding."""

@@ -54,28 +54,37 @@ class TransformerEncoderBlock(TransformerBlock):
         self.feedforward_dropout = self._dropout("feedforward_dropout")
         self.built = True
 
-    def call(self, inputs, padding_mask=None, attention_mask=None, training=None):
+    def call(
+        self,
+        inputs,
+        padding_mask=None,
+        attention_mask=None,
+        training=None,
+        return_attention_scores=False,
+    ):
         """Args:
         inputs: `(batch, seq, hidden)`.
         padding_mask: `(batch, seq)`, nonzero/True for real tokens.
         attention_mask: boolean `(batch, seq, seq)`.
         training: bool.
+        return_attention_scores: bool. Also return the attention
+            probabilities `(batch, heads, seq, seq)`.
         """
         mask = merge_masks(padding_mask, attention_mask)  # (batch, 1|seq, seq)
-
-        def self_attend(x):
-            return self.self_attention_layer(x, x, attention_mask=mask, training=training)
-
-        x = self._residual(
-            inputs,
-            self.self_attention_layer_norm,
-            self_attend,
-            self.self_attention_dropout,
-            training,
+        x = self._sublayer_input(inputs, self.self_attention_layer_norm)
+        attended = self.self_attention_layer(
+            x, x, attention_mask=mask, training=training,
+            return_attention_scores=return_attention_scores,
+        )  # fmt: skip
+        if return_attention_scores:
+            attended, scores = attended  # scores: (batch, heads, seq, seq)
+        x = self._add_residual(
+            attended, inputs, self.self_attention_layer_norm, self.self_attention_dropout, training
         )
-        return self._residual(
+        x = self._residual(
             x, self.feedforward_layer_norm, self._feedforward, self.feedforward_dropout, training
         )  # (batch, seq, hidden)
+        return (x, scores) if return_attention_scores else x
 
     def compute_output_shape(self, inputs_shape):
         return inputs_shape

@@ -137,6 +137,38 @@ class Encoder(keras.Model):
         """The `keras.layers.Embedding` holding the token table (for tied heads)."""
         return self.embedding.token_embedding
 
+    def call_with_token_vectors(
+        self, token_vectors, segment_ids, padding_mask, return_attention_scores=False
+    ):
+        """The encoder's outputs from token embeddings instead of token ids
+        (inference: no dropout), for gradients with respect to the input
+        embeddings (`fmkeras.explain`).
+
+        Args:
+            token_vectors: float `(batch, seq, hidden)`, e.g.
+                `encoder.token_embedding(token_ids)`.
+            segment_ids: int `(batch, seq)`.
+            padding_mask: int `(batch, seq)`.
+            return_attention_scores: bool. Add `attention_scores`: a list of
+                `(batch, heads, seq, seq)` probabilities, one per layer.
+
+        Returns the dict of `call`, which the same ids give.
+        """
+        x = self.embedding.embed_vectors(token_vectors, segment_ids)
+        scores = []
+        for block in self.transformer_layers:
+            if return_attention_scores:
+                x, layer_scores = block(x, padding_mask=padding_mask, return_attention_scores=True)
+                scores.append(layer_scores)
+            else:
+                x = block(x, padding_mask=padding_mask)
+        if self.final_layer_norm is not None:
+            x = self.final_layer_norm(x)
+        outputs = {"sequence_output": x, "pooled_output": self.pooler(x[:, 0, :])}
+        if return_attention_scores:
+            outputs["attention_scores"] = scores
+        return outputs
+
     def get_config(self):
         return {
             "name": self.name,

@@ -180,6 +180,50 @@ class Translator(keras.Model):
         logits = self.lm_head(x)[:, 0, :]
         return logits, {**state, "self": caches}
 
+    def call_with_source_vectors(
+        self, source_vectors, source_ids, target_ids, return_attention_scores=False
+    ):
+        """Logits `(batch, target, vocabulary)` from source token embeddings
+        instead of source ids (inference), for gradients with respect to the
+        source embeddings (`fmkeras.explain`).
+
+        Args:
+            source_vectors: float `(batch, source, hidden)`, e.g.
+                `encoder.token_embedding(source_ids)`.
+            source_ids: int `(batch, source)`: only their padding is read.
+            target_ids: int `(batch, target)`, as for `call`.
+            return_attention_scores: bool. Also return a dict of per-layer
+                probabilities: `encoder` `(batch, heads, source, source)` and
+                `cross` `(batch, heads, target, source)`.
+        """
+        source_mask = ops.not_equal(source_ids, self.padding_id)
+        encoded = self.encoder.call_with_token_vectors(
+            source_vectors,
+            ops.zeros_like(source_ids),
+            ops.cast(source_mask, "int32"),
+            return_attention_scores=return_attention_scores,
+        )
+        target_mask = ops.not_equal(target_ids, self.padding_id)
+        x = self.target_embedding(target_ids)  # (batch, target, hidden)
+        cross = []
+        for block in self.decoder_layers:
+            x = block(
+                x,
+                encoded["sequence_output"],
+                decoder_padding_mask=target_mask,
+                encoder_padding_mask=source_mask,
+                return_attention_scores=return_attention_scores,
+            )
+            if return_attention_scores:
+                x, scores = x
+                cross.append(scores)
+        if self.decoder_final_layer_norm is not None:
+            x = self.decoder_final_layer_norm(x)
+        logits = self.lm_head(x)  # (batch, target, vocabulary)
+        if return_attention_scores:
+            return logits, {"encoder": encoded["attention_scores"], "cross": cross}
+        return logits
+
     def get_config(self):
         return {
             "name": self.name,

@@ -171,11 +171,13 @@ class Predictor:
     a labelled file (its keyword names are `evaluate_inputs`);
     `serving_functions()` -> `signatures.ServingFunctions` for export;
     `export_info()` -> what `assets.extra/fmkeras.json` records;
-    `warmup_texts` -> TF Serving warm-up requests. `model` is the Keras
-    model (export quantizes it in place).
+    `warmup_texts` -> TF Serving warm-up requests; `explainer` -> the
+    `Explainer` class of `python -m fmkeras.explain` (None: not
+    explainable). `model` is the Keras model (export quantizes it in place).
     """
 
     warmup_texts: ClassVar[tuple] = ("hello", "A longer request of a few words.")
+    explainer: ClassVar[type | None] = None  # an `fmkeras.explain.explainers.Explainer`
     evaluate_inputs: ClassVar[tuple] = ("data",)
 
     def __init__(self, model, info):
@@ -193,3 +195,7 @@ class Predictor:
 
     def export_info(self):
         return dict(self.info)
+
+    def warmup_inputs(self):
+        """TF Serving warm-up inputs: `{input name: [strings]}`."""
+        return {"texts": list(self.warmup_texts)}

@@ -4,6 +4,7 @@ pooled output, trained on a TSV of texts and labels."""
 import numpy as np
 from sklearn.metrics import confusion_matrix, f1_score
 
+from fmkeras.explain.explainers import ClassifyExplainer
 from fmkeras.models import Classifier
 from fmkeras.signatures import classifier_functions
 from fmkeras.tasks.finetune import (
@@ -14,19 +15,25 @@ from fmkeras.tasks.finetune import (
     cross_entropy,
 )
 from fmkeras.tasks.registry import register_task
-from fmkeras.text.labelled import encode_texts, label_vocabulary, read_tsv
+from fmkeras.text.labelled import encode_inputs, label_vocabulary, read_tsv, split_pairs
 
 
 def classification_metrics(examples, names):
     """Accuracy, macro-F1, loss and the confusion matrix (rows: true, columns:
-    predicted) of `collect`'s examples."""
+    predicted) of `collect`'s examples; with two classes also `f1`, the F1
+    of the positive class (the second label, e.g. `1`: MRPC's and GLUE's F1)."""
     logits = np.stack([logit for logit, _ in examples])
     labels = np.array([label for _, label in examples])
     predicted = logits.argmax(-1)
     classes = list(range(len(names)))
+    binary = {}
+    if len(names) == 2:
+        positive = f1_score(labels, predicted, labels=classes, average="binary", zero_division=0.0)
+        binary["f1"] = float(positive)
     return {
         "loss": cross_entropy(logits, labels),
         "accuracy": float((predicted == labels).mean()),
+        **binary,
         "macro_f1": float(f1_score(labels, predicted, labels=classes, average="macro")),
         "confusion_matrix": confusion_matrix(labels, predicted, labels=classes).tolist(),
         "labels": names,
@@ -35,18 +42,20 @@ def classification_metrics(examples, names):
 
 
 def encode_rows(tokenizer, rows, names, sequence_length):
-    """`(ids, label ids)` of TSV rows."""
+    """`(ids, label ids)` of TSV rows (ids: `encode_inputs`, pairs with segment ids)."""
     index = {name: i for i, name in enumerate(names)}
     labels = np.array([index[label] for label in rows.labels], np.int32)
-    return encode_texts(tokenizer, rows.inputs, sequence_length), labels
+    return encode_inputs(tokenizer, rows.inputs, sequence_length), labels
 
 
 class ClassifyPredictor(EncoderPredictor):
     warmup_texts = ("A gripping, beautifully acted film.", "dull")
+    explainer = ClassifyExplainer
 
     def classify(self, texts, batch_size=32):
-        """`[(label, {label: probability})]` per text, in input order."""
-        ids = encode_texts(self.tokenizer, texts, self.info["sequence_length"])
+        """`[(label, {label: probability})]` per text (or `(text, second)` pair
+        of a sentence-pair run), in input order."""
+        ids = encode_inputs(self.tokenizer, texts, self.info["sequence_length"])
         order = np.arange(len(texts), dtype=np.int32)  # carried as the label: batches reorder
         results = [None] * len(texts)
         for logits, index in collect(self.model, self.batches(ids, order, batch_size)):
@@ -57,14 +66,16 @@ class ClassifyPredictor(EncoderPredictor):
         return results
 
     def predict(self, texts):
-        results = zip(texts, self.classify(texts), strict=True)
+        pairs = split_pairs(texts, self.info.get("text_pair_column"))
+        results = zip(texts, self.classify(pairs), strict=True)
         return [{"text": text, "label": label, "probabilities": scores}
                 for text, (label, scores) in results]  # fmt: skip
 
     def evaluate(self, data, bad_rows="fail", batch_size=32):
         """Metrics on a TSV with the run's columns."""
         rows = read_tsv(data, self.info["text_column"], self.info["label_column"], bad_rows,
-                        labels=set(self.labels), skip_hint=EVALUATE_SKIP_HINT)  # fmt: skip
+                        labels=set(self.labels), skip_hint=EVALUATE_SKIP_HINT,
+                        pair_column=self.info.get("text_pair_column"))  # fmt: skip
         ids, labels = encode_rows(self.tokenizer, rows, self.labels, self.info["sequence_length"])
         metrics = classification_metrics(collect(self.model, self.batches(ids, labels, batch_size)),
                                           self.labels)  # fmt: skip
@@ -72,6 +83,11 @@ class ClassifyPredictor(EncoderPredictor):
 
     def serving_functions(self):
         return classifier_functions(self)
+
+    def warmup_inputs(self):
+        if not self.info.get("text_pair_column"):
+            return super().warmup_inputs()
+        return {"texts": ["He said hello .", "dull"], "text_pairs": ["He greeted us .", "flat"]}
 
 
 @register_task
@@ -82,12 +98,14 @@ class ClassifyTask(EncoderTask):
     def read_rows(self, path, labels=None):
         data = self.config.data
         return read_tsv(path, data.text_column, data.label_column, data.bad_rows, data.max_lines,
-                        labels)  # fmt: skip
+                        labels, pair_column=data.text_pair_column)  # fmt: skip
 
     def label_names(self, rows):
         return label_vocabulary(rows.labels)
 
     def vocabulary_texts(self):
+        if self.config.data.text_pair_column:
+            return [text for pair in self.train_rows.inputs for text in pair]
         return self.train_rows.inputs
 
     def encode(self, rows):
@@ -102,5 +120,5 @@ class ClassifyTask(EncoderTask):
     def info(self):
         data = self.config.data
         return {**super().info(), "text_column": data.text_column,
-                "label_column": data.label_column}  # fmt: skip
-
+                "label_column": data.label_column,
+                "text_pair_column": data.text_pair_column}  # fmt: skip

@@ -8,6 +8,7 @@ CoNLL evaluation) over the words, with IOB1 input converted to IOB2.
 import numpy as np
 from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
 
+from fmkeras.explain.explainers import TagExplainer
 from fmkeras.models import Tagger
 from fmkeras.signatures import tagger_functions
 from fmkeras.tasks.finetune import (
@@ -59,6 +60,7 @@ def tagging_metrics(examples, names, truncated_words=0):
 
 class TagPredictor(EncoderPredictor):
     warmup_texts = ("Angela Merkel visited Paris on Monday .", "hello")
+    explainer = TagExplainer
 
     def tag(self, sentences, batch_size=32):
         """`[[(word, tag)]]` per word list, in input order; words beyond the

@@ -13,6 +13,7 @@ import tensorflow as tf
 from fmkeras.config import DecodeConfig
 from fmkeras.decoding import beam_search, greedy_search
 from fmkeras.errors import ConfigError
+from fmkeras.explain.explainers import TranslateExplainer
 from fmkeras.models import Encoder, Translator, encoder_kwargs
 from fmkeras.signatures import translator_functions
 from fmkeras.tasks.base import Predictor, Task
@@ -256,6 +257,7 @@ class TranslationPredictor(Predictor):
     """A finished translate run: beam search (or greedy) on raw texts."""
 
     warmup_texts = ("How are you today?", "Thank you.")
+    explainer = TranslateExplainer
     evaluate_inputs = ("src", "ref", "hypotheses")
 
     def __init__(self, model, info, translate, beam_width):

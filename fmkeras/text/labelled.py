@@ -52,8 +52,9 @@ def _decoded_lines(path, reject):
 
 
 def read_tsv(path, text_column, label_column, bad_rows="fail", max_rows=None, labels=None,
-             skip_hint=RECIPE_SKIP_HINT):  # fmt: skip
-    """Reads a TSV with a header line into `Rows` of (text, label string).
+             skip_hint=RECIPE_SKIP_HINT, pair_column=None):  # fmt: skip
+    """Reads a TSV with a header line into `Rows` of (text, label string);
+    with `pair_column`, each input is a `(text, second text)` pair.
 
     `labels`, if given, is the closed label set: other labels are bad rows.
     `skip_hint` tells, in a bad-row error, how to skip such rows.
@@ -64,10 +65,14 @@ def read_tsv(path, text_column, label_column, bad_rows="fail", max_rows=None, la
     if first is None:
         raise DataError(f"{path} is empty; expected a header line naming the columns")
     header = first[1].split("\t")
-    for column, key in ((text_column, "data.text_column"), (label_column, "data.label_column")):
+    columns = [(text_column, "data.text_column"), (label_column, "data.label_column")]
+    if pair_column:
+        columns.append((pair_column, "data.text_pair_column"))
+    for column, key in columns:
         if column not in header:
             raise DataError(f"{path}:1: no column {column!r} ({key}); the header has {header}")
     text_at, label_at = header.index(text_column), header.index(label_column)
+    pair_at = header.index(pair_column) if pair_column else None
     texts, found = [], []
     for number, line in lines:
         if max_rows is not None and len(texts) >= max_rows:
@@ -79,14 +84,17 @@ def read_tsv(path, text_column, label_column, bad_rows="fail", max_rows=None, la
             reject(number, f"expected {len(header)} tab-separated columns, found {len(fields)}")
             continue
         text, label = fields[text_at].strip(), fields[label_at].strip()
+        pair = fields[pair_at].strip() if pair_column else None
         if not text:
             reject(number, f"empty {text_column!r}")
+        elif pair_column and not pair:
+            reject(number, f"empty {pair_column!r}")
         elif not label:
             reject(number, f"empty {label_column!r}")
         elif labels is not None and label not in labels:
             reject(number, f"label {label!r} is not one of the training labels {sorted(labels)}")
         else:
-            texts.append(text)
+            texts.append((text, pair) if pair_column else text)
             found.append(label)
     if not texts:
         raise DataError(f"{path} has no usable rows ({len(reject.skipped)} skipped)")
@@ -161,6 +169,72 @@ def encode_texts(tokenizer, texts, sequence_length):
     return add_cls_sep(ids, tokenizer.cls_id, tokenizer.sep_id)
 
 
+def truncate_longest_first(first, second, budget):
+    """Ragged `(batch, pieces)` pairs cut to at most `budget` pieces together,
+    longest first, as Hugging Face's tokenizers do (`longest_first`): when
+    they do not fit, the shorter side keeps up to `budget // 2` pieces and
+    the longer one (the second, on a tie) the rest. Core ops only."""
+    first_length, second_length = first.row_lengths(), second.row_lengths()
+    fits = first_length + second_length <= budget
+    first_longer = first_length > second_length
+    keep_short = tf.minimum(tf.where(first_longer, second_length, first_length), budget // 2)
+    keep_long = budget - keep_short
+    keep_first = tf.where(fits, first_length, tf.where(first_longer, keep_long, keep_short))
+    keep_second = tf.where(fits, second_length, tf.where(first_longer, keep_short, keep_long))
+
+    def cut(ids, keep):
+        return tf.ragged.boolean_mask(ids, tf.ragged.range(ids.row_lengths()) < keep[:, None])
+
+    return cut(first, keep_first), cut(second, keep_second)
+
+
+def pack_pair(first, second, cls_id, sep_id):
+    """`[CLS] first [SEP] second [SEP]` ids and their segment ids (0 then 1),
+    both ragged `(batch, pieces)` (core ops only)."""
+    rows = first.nrows()
+    cls, sep = tf.fill([rows, 1], cls_id), tf.fill([rows, 1], sep_id)
+    ids = tf.concat([cls, first, sep, second, sep], axis=1)
+    zeros = tf.zeros_like(tf.concat([cls, first, sep], axis=1))
+    ones = tf.ones_like(tf.concat([second, sep], axis=1))
+    return ids, tf.concat([zeros, ones], axis=1)
+
+
+def encode_text_pairs(tokenizer, pairs, sequence_length):
+    """`(ids, segment ids)` of `(text, second text)` pairs: `[CLS] a [SEP] b
+    [SEP]`, truncated longest-first to `sequence_length`; both ragged int32."""
+    first = tokenizer.tokenize(tf.constant([a for a, _ in pairs]))
+    second = tokenizer.tokenize(tf.constant([b for _, b in pairs]))
+    first, second = truncate_longest_first(first, second, sequence_length - 3)
+    return pack_pair(first, second, tokenizer.cls_id, tokenizer.sep_id)
+
+
+def encode_inputs(tokenizer, inputs, sequence_length):
+    """Texts -> ragged ids (`encode_texts`); `(text, second)` pairs -> `(ids,
+    segment ids)` (`encode_text_pairs`)."""
+    if inputs and isinstance(inputs[0], tuple):
+        return encode_text_pairs(tokenizer, inputs, sequence_length)
+    return encode_texts(tokenizer, inputs, sequence_length)
+
+
+def split_pairs(texts, pair_column):
+    """For a sentence-pair run (`pair_column` set), each text is
+    `first<TAB>second` (or already a pair): the pairs; texts of other runs
+    are returned as they are."""
+    if not pair_column:
+        return list(texts)
+    pairs = []
+    for index, text in enumerate(texts):
+        if isinstance(text, tuple):
+            pairs.append(text)
+            continue
+        first, tab, second = text.partition("\t")
+        if not tab or not first.strip() or not second.strip():
+            raise DataError(f"text {index + 1}: this run classifies sentence pairs; give "
+                            f"'first sentence<TAB>second sentence', got {text[:60]!r}")  # fmt: skip
+        pairs.append((first.strip(), second.strip()))
+    return pairs
+
+
 def encode_words(tokenizer, sentences, tag_ids, sequence_length):
     """Word lists -> `(token_ids, piece_labels, truncated_words)`.
 
@@ -212,24 +286,26 @@ def batched(
 ):
     """`((features, labels, sample_weight))` batches bucketed by length.
 
-    `labels` is int32 `(N,)` (one per sequence) or ragged `(N, pieces)`
-    (per token, `IGNORE` where no loss applies: weight 0). Batches are padded
-    to the bucket's boundary so XLA sees at most a handful of shapes; training
-    batches (`repeat=True`) are all full.
+    `token_ids` is ragged `(N, pieces)`, or a `(token ids, segment ids)`
+    pair of them (`encode_inputs` of sentence pairs). `labels` is int32
+    `(N,)` (one per sequence) or ragged `(N, pieces)` (per token, `IGNORE`
+    where no loss applies: weight 0). Batches are padded to the bucket's
+    boundary so XLA sees at most a handful of shapes; training batches
+    (`repeat=True`) are all full.
     """
     per_token = isinstance(labels, tf.RaggedTensor)
-    data = tf.data.Dataset.from_tensor_slices((token_ids, labels))
+    if isinstance(token_ids, tuple):
+        token_ids, segment_ids = token_ids
+    else:
+        segment_ids = tf.zeros_like(token_ids)
+    data = tf.data.Dataset.from_tensor_slices((token_ids, segment_ids, labels))
     if shuffle:
         data = data.shuffle(int(token_ids.nrows()), seed=seed, reshuffle_each_iteration=True)
     if repeat:
         data = data.repeat()
 
-    def features(ids, label):
-        example = {
-            "token_ids": ids,
-            "segment_ids": tf.zeros_like(ids),
-            "padding_mask": tf.ones_like(ids),
-        }
+    def features(ids, segments, label):
+        example = {"token_ids": ids, "segment_ids": segments, "padding_mask": tf.ones_like(ids)}
         if per_token:
             return example, tf.maximum(label, 0), tf.cast(label != IGNORE, tf.float32)
         return example, label, tf.ones([], tf.float32)

@@ -1,0 +1,5 @@
+import sys
+
+from fmkeras.explain.command import main
+
+sys.exit(main())
