@@ -88,7 +88,7 @@ def test_convert_command_writes_a_reloadable_encoder(tmp_path, minilm_dir, capsy
     )
 
 
-def copy_checkpoint(minilm_dir, target, drop=None, reshape=None, config_changes=None):
+def copy_checkpoint(minilm_dir, target, drop=None, reshape=None, config_changes=None, extra=None):
     target.mkdir()
     for name in ("vocab.txt", "tokenizer_config.json"):
         shutil.copy(minilm_dir / name, target / name)
@@ -99,8 +99,37 @@ def copy_checkpoint(minilm_dir, target, drop=None, reshape=None, config_changes=
         del tensors[drop]
     if reshape:
         tensors[reshape] = tensors[reshape][:-1]
+    tensors.update(extra or {})
     save_file(tensors, str(target / "model.safetensors"))
     return target
+
+
+def test_a_checkpoints_pretraining_head_continues_masked_lm_training(tmp_path, minilm_dir):
+    """`cls.predictions.*` (BERT's pretraining head) loads into the masked LM of
+    continued pretraining; a checkpoint without one gets a new head."""
+    from fmkeras.models import MaskedLM
+    from fmkeras.models.starting_point import load_mlm_head, load_starting_point
+
+    generator = np.random.default_rng(0)
+    head = {
+        "cls.predictions.transform.dense.weight": generator.normal(size=(384, 384)),
+        "cls.predictions.transform.dense.bias": generator.normal(size=384),
+        "cls.predictions.transform.LayerNorm.weight": generator.normal(size=384),
+        "cls.predictions.transform.LayerNorm.bias": generator.normal(size=384),
+        "cls.predictions.bias": generator.normal(size=30522),
+    }
+    head = {name: value.astype(np.float32) for name, value in head.items()}
+    with_head = copy_checkpoint(minilm_dir, tmp_path / "bert", extra=head)
+    cases = [(with_head, "the checkpoint's masked-LM head"),
+             (minilm_dir, "a new masked-LM head (the checkpoint has none)")]  # fmt: skip
+    for init, expected in cases:
+        model = MaskedLM(load_starting_point(str(init), 0.0).encoder)
+        assert load_mlm_head(model, str(init)) == expected
+    model = MaskedLM(load_starting_point(str(with_head), 0.0).encoder)
+    load_mlm_head(model, str(with_head))
+    np.testing.assert_array_equal(model.head.transform_dense.kernel,
+                                  head["cls.predictions.transform.dense.weight"].T)  # fmt: skip
+    np.testing.assert_array_equal(model.head.output_bias, head["cls.predictions.bias"])
 
 
 KEY = "encoder.layer.3.attention.self.key.weight"

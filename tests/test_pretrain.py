@@ -203,6 +203,24 @@ def test_quickstart_runs_end_to_end(tmp_path):
     assert "quickstart finished: SST-2 dev accuracy" in result.stdout
 
 
+def test_continued_pretraining_starts_where_the_checkpoint_ended(tmp_path, mlm_run, small_vocab,
+                                                                capsys):  # fmt: skip
+    """model.init=<an earlier MLM run>: its vocabulary, encoder and masked-LM head;
+    with a negligible learning rate the first validation is the checkpoint's own."""
+    run = tmp_path / "continued"
+    settings = {"model.init": str(mlm_run), "train.learning_rate": 1e-12, "train.eval_every": 1,
+                "train.checkpoint_every": 1}  # fmt: skip
+    assert main(tiny_args(small_vocab, steps=1, **settings) + ["--out", str(run)]) == 0
+    assert f"model: fmkeras encoder from {mlm_run} + the run's masked-LM head" in (
+        capsys.readouterr().out
+    )
+    before = json.loads((mlm_run / "metrics.json").read_text())
+    after = json.loads((run / "metrics.json").read_text())
+    assert after["loss"] == pytest.approx(before["loss"], abs=1e-4)  # a new head: ~log(vocab)
+    assert after["non_embedding_parameters"] == before["non_embedding_parameters"]
+    assert (run / "vocab.txt").read_bytes() == (mlm_run / "vocab.txt").read_bytes()
+
+
 def test_too_little_data_is_reported_not_raised(tmp_path, small_vocab, capsys):
     args = tiny_args(small_vocab, **{"data.max_lines": 20, "train.batch_size": 64})
     assert main(args + ["--out", str(tmp_path / "small")]) == 2

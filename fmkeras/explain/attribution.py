@@ -38,6 +38,12 @@ def integration_points(steps, rule="gausslegendre"):
     return (np.arange(steps) + offsets[rule]) / steps, np.full(steps, 1.0 / steps)
 
 
+def completeness_error(attributions, score, baseline_score):
+    """|Σ attributions − (F(x) − F(baseline))| ÷ |F(x) − F(baseline)|."""
+    change = score - baseline_score
+    return abs(float(np.sum(attributions)) - change) / max(abs(change), 1e-12)
+
+
 def stack_items(items, pad_values):
     """Per-example dicts -> one dict of arrays: 1-D or 2-D arrays padded along
     their first axis to the longest (with `pad_values[key]`, else 0), scalars
@@ -120,10 +126,26 @@ class Attributor:
             scores.append(self._scores(vectors, repeat_rows(batch, 1)).numpy())
         return np.concatenate(scores) if scores else np.zeros(0, np.float32)
 
-    def integrated_gradients(self, items, steps=50, rule="gausslegendre"):
-        """Per item: `(attributions (seq,), F(x), F(baseline))`; the
+    def integrated_gradients(self, items, steps=50, rule="gausslegendre", tolerance=0.0,
+                             max_steps=800):  # fmt: skip
+        """Per item: `(attributions (seq,), F(x), F(baseline), steps)`; the
         attributions are summed over the hidden axis and, up to the
-        integration error, add up to `F(x) − F(baseline)`."""
+        integration error, add up to `F(x) − F(baseline)`. Items whose
+        `completeness_error` exceeds `tolerance` (0: never) are integrated
+        again with 4× the steps, up to `max_steps`."""
+        results = [(*result, steps) for result in self._integrate(items, steps, rule)]
+        while tolerance > 0 and steps * 4 <= max_steps:
+            redo = [i for i, result in enumerate(results)
+                    if completeness_error(*result[:3]) > tolerance]  # fmt: skip
+            if not redo:
+                break
+            steps *= 4
+            for i, result in zip(redo, self._integrate([items[i] for i in redo], steps, rule),
+                                 strict=True):  # fmt: skip
+                results[i] = (*result, steps)
+        return results
+
+    def _integrate(self, items, steps, rule):
         alphas, weights = integration_points(steps, rule)
         per_call = max(1, self.rows_per_call // steps)
         results = []
@@ -143,13 +165,8 @@ class Attributor:
             end_scores = self._scores(ends, doubled).numpy()  # F(x) rows, then F(baseline) rows
             for row, item in enumerate(chunk):
                 length = len(item["vectors"])
-                results.append(
-                    (
-                        attributions[row, :length],
-                        float(end_scores[row]),
-                        float(end_scores[len(chunk) + row]),
-                    )
-                )
+                scores = float(end_scores[row]), float(end_scores[len(chunk) + row])
+                results.append((attributions[row, :length], *scores))
         return results
 
     def gradient_times_input(self, items):

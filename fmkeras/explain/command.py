@@ -50,6 +50,13 @@ def build_parser():
         help="what replaces the tokens at the baseline",
     )
     group.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.01,
+        help="integrate again with 4x the steps (up to 800) while the completeness error "
+        "exceeds this share of |F(x) - F(baseline)|; 0: never",
+    )
+    group.add_argument(
         "--output",
         default="probability",
         choices=OUTPUTS,
@@ -105,6 +112,7 @@ def make_explainer(predictor, args, output=None):
         steps=args.steps,
         rule=args.rule,
         output=output or args.output,
+        tolerance=args.tolerance,
     )
 
 
@@ -121,7 +129,7 @@ def print_explanation(explanation):
         print(
             f"\nexplained: {target.name}: F(x) {target.score:.4f}, F(baseline) "
             f"{target.baseline_score:.4f}, sum of IG {total:.4f}, completeness error "
-            f"{target.completeness_error:.2%} of {abs(change):.4f}"
+            f"{target.completeness_error:.2%} of {abs(change):.4f} ({target.steps} steps)"
         )
         width = max(len(token) for token in explanation.tokens)
         methods = list(target.attributions)
@@ -146,7 +154,9 @@ def print_faithfulness(result):
     completeness = result["integrated_gradients_completeness"]
     print(
         f"IG completeness error: median {completeness['median_error']:.3%}, "
-        f"{completeness['share_below_1_percent']:.1%} of texts below 1 %"
+        f"{completeness['share_below_1_percent']:.1%} of texts below 1 %, max "
+        f"{completeness['max_error']:.2%} ({completeness['share_integrated_again']:.1%} "
+        "integrated again with more steps)"
     )
 
 

@@ -16,6 +16,8 @@ import time
 
 import numpy as np
 
+from fmkeras.explain.attribution import completeness_error
+
 BINS = (0.01, 0.05, 0.10, 0.20, 0.50)
 FRACTIONS = np.linspace(0, 1, 11)
 RANKINGS = ("integrated_gradients", "gradient_x_input", "attention_rollout", "random")
@@ -56,13 +58,8 @@ def faithfulness(explainer, texts, seed=0, log=print):
     ]
     order = np.argsort([len(ids) for ids, _ in encoded], kind="stable")  # less padding
     integrated = [None] * len(items)
-    for index, result in zip(
-        order,
-        explainer.attributor.integrated_gradients(
-            [items[i] for i in order], explainer.steps, explainer.rule
-        ),
-        strict=True,
-    ):
+    sorted_items = [items[i] for i in order]
+    for index, result in zip(order, explainer.integrated_gradients(sorted_items), strict=True):
         integrated[index] = result
     attributed = time.time()
     log(
@@ -97,7 +94,7 @@ def faithfulness(explainer, texts, seed=0, log=print):
         for ids, segments in group
     ]
     probabilities = score_texts(explainer, flat)
-    full = np.array([score for _, score, _ in integrated])
+    full = np.array([result[1] for result in integrated])
     table, at = {}, 0
     per_text = len(BINS) * 2 + len(FRACTIONS)
     for method in RANKINGS:
@@ -116,7 +113,8 @@ def faithfulness(explainer, texts, seed=0, log=print):
             "sufficiency_by_bin": sufficiency.round(6).tolist(),
             "deletion_curve": curve.mean(0).round(6).tolist(),
         }
-    errors = np.array([abs(np.sum(a) - (s - b)) / max(abs(s - b), 1e-12) for a, s, b in integrated])
+    errors = np.array([completeness_error(*result[:3]) for result in integrated])
+    steps = np.array([result[3] for result in integrated])
     return {
         "texts": len(texts),
         "methods": table,
@@ -124,6 +122,8 @@ def faithfulness(explainer, texts, seed=0, log=print):
         "integrated_gradients_completeness": {
             "median_error": float(np.median(errors)),
             "share_below_1_percent": float((errors < 0.01).mean()),
+            "max_error": float(errors.max()),
+            "share_integrated_again": float((steps > explainer.steps).mean()),
         },
         "seconds": {
             "integrated_gradients": round(attributed - started, 1),

@@ -41,8 +41,14 @@ def shade(value, scale):
     return f"rgba({red}, {green}, {blue}, {strength:.3f})"
 
 
+SPECIAL = ("[CLS]", "[SEP]", "[PAD]")
+
+
 def token_spans(tokens, values):
-    scale = float(np.max(np.abs(values))) if len(values) else 0.0
+    """Shaded spans, scaled to the largest |value| of the text's own tokens
+    (attention rollout gives `[CLS]` and `[SEP]` most of the mass)."""
+    text = [abs(v) for t, v in zip(tokens, values, strict=True) if t not in SPECIAL]
+    scale = max(text or [float(np.max(np.abs(values), initial=0.0))])
     return "".join(
         f'<span class="token" style="background: {shade(value, scale)}" '
         f'title="{value:+.4f}">{html.escape(token)}</span>'
@@ -127,18 +133,20 @@ def html_report(explanation, pictures=None):
         f"<p><b>Input:</b> {html.escape(explanation.text)}</p>",
         f"<p><b>Prediction:</b> {html.escape(prediction_text(explanation.prediction))}</p>",
         f'<p class="method">{html.escape(settings)}. Green raises the explained output, '
-        "red lowers it; each row is scaled to its largest value.</p>",
+        "red lowers it; each row is scaled to its largest value over the text "
+        "(not [CLS] and [SEP]).</p>",
     ]
     if not explanation.targets:
         parts.append("<p>Nothing to explain (no entity predicted).</p>")
     for index, target in enumerate(explanation.targets):
         change = target.score - target.baseline_score
         parts += [
-            f'<h2 class="target">{html.escape(target.name)}</h2>',
+            f'<h2 class="target">Explained: {html.escape(target.name)}</h2>',
             f'<p class="method">F(x) = {target.score:.4f}, F(baseline) = '
             f"{target.baseline_score:.4f}, sum of integrated gradients = "
             f"{np.sum(target.attributions['integrated_gradients']):.4f} "
-            f"(completeness error {target.completeness_error:.2%} of {abs(change):.4f})</p>",
+            f"(completeness error {target.completeness_error:.2%} of {abs(change):.4f}, "
+            f"{target.steps} steps)</p>",
         ]
         for method in METHODS:
             parts += [

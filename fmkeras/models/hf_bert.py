@@ -191,3 +191,27 @@ def load_hf_bert(directory, dropout=0.1):
             )
         variable.assign(value.astype(variable.dtype))
     return encoder
+
+
+def load_hf_mlm_head(head, directory):
+    """Assigns BERT's pretraining head (`cls.predictions.*`: transform dense,
+    LayerNorm, output bias; the output kernel is the tied word embedding) to
+    a built `MaskedLMHead`. Returns False when the checkpoint has no such head
+    (e.g. sentence-embedding models such as all-MiniLM-L6-v2)."""
+    tensors = read_hf_tensors(directory)
+    mapping = [
+        (head.transform_dense.kernel, "cls.predictions.transform.dense.weight", np.transpose),
+        (head.transform_dense.bias, "cls.predictions.transform.dense.bias", None),
+        (head.layer_norm.gamma, "cls.predictions.transform.LayerNorm.weight", None),
+        (head.layer_norm.beta, "cls.predictions.transform.LayerNorm.bias", None),
+        (head.output_bias, "cls.predictions.bias", None),
+    ]
+    if any(name not in tensors for _, name, _ in mapping):
+        return False
+    for variable, name, transform in mapping:
+        value = transform(tensors[name]) if transform else tensors[name]
+        if tuple(value.shape) != tuple(variable.shape):
+            raise DataError(f"{Path(directory) / 'model.safetensors'}: tensor {name} has shape "
+                            f"{tuple(value.shape)}, not {tuple(variable.shape)}")  # fmt: skip
+        variable.assign(value.astype(variable.dtype))
+    return True

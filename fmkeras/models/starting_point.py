@@ -12,6 +12,7 @@
 
 import dataclasses
 import importlib.util
+import json
 from pathlib import Path
 
 import keras
@@ -19,7 +20,7 @@ import yaml
 
 from fmkeras.errors import ConfigError, DataError
 from fmkeras.models.encoder import Encoder
-from fmkeras.models.hf_bert import hf_lowercase, is_hf_bert_dir, load_hf_bert
+from fmkeras.models.hf_bert import hf_lowercase, is_hf_bert_dir, load_hf_bert, load_hf_mlm_head
 from fmkeras.text.wordpiece import read_vocabulary
 
 
@@ -69,16 +70,36 @@ def _adapted(encoder, dropout):
     return copy
 
 
+def fmkeras_lowercase(path):
+    """Whether the fmkeras run or conversion at `path` lower-cases (its config.yaml)."""
+    settings = path / "config.yaml"
+    saved = yaml.safe_load(settings.read_text(encoding="utf-8")) if settings.is_file() else {}
+    return bool(((saved or {}).get("data") or {}).get("lowercase", True))
+
+
+def starting_vocabulary(init):
+    """`(vocabulary, lowercase)` of a non-random `model.init`, read without
+    building its model (tasks that tokenize before the model exists)."""
+    path = resolve_init(init)
+    if not is_hf_bert_dir(path) and not (path / "encoder.keras").is_file():
+        raise ConfigError(
+            f"model.init={init!r}: {path} holds neither an fmkeras encoder (encoder.keras + "
+            "vocab.txt) nor a Hugging Face BERT (config.json + model.safetensors + vocab.txt)"
+        )
+    lowercase = hf_lowercase(path) if is_hf_bert_dir(path) else fmkeras_lowercase(path)
+    return read_vocabulary(path / "vocab.txt"), lowercase
+
+
 def load_starting_point(init, dropout):
     """A `StartingPoint` for a non-random `model.init`."""
     path = resolve_init(init)
     if path is None:
         raise ValueError("load_starting_point needs a checkpoint; model.init is 'random'")
+    vocabulary, lowercase = starting_vocabulary(init)
     if is_hf_bert_dir(path):
         encoder = load_hf_bert(path, dropout=dropout)
-        lowercase = hf_lowercase(path)
         kind = "Hugging Face BERT"
-    elif (path / "encoder.keras").is_file():
+    else:
         try:
             encoder = keras.saving.load_model(path / "encoder.keras")
         except Exception as error:  # noqa: BLE001 - Keras raises many types for bad archives
@@ -88,19 +109,29 @@ def load_starting_point(init, dropout):
                 f"{path / 'encoder.keras'} holds a {type(encoder).__name__}, not an Encoder"
             )
         encoder = _adapted(encoder, dropout)
-        settings = path / "config.yaml"
-        saved = yaml.safe_load(settings.read_text(encoding="utf-8")) if settings.is_file() else {}
-        lowercase = bool(((saved or {}).get("data") or {}).get("lowercase", True))
         kind = "fmkeras encoder"
-    else:
-        raise ConfigError(
-            f"model.init={init!r}: {path} holds neither an fmkeras encoder (encoder.keras + "
-            "vocab.txt) nor a Hugging Face BERT (config.json + model.safetensors + vocab.txt)"
-        )
-    vocabulary = read_vocabulary(path / "vocab.txt")
     if len(vocabulary) != encoder.vocabulary_size:
         raise DataError(
             f"{path / 'vocab.txt'} has {len(vocabulary):,} pieces but the encoder's token "
             f"embedding has {encoder.vocabulary_size:,} rows; they must come from the same model"
         )
     return StartingPoint(encoder, vocabulary, lowercase, kind, path)
+
+
+def load_mlm_head(masked_lm, init):
+    """Copies the masked-LM head of `model.init` into `masked_lm.head`: an
+    earlier fmkeras MLM run's, or a Hugging Face checkpoint's
+    `cls.predictions`. Returns what the head is, for the log."""
+    path = resolve_init(init)
+    if is_hf_bert_dir(path):
+        if load_hf_mlm_head(masked_lm.head, path):
+            return "the checkpoint's masked-LM head"
+        return "a new masked-LM head (the checkpoint has none)"
+    info = path / "task.json"
+    task = json.loads(info.read_text(encoding="utf-8")).get("task") if info.is_file() else None
+    if task in ("mlm", "pretrain") and (path / "model.keras").is_file():
+        earlier = keras.saving.load_model(path / "model.keras")
+        for variable, value in zip(masked_lm.head.weights, earlier.head.weights, strict=True):
+            variable.assign(keras.ops.cast(value, variable.dtype))
+        return "the run's masked-LM head"
+    return "a new masked-LM head"

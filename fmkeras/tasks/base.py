@@ -29,7 +29,7 @@ import numpy as np
 from fmkeras.config import ARCHITECTURE_KEYS, SIZES, ModelConfig
 from fmkeras.errors import ConfigError
 from fmkeras.models import Encoder, encoder_kwargs
-from fmkeras.models.starting_point import load_starting_point, resolve_init
+from fmkeras.models.starting_point import load_starting_point, resolve_init, starting_vocabulary
 from fmkeras.text.wordpiece import WordPieceTokenizer, learn_vocabulary, write_vocabulary
 from fmkeras.training.checkpoints import save_model
 
@@ -153,10 +153,15 @@ class Task:
             return encoder, tokenizer, f"random {model.size} encoder"
         start = load_starting_point(model.init, model.dropout)
         check_against_checkpoint(model, start.encoder, self.log)
+        return start.encoder, self.checkpoint_tokenizer(), start.description
+
+    def checkpoint_tokenizer(self):
+        """The tokenizer of `model.init`'s vocabulary (read without building its
+        model), kept in the run as `vocab.txt`."""
+        vocabulary, lowercase = starting_vocabulary(self.config.model.init)
         if not self.run.vocab.is_file():
-            write_vocabulary(start.vocabulary, self.run.vocab)
-        tokenizer = WordPieceTokenizer(start.vocabulary, lowercase=start.lowercase)
-        return start.encoder, tokenizer, start.description
+            write_vocabulary(vocabulary, self.run.vocab)
+        return WordPieceTokenizer(vocabulary, lowercase=lowercase)
 
     @classmethod
     def load(cls, run, info, **options):

@@ -9,11 +9,12 @@ import tensorflow as tf
 
 from fmkeras.data import read_lines
 from fmkeras.distribute import accelerators_in_use
-from fmkeras.errors import ConfigError, DataError
+from fmkeras.errors import DataError
 from fmkeras.flops import parameter_counts, training_flops_per_token
 from fmkeras.models import Encoder, MaskedLM, encoder_kwargs
+from fmkeras.models.starting_point import load_mlm_head, load_starting_point
 from fmkeras.signatures import fill_mask_functions
-from fmkeras.tasks.base import Predictor, Task, log_softmax
+from fmkeras.tasks.base import Predictor, Task, check_against_checkpoint, log_softmax
 from fmkeras.tasks.registry import register_task
 from fmkeras.text.mlm import mlm_dataset, pack_sequences
 from fmkeras.text.wordpiece import WordPieceTokenizer
@@ -50,14 +51,6 @@ class MaskedLMTask(Task):
     name = "mlm"
     aliases = ("pretrain",)
 
-    @classmethod
-    def check_config(cls, config):
-        if config.model.init != "random":
-            raise ConfigError(
-                f"model.init={config.model.init!r}: masked-LM pretraining starts from 'random' "
-                "(continued pretraining of a checkpoint is not supported yet)"
-            )
-
     @property
     def predictions(self):
         data = self.config.data
@@ -67,7 +60,10 @@ class MaskedLMTask(Task):
         data, files = self.config.data, self.files
         train_lines = read_lines(files["train"], data.max_lines)
         valid_lines = read_lines(files["valid"], data.max_lines)
-        self.tokenizer = self.prepare_vocabulary(train_lines)
+        if self.config.model.init == "random":
+            self.tokenizer = self.prepare_vocabulary(train_lines)
+        else:  # continued pretraining keeps the checkpoint's vocabulary
+            self.tokenizer = self.checkpoint_tokenizer()
         self.train_sequences = packed(train_lines, self.tokenizer, data.sequence_length,
                                       data.train_file)  # fmt: skip
         self.valid_sequences = packed(valid_lines, self.tokenizer, data.sequence_length,
@@ -88,8 +84,19 @@ class MaskedLMTask(Task):
             self.valid_data = self.valid_data.take(train.eval_steps)
 
     def build_model(self):
-        arch = encoder_kwargs(self.config.model, self.tokenizer.vocabulary_size)
-        return MaskedLM(Encoder(**arch), name="masked_lm")
+        """A fresh encoder, or (continued pretraining) `model.init`'s encoder
+        with its masked-LM head where the checkpoint has one."""
+        model = self.config.model
+        if model.init == "random":
+            masked_lm = MaskedLM(Encoder(**encoder_kwargs(model, self.tokenizer.vocabulary_size)),
+                                 name="masked_lm")  # fmt: skip
+        else:
+            start = load_starting_point(model.init, model.dropout)
+            check_against_checkpoint(model, start.encoder, self.log)
+            masked_lm = MaskedLM(start.encoder, name="masked_lm")
+            self.log(f"model: {start.description} + {load_mlm_head(masked_lm, model.init)}")
+        self.arch = masked_lm.encoder.get_config()  # the sizes FLOPs and parameters count
+        return masked_lm
 
     def compile_args(self, model):
         accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
@@ -97,8 +104,7 @@ class MaskedLMTask(Task):
 
     def flops_per_token(self):
         data = self.config.data
-        arch = encoder_kwargs(self.config.model, self.tokenizer.vocabulary_size)
-        return training_flops_per_token(arch, data.sequence_length, self.predictions)
+        return training_flops_per_token(self.arch, data.sequence_length, self.predictions)
 
     def logger_settings(self, model):
         train = self.config.train
@@ -137,7 +143,6 @@ class MaskedLMTask(Task):
 
     def final_metrics(self, model, validation):
         data, train = self.config.data, self.config.train
-        arch = encoder_kwargs(self.config.model, self.tokenizer.vocabulary_size)
         perplexity = math.exp(min(validation["loss"], 50.0))
         return {
             **validation,  # loss, accuracy (of the masked tokens): the names evaluate prints
@@ -148,7 +153,7 @@ class MaskedLMTask(Task):
             "valid_perplexity": perplexity,
             "peak_gflops": self.peak_gflops,
             "parameters": model.count_params(),
-            "non_embedding_parameters": parameter_counts(arch)["non_embedding"],
+            "non_embedding_parameters": parameter_counts(self.arch)["non_embedding"],
             "train_tokens": train.steps * train.batch_size * data.sequence_length,
             "train_flops_per_token": self.flops_per_token(),
         }
