@@ -70,6 +70,8 @@ class DataConfig:
     vocab_size: int = 16000
     lowercase: bool = True
     sequence_length: int = 128
+    # mlm | mlm_nsp: also next-sentence prediction on [CLS] a [SEP] b [SEP] pairs
+    objective: Literal["mlm", "mlm_nsp"] = key("mlm", "mlm")
     mask_rate: float = key(0.15, "mlm")
     # per sequence; default round(mask_rate * sequence_length)
     max_predictions: int | None = key(None, "mlm")

@@ -25,6 +25,7 @@ from collections.abc import Callable
 import keras
 import tensorflow as tf
 
+from fmkeras.models.masked_lm import masked_lm_logits
 from fmkeras.text.core_tokenizer import CoreBertTokenizer
 from fmkeras.text.labelled import add_cls_sep, pack_pair, truncate_longest_first
 
@@ -160,7 +161,8 @@ def fill_mask_functions(model, tokenizer, sequence_length, top_k):
         padded = tf.concat([positions.to_tensor(-1), extra], axis=1)[:, :width]  # (batch, masks)
         valid = padded >= 0
         mask_positions = tf.maximum(padded, 0)
-        logits = model({**features, "mask_positions": mask_positions}, training=False)
+        outputs = model({**features, "mask_positions": mask_positions}, training=False)
+        logits = masked_lm_logits(outputs)  # (batch, masks, vocabulary)
         probabilities = tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)
         best, ids = tf.math.top_k(probabilities, k=top_k)  # (batch, masks, top_k)
         return {

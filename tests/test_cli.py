@@ -75,7 +75,7 @@ def test_bundled_recipes_are_found_by_name_from_anywhere(tmp_path):
         (["--recipe", "pretrain_gutenberg", "--set", "distribute.strategy=tpu"],
          "distribute.strategy=tpu needs distribute.tpu"),
         (["--recipe", "pretrain_gutenberg", "--set", "model.init=runs/nowhere"],
-         "masked-LM pretraining starts from 'random'"),
+         "model.init='runs/nowhere': runs/nowhere is not a directory"),
         (["--recipe", "sst2", "--set", "model.init=/no/such/dir"],
          "/no/such/dir is not a directory"),
         (["--recipe", "pretrain_gutenberg", "--data-dir", "/no/data"],

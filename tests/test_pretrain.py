@@ -221,6 +221,26 @@ def test_continued_pretraining_starts_where_the_checkpoint_ended(tmp_path, mlm_r
     assert (run / "vocab.txt").read_bytes() == (mlm_run / "vocab.txt").read_bytes()
 
 
+def test_next_sentence_prediction_trains_and_reports(tmp_path, small_vocab, capsys):
+    """data.objective=mlm_nsp: NSP loss and accuracy in the logs, TensorBoard and
+    metrics.json; fill-mask and the encoder work as for MLM alone."""
+    run = tmp_path / "nsp"
+    args = tiny_args(small_vocab, steps=20, **{"data.objective": "mlm_nsp"})
+    assert main(args + ["--out", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "nsp_accuracy" in out and "validation loss" in out
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert 0 <= metrics["nsp_accuracy"] <= 1 and metrics["nsp_loss"] > 0
+    assert metrics["perplexity"] == pytest.approx(math.exp(metrics["loss"]))  # the MLM's alone
+    assert [step for step, _ in scalars(run / "logs" / "validation", "nsp_accuracy")] == [20]
+    train_nsp = scalars(run / "logs" / "train", "nsp_loss")
+    assert train_nsp and all(math.isfinite(value) for _, value in train_nsp)
+    assert predict_main([str(run), "the old man [MASK] the door ."]) == 0
+    assert len(json.loads(capsys.readouterr().out)["masks"][0]["tokens"]) == 5
+    encoder = fmkeras.load_model(run / "encoder.keras")
+    assert encoder.num_segments == 2
+
+
 def test_too_little_data_is_reported_not_raised(tmp_path, small_vocab, capsys):
     args = tiny_args(small_vocab, **{"data.max_lines": 20, "train.batch_size": 64})
     assert main(args + ["--out", str(tmp_path / "small")]) == 2

@@ -4,7 +4,7 @@ import tensorflow as tf
 
 from fmkeras.data import read_lines, require_file, resolve_data_dir
 from fmkeras.errors import DataError
-from fmkeras.text.mlm import mask_tokens, mlm_dataset, pack_sequences
+from fmkeras.text.mlm import mask_tokens, mlm_dataset, next_sentence_pairs, pack_sequences
 from fmkeras.text.wordpiece import RESERVED_TOKENS, WordPieceTokenizer, read_vocabulary
 
 VOCAB = RESERVED_TOKENS + ["hello", "world", "##s", "cafe", "中", "国", ",", "!", "the"]
@@ -119,6 +119,49 @@ def test_stream_resumes_exactly_and_shards_disjointly(packed):
     ]
     joined = np.concatenate([h[0]["token_ids"] for h in halves])
     np.testing.assert_array_equal(joined, full[0][0]["token_ids"])
+
+
+def test_next_sentence_pairs_continue_or_jump_far():
+    """Row r of the table holds r * 100 + position, so every piece says where it came from."""
+    count, length, cls, sep = 64, 16, -1, -2
+    table = (np.arange(count)[:, None] * 100 + np.arange(length)[None, :]).astype(np.int32)
+    table[:, 0], table[:, -1] = cls, sep
+    positions = np.arange(count, dtype=np.int64)
+    seed = tf.constant([5, 0], tf.int64)
+    pairs = next_sentence_pairs(tf.constant(table), tf.constant(table), tf.constant(positions),
+                                seed, cls, sep)  # fmt: skip
+    ids, segments, is_next = (t.numpy() for t in pairs)
+    assert 20 < is_next.sum() < 44  # about half
+    for row, (pieces, segment, label) in enumerate(zip(ids, segments, is_next, strict=True)):
+        seps = np.flatnonzero(pieces == sep)
+        assert pieces[0] == cls and len(seps) == 2 and seps[-1] == length - 1
+        split = seps[0]  # [CLS] a [SEP] b [SEP]
+        assert segment.tolist() == [0] * (split + 1) + [1] * (length - split - 1)
+        assert (pieces[1:split] == table[row, 1:split]).all()  # a: the row's own first pieces
+        source = pieces[split + 1 : -1] // 100
+        if label:  # b: the pieces that follow a in the same row
+            assert (pieces[split + 1 : -1] == table[row, split : length - 2]).all()
+        else:  # b: the same place in a row at least a quarter of the corpus away
+            distance = abs(int(source[0]) - row)
+            assert (source == source[0]).all() and min(distance, count - distance) >= count // 4
+
+
+def test_next_sentence_stream_resumes_exactly_and_shards_the_same(packed):
+    tokenizer, sequences = packed
+    make = lambda **kw: mlm_dataset(sequences, tokenizer, 16, 5, seed=7, next_sentence=True, **kw)
+    full = list(make().take(6))
+    inputs, targets, weights = full[0]
+    assert set(targets) == {"mlm", "nsp"} and inputs["segment_ids"].numpy().max() == 1
+    assert weights["nsp"].numpy().tolist() == [1.0] * 16
+    for (a, ta, _), (b, tb, _) in zip(full[4:], make(start_step=4).take(2), strict=True):
+        np.testing.assert_array_equal(a["token_ids"], b["token_ids"])
+        np.testing.assert_array_equal(ta["nsp"], tb["nsp"])
+    halves = [next(iter(make(shard_index=i, num_shards=2))) for i in (0, 1)]
+    for key in ("token_ids", "segment_ids"):
+        joined = np.concatenate([h[0][key] for h in halves])
+        np.testing.assert_array_equal(joined, inputs[key])
+    joined = np.concatenate([h[1]["nsp"] for h in halves])
+    np.testing.assert_array_equal(joined, targets["nsp"])
 
 
 def test_validation_stream_is_fixed(packed):

@@ -12,10 +12,13 @@ class MaskedLM(keras.Model):
     Inputs: the encoder's dict plus `mask_positions` int32
     `(batch, predictions)`. Output: logits
     `(batch, predictions, vocabulary_size)`. The head's output projection is
-    the encoder's token embedding (tied).
+    the encoder's token embedding (tied). With `next_sentence`, BERT's
+    next-sentence head (a dense layer on the pooled output) is added and the
+    output is `{"mlm": logits, "nsp": (batch, 2) logits}` (class 1: "is next").
 
     Args:
         encoder: an `fmkeras.models.Encoder`.
+        next_sentence: bool. Add the next-sentence prediction head.
 
     Example:
 
@@ -28,7 +31,7 @@ class MaskedLM(keras.Model):
     (1, 2, 100)
     """
 
-    def __init__(self, encoder, **kwargs):
+    def __init__(self, encoder, next_sentence=False, **kwargs):
         # === Layers ===
         self.encoder = encoder
         self.head = MaskedLMHead(
@@ -45,16 +48,26 @@ class MaskedLM(keras.Model):
         inputs["mask_positions"] = keras.Input(shape=(None,), dtype="int32", name="mask_positions")
         outputs = encoder({k: v for k, v in inputs.items() if k != "mask_positions"})
         logits = self.head(outputs["sequence_output"], mask_positions=inputs["mask_positions"])
+        if next_sentence:
+            self.next_sentence_head = keras.layers.Dense(
+                2,
+                kernel_initializer=keras.initializers.TruncatedNormal(stddev=0.02),
+                dtype=encoder.dtype_policy,
+                name="next_sentence_head",
+            )
+            logits = {"mlm": logits, "nsp": self.next_sentence_head(outputs["pooled_output"])}
         super().__init__(inputs=inputs, outputs=logits, **kwargs)
-        # The MLM loss does not reach the pooler: freeze it so the optimizer keeps no
-        # state for it (after super().__init__, which resets `trainable` on sublayers).
-        encoder.pooler.trainable = False
+        # The MLM loss alone does not reach the pooler: freeze it so the optimizer keeps
+        # no state for it (after super().__init__, which resets `trainable` on sublayers).
+        encoder.pooler.trainable = next_sentence
+        self.next_sentence = next_sentence
 
     def get_config(self):
         return {
             "name": self.name,
             "trainable": self.trainable,
             "encoder": keras.layers.serialize(self.encoder),
+            "next_sentence": self.next_sentence,
         }
 
     @classmethod
@@ -62,3 +75,9 @@ class MaskedLM(keras.Model):
         config = dict(config)
         config["encoder"] = keras.layers.deserialize(config["encoder"])
         return cls(**config)
+
+
+def masked_lm_logits(outputs):
+    """The masked-LM logits of a `MaskedLM`'s outputs (with or without NSP)."""
+    return outputs["mlm"] if isinstance(outputs, dict) else outputs
+

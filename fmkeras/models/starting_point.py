@@ -130,7 +130,7 @@ def load_mlm_head(masked_lm, init):
     info = path / "task.json"
     task = json.loads(info.read_text(encoding="utf-8")).get("task") if info.is_file() else None
     if task in ("mlm", "pretrain") and (path / "model.keras").is_file():
-        earlier = keras.saving.load_model(path / "model.keras")
+        earlier = keras.saving.load_model(path / "model.keras", compile=False)
         for variable, value in zip(masked_lm.head.weights, earlier.head.weights, strict=True):
             variable.assign(keras.ops.cast(value, variable.dtype))
         return "the run's masked-LM head"

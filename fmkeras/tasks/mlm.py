@@ -12,6 +12,7 @@ from fmkeras.distribute import accelerators_in_use
 from fmkeras.errors import DataError
 from fmkeras.flops import parameter_counts, training_flops_per_token
 from fmkeras.models import Encoder, MaskedLM, encoder_kwargs
+from fmkeras.models.masked_lm import masked_lm_logits
 from fmkeras.models.starting_point import load_mlm_head, load_starting_point
 from fmkeras.signatures import fill_mask_functions
 from fmkeras.tasks.base import Predictor, Task, check_against_checkpoint, log_softmax
@@ -79,7 +80,8 @@ class MaskedLMTask(Task):
         self.first_batches = self.batches_from(0)
         self.valid_data = batches(self.valid_sequences, data.valid_file, self.tokenizer,
                                   train.batch_size, self.predictions, train.seed,
-                                  shuffle=False, repeat=False)  # fmt: skip
+                                  shuffle=False, repeat=False,
+                                  next_sentence=self.next_sentence)  # fmt: skip
         if train.eval_steps:
             self.valid_data = self.valid_data.take(train.eval_steps)
 
@@ -88,19 +90,30 @@ class MaskedLMTask(Task):
         with its masked-LM head where the checkpoint has one."""
         model = self.config.model
         if model.init == "random":
-            masked_lm = MaskedLM(Encoder(**encoder_kwargs(model, self.tokenizer.vocabulary_size)),
-                                 name="masked_lm")  # fmt: skip
+            encoder = Encoder(**encoder_kwargs(model, self.tokenizer.vocabulary_size))
+            masked_lm = MaskedLM(encoder, self.next_sentence, name="masked_lm")
         else:
             start = load_starting_point(model.init, model.dropout)
             check_against_checkpoint(model, start.encoder, self.log)
-            masked_lm = MaskedLM(start.encoder, name="masked_lm")
+            masked_lm = MaskedLM(start.encoder, self.next_sentence, name="masked_lm")
             self.log(f"model: {start.description} + {load_mlm_head(masked_lm, model.init)}")
         self.arch = masked_lm.encoder.get_config()  # the sizes FLOPs and parameters count
         return masked_lm
 
+    @property
+    def next_sentence(self):
+        return self.config.data.objective == "mlm_nsp"
+
     def compile_args(self, model):
         accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
-        return {"loss": masked_lm_loss(), "weighted_metrics": [accuracy]}
+        if not self.next_sentence:
+            return {"loss": masked_lm_loss(), "weighted_metrics": [accuracy]}
+        # Keras names them mlm_loss, nsp_loss, mlm_accuracy, nsp_accuracy; loss is their sum.
+        nsp = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        return {"loss": {"mlm": masked_lm_loss(), "nsp": nsp},
+                "weighted_metrics": {"mlm": [accuracy],
+                                     "nsp": [keras.metrics.SparseCategoricalAccuracy(
+                                         name="accuracy")]}}  # fmt: skip
 
     def flops_per_token(self):
         data = self.config.data
@@ -130,16 +143,23 @@ class MaskedLMTask(Task):
     def batches_from(self, step):
         train = self.config.train
         return batches(self.train_sequences, self.config.data.train_file, self.tokenizer,
-                       train.batch_size, self.predictions, train.seed,
-                       start_step=step)  # fmt: skip
+                       train.batch_size, self.predictions, train.seed, start_step=step,
+                       next_sentence=self.next_sentence)  # fmt: skip
 
     def evaluate(self, model):
-        loss, accuracy = trainer.evaluate(model, self.valid_data)
-        return {"loss": float(loss), "accuracy": float(accuracy)}
+        """Masked-LM `loss` and `accuracy`; with NSP also `nsp_loss` and `nsp_accuracy`."""
+        if not self.next_sentence:
+            loss, accuracy = trainer.evaluate(model, self.valid_data)
+            return {"loss": float(loss), "accuracy": float(accuracy)}
+        found = trainer.evaluate(model, self.valid_data, return_dict=True)
+        return {"loss": float(found["mlm_loss"]), "accuracy": float(found["mlm_accuracy"]),
+                "nsp_loss": float(found["nsp_loss"]),
+                "nsp_accuracy": float(found["nsp_accuracy"])}  # fmt: skip
 
     def info(self):
         return {**super().info(), "lowercase": self.tokenizer.lowercase,
-                "predictions": self.predictions}  # fmt: skip
+                "predictions": self.predictions,
+                "objective": self.config.data.objective}  # fmt: skip
 
     def final_metrics(self, model, validation):
         data, train = self.config.data, self.config.train
@@ -202,7 +222,7 @@ class MaskedLMPredictor(Predictor):
                           self.info["predictions"], seed, shuffle=False, repeat=False)  # fmt: skip
         total = correct = weight = 0.0
         for inputs, labels, weights in dataset:
-            logits = np.asarray(self.model.predict_on_batch(inputs), np.float32)
+            logits = np.asarray(masked_lm_logits(self.model.predict_on_batch(inputs)), np.float32)
             labels, weights = np.asarray(labels), np.asarray(weights, np.float32)
             chosen = np.take_along_axis(log_softmax(logits), labels[..., None], -1)[..., 0]
             total -= float((chosen * weights).sum())

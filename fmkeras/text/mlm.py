@@ -93,6 +93,49 @@ def mask_tokens(
     return masked, positions, original, weights
 
 
+def next_sentence_pairs(token_ids, table, positions, seed, cls_id, sep_id, row_offset=0,
+                        total_rows=None):  # fmt: skip
+    """BERT's next-sentence examples from packed `[CLS] body [SEP]` rows.
+
+    Each row is cut at a random point into `[CLS] a [SEP] b [SEP]` (the
+    same length): `a` is the row's first pieces and `b`, half of the time,
+    the pieces that really follow them (label 1, "is next"); otherwise the
+    pieces at the same place in a row a quarter to three quarters of the
+    corpus away, so almost always another book (label 0). Draws are those
+    of the global batch (as in `mask_tokens`), so resuming and sharding see
+    the same examples.
+
+    Args:
+        token_ids: int32 `(batch, seq)`, rows of `table` at `positions`.
+        table: int32 `(N, seq)`, every packed row.
+        positions: int64 `(batch,)`, the rows' indices in `table`.
+        seed: int `(2,)` stateless seed.
+
+    Returns: `(token_ids, segment_ids, is_next)`.
+    """
+    batch, length = token_ids.shape[0], token_ids.shape[1]
+    total = total_rows or batch
+    rows = slice(row_offset, row_offset + batch)
+    seeds = tf.random.experimental.stateless_split(seed, 3)
+    count = tf.shape(table, out_type=tf.int64)[0]
+    is_next = tf.random.stateless_uniform([total], seeds[0])[rows] < 0.5
+    # `a` has 1 .. length - 4 pieces, so `b` has at least one.
+    split = tf.random.stateless_uniform([total], seeds[1], minval=1, maxval=length - 3,
+                                        dtype=tf.int32)[rows]  # fmt: skip
+    near = tf.maximum(count // 4, 1)
+    far = tf.maximum(count - count // 4, near + 1)
+    offset = tf.random.stateless_uniform([total], seeds[2], minval=near, maxval=far,
+                                         dtype=tf.int64)[rows]  # fmt: skip
+    other = tf.gather(table, (positions + offset) % count)
+    source = tf.where(is_next[:, None], token_ids, other)
+    previous = tf.concat([source[:, :1], source[:, :-1]], axis=1)  # previous[p] = source[p - 1]
+    p, k = tf.range(length)[None, :], split[:, None]  # (1, seq), (batch, 1)
+    ids = tf.where(p == 0, cls_id, tf.where(p <= k, token_ids, tf.where(
+        p == k + 1, sep_id, tf.where(p < length - 1, previous, sep_id))))  # fmt: skip
+    segments = tf.cast(p > k + 1, tf.int32)  # (batch, seq): 0 for [CLS] a [SEP], 1 for b [SEP]
+    return ids, segments, tf.cast(is_next, tf.int32)
+
+
 def mlm_dataset(
     sequences,
     tokenizer,
@@ -104,8 +147,11 @@ def mlm_dataset(
     repeat=True,
     shard_index=0,
     num_shards=1,
+    next_sentence=False,
 ):
-    """A tf.data pipeline of `(inputs, mask_ids, mask_weights)` MLM batches.
+    """A tf.data pipeline of `(inputs, mask_ids, mask_weights)` MLM batches;
+    with `next_sentence`, `(inputs, {"mlm": mask_ids, "nsp": is_next},
+    {"mlm": mask_weights, "nsp": 1})` on `next_sentence_pairs`.
 
     Args:
         sequences: int32 `(N, seq)` from `pack_sequences`.
@@ -117,6 +163,7 @@ def mlm_dataset(
         shuffle: reshuffle every pass (False: file order, for validation).
         repeat: endless stream; else one pass of whole batches.
         shard_index, num_shards: this worker's slice of every global batch.
+        next_sentence: bool. Next-sentence pairs with segment ids (`mlm_nsp`).
     """
     count = len(sequences)
     if count < batch_size:
@@ -141,6 +188,13 @@ def mlm_dataset(
                 index=position, seed=seeds, max_index=tf.constant(count - 1, tf.int64)
             )
         token_ids = tf.gather(table, position)  # (local_batch, seq)
+        segment_ids = tf.zeros_like(token_ids)
+        if next_sentence:
+            token_ids, segment_ids, is_next = next_sentence_pairs(
+                token_ids, table, position, tf.stack([tf.cast(seed, tf.int64) + 1, first]),
+                tokenizer.cls_id, tokenizer.sep_id, row_offset=shard_index * local_batch,
+                total_rows=batch_size,
+            )  # fmt: skip
         masked, positions, mask_ids, weights = mask_tokens(
             token_ids,
             tf.stack([tf.cast(seed, tf.int64), first]),
@@ -153,10 +207,13 @@ def mlm_dataset(
         )
         inputs = {
             "token_ids": masked,
-            "segment_ids": tf.zeros_like(masked),
+            "segment_ids": segment_ids,
             "padding_mask": tf.ones_like(masked),
             "mask_positions": positions,
         }
+        if next_sentence:
+            ones = tf.ones_like(is_next, tf.float32)
+            return inputs, {"mlm": mask_ids, "nsp": is_next}, {"mlm": weights, "nsp": ones}
         return inputs, mask_ids, weights
 
     if repeat:

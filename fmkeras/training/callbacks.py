@@ -182,8 +182,8 @@ class TrainingLogger(keras.callbacks.Callback):
                 speed = f" | {scalars['examples_per_second']:,.0f} examples/s"
             self.throughput.append(scalars.get("tokens_per_second",
                                                scalars.get("examples_per_second")))  # fmt: skip
-        if self.tokens_per_step and "loss" in means:
-            scalars["perplexity"] = math.exp(min(means["loss"], 50.0))
+        if self.tokens_per_step and "loss" in means:  # of the masked LM (mlm_loss with NSP)
+            scalars["perplexity"] = math.exp(min(means.get("mlm_loss", means["loss"]), 50.0))
         with self.train_writer.as_default(step=step):
             for name, value in scalars.items():
                 tf.summary.scalar(name, value)

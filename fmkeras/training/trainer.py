@@ -185,14 +185,15 @@ def fit(model, train_data, train, run, start_step, callbacks=(), **backup):
                 )
 
 
-def evaluate(model, dataset):
-    """`model.evaluate` over a finite dataset -> `(loss, accuracy)`. Keras warns
-    that the input "ran out of data" when the batches do not fill the last
-    multi-step execution (`steps_per_execution` > 1); here that is expected,
-    and every batch is still counted."""
+def evaluate(model, dataset, return_dict=False):
+    """`model.evaluate` over a finite dataset -> `(loss, accuracy)` (or, with
+    `return_dict`, every metric by name). Keras warns that the input "ran out
+    of data" when the batches do not fill the last multi-step execution
+    (`steps_per_execution` > 1); here that is expected, and every batch is
+    still counted."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Your input ran out of data")
-        return model.evaluate(dataset, verbose=0)
+        return model.evaluate(dataset, verbose=0, return_dict=return_dict)
 
 
 def set_steps_per_execution(model, steps):
