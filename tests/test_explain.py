@@ -122,12 +122,14 @@ def test_perturbations_keep_cls_and_sep_and_split_the_tokens():
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, data_dir):
-    """Tiny classify, tag and translate runs (a few steps each)."""
+    """Tiny classify, tag and translate runs (a few steps each; greedy, short
+    final translation evaluations)."""
     root = tmp_path_factory.mktemp("explain")
     settings = {"model.size": "tiny", "model.init": "random", "data.max_lines": 300,
                 "data.vocab_size": 600, "train.batch_size": 16, "train.steps": 4,
                 "train.checkpoint_every": 4, "train.eval_every": 4,
-                "train.jit_compile": "false"}  # fmt: skip
+                "train.jit_compile": "false", "decode.beam_width": 1,
+                "decode.max_length": 8}  # fmt: skip
     recipes = {"classify": "sst2", "tag": "conll2003", "translate": "en_de"}
     for task, recipe in recipes.items():
         args = train_args(task, REPO / "trainers" / f"{recipe}.yaml", settings, root / task)
