@@ -16,7 +16,7 @@ from fmkeras.evaluate import main as evaluate_main
 from fmkeras.explain.command import main as explain_main
 from fmkeras.export import main as export_main
 from fmkeras.predict import main as predict_main
-from fmkeras.serve import create_server, parse_request
+from fmkeras.serve import BadRequest, create_server, parse_request
 from fmkeras.tasks import load_run
 from fmkeras.text.labelled import batched, encode_text_pairs, read_tsv
 from fmkeras.text.wordpiece import WordPieceTokenizer
@@ -75,7 +75,7 @@ def test_the_server_reads_two_inputs_in_both_forms():
         ({"inputs": {"texts": ["a"], "text_pairs": []}}, "different batch sizes"),
     ]
     for body, error in bad:
-        with pytest.raises(Exception, match=error):
+        with pytest.raises(BadRequest, match=error):
             parse_request(json.dumps(body), 8, names)
 
 

@@ -118,10 +118,12 @@ class Attributor:
         return batch.pop("vectors"), baseline, batch
 
     def scores(self, items):
-        """F(x) per item (items need no `baseline`); order kept, rows batched."""
+        """F(x) per item (a `baseline` is not needed); order kept, rows batched."""
         scores = []
         for start in range(0, len(items), self.rows_per_call):
-            batch = stack_items(items[start : start + self.rows_per_call], self.pad_values)
+            chunk = items[start : start + self.rows_per_call]
+            batch = stack_items([{k: v for k, v in item.items() if k != "baseline"}
+                                 for item in chunk], self.pad_values)  # fmt: skip
             vectors = tf.constant(batch.pop("vectors"), tf.float32)
             scores.append(self._scores(vectors, repeat_rows(batch, 1)).numpy())
         return np.concatenate(scores) if scores else np.zeros(0, np.float32)

@@ -159,13 +159,14 @@ class Explainer:
         logits = ops.cast(logits, "float32")
         return ops.softmax(logits, axis=-1) if self.output == "probability" else logits
 
-    def item(self, ids, tokenizer, **inputs):
-        keep = [tokenizer.cls_id, tokenizer.sep_id]
-        return {
-            "vectors": self.table[np.asarray(ids)],
-            "baseline": baseline_vectors(self.table, ids, keep, self.baseline, tokenizer),
-            **inputs,
-        }
+    def item(self, ids, tokenizer, with_baseline=True, **inputs):
+        """One example for the `Attributor`: its token vectors, the baseline's
+        (unless only F(x) is wanted) and the task's `inputs`."""
+        item = {"vectors": self.table[np.asarray(ids)], **inputs}
+        if with_baseline:
+            keep = [tokenizer.cls_id, tokenizer.sep_id]
+            item["baseline"] = baseline_vectors(self.table, ids, keep, self.baseline, tokenizer)
+        return item
 
     def attribute(self, items, names, relevance):
         """`Target`s for `items` (one per explained output): all three methods."""
@@ -254,8 +255,8 @@ class ClassifyExplainer(EncoderExplainer):
             return list(zip(encoded[0].to_list(), encoded[1].to_list(), strict=True))
         return [(row, [0] * len(row)) for row in encoded.to_list()]
 
-    def items(self, ids, segments, target):
-        return self.item(ids, self.predictor.tokenizer,
+    def items(self, ids, segments, target, with_baseline=True):
+        return self.item(ids, self.predictor.tokenizer, with_baseline,
                          segment_ids=np.asarray(segments, np.int32),
                          padding_mask=np.ones(len(ids), np.int32),
                          target=np.int32(target))  # fmt: skip

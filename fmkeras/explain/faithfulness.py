@@ -136,9 +136,7 @@ def faithfulness(explainer, texts, seed=0, log=print):
 def score_texts(explainer, texts):
     """p(class) of `(ids, segments, class)` triples, sorted by length for batching."""
     order = np.argsort([len(ids) for ids, _, _ in texts], kind="stable")
-    items = [explainer.items(texts[i][0], texts[i][1], texts[i][2]) for i in order]
-    for item in items:
-        item.pop("baseline")
+    items = [explainer.items(*texts[i], with_baseline=False) for i in order]
     scores = np.empty(len(texts), np.float32)
     scores[order] = explainer.attributor.scores(items)
     return scores

@@ -176,6 +176,8 @@ def prediction_text(prediction):
 def write_outputs(explanation, html_path=None, png_dir=None, tensorboard_dir=None, step=0):
     """Writes whichever of the HTML report, the PNGs and the TensorBoard
     summaries are asked for; returns the paths written."""
+    if not (html_path or png_dir or tensorboard_dir):
+        return []  # no figures to draw
     pictures = figures(explanation)
     written = []
     if html_path:

@@ -12,7 +12,6 @@
 
 import dataclasses
 import importlib.util
-import json
 from pathlib import Path
 
 import keras
@@ -22,6 +21,7 @@ from fmkeras.errors import ConfigError, DataError
 from fmkeras.models.encoder import Encoder
 from fmkeras.models.hf_bert import hf_lowercase, is_hf_bert_dir, load_hf_bert, load_hf_mlm_head
 from fmkeras.text.wordpiece import read_vocabulary
+from fmkeras.training.run_dir import RunDir
 
 
 @dataclasses.dataclass
@@ -127,10 +127,9 @@ def load_mlm_head(masked_lm, init):
         if load_hf_mlm_head(masked_lm.head, path):
             return "the checkpoint's masked-LM head"
         return "a new masked-LM head (the checkpoint has none)"
-    info = path / "task.json"
-    task = json.loads(info.read_text(encoding="utf-8")).get("task") if info.is_file() else None
-    if task in ("mlm", "pretrain") and (path / "model.keras").is_file():
-        earlier = keras.saving.load_model(path / "model.keras", compile=False)
+    run = RunDir(path)  # an earlier run (also one from before task.json), or a conversion
+    if run.model.is_file() and run.read_info()["task"] == "mlm":
+        earlier = keras.saving.load_model(run.model, compile=False)
         for variable, value in zip(masked_lm.head.weights, earlier.head.weights, strict=True):
             variable.assign(keras.ops.cast(value, variable.dtype))
         return "the run's masked-LM head"

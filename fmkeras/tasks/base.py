@@ -151,9 +151,16 @@ class Task:
             tokenizer = self.prepare_vocabulary(texts)
             encoder = Encoder(**encoder_kwargs(model, tokenizer.vocabulary_size), name="encoder")
             return encoder, tokenizer, f"random {model.size} encoder"
+        start = self.checkpoint_start()
+        return start.encoder, self.checkpoint_tokenizer(), start.description
+
+    def checkpoint_start(self):
+        """`model.init`'s `StartingPoint` (inside the strategy scope), its
+        sizes checked against the config's architecture keys."""
+        model = self.config.model
         start = load_starting_point(model.init, model.dropout)
         check_against_checkpoint(model, start.encoder, self.log)
-        return start.encoder, self.checkpoint_tokenizer(), start.description
+        return start
 
     def checkpoint_tokenizer(self):
         """The tokenizer of `model.init`'s vocabulary (read without building its

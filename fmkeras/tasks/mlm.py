@@ -13,9 +13,9 @@ from fmkeras.errors import DataError
 from fmkeras.flops import parameter_counts, training_flops_per_token
 from fmkeras.models import Encoder, MaskedLM, encoder_kwargs
 from fmkeras.models.masked_lm import masked_lm_logits
-from fmkeras.models.starting_point import load_mlm_head, load_starting_point
+from fmkeras.models.starting_point import load_mlm_head
 from fmkeras.signatures import fill_mask_functions
-from fmkeras.tasks.base import Predictor, Task, check_against_checkpoint, log_softmax
+from fmkeras.tasks.base import Predictor, Task, log_softmax
 from fmkeras.tasks.registry import register_task
 from fmkeras.text.mlm import mlm_dataset, pack_sequences
 from fmkeras.text.wordpiece import WordPieceTokenizer
@@ -93,8 +93,7 @@ class MaskedLMTask(Task):
             encoder = Encoder(**encoder_kwargs(model, self.tokenizer.vocabulary_size))
             masked_lm = MaskedLM(encoder, self.next_sentence, name="masked_lm")
         else:
-            start = load_starting_point(model.init, model.dropout)
-            check_against_checkpoint(model, start.encoder, self.log)
+            start = self.checkpoint_start()
             masked_lm = MaskedLM(start.encoder, self.next_sentence, name="masked_lm")
             self.log(f"model: {start.description} + {load_mlm_head(masked_lm, model.init)}")
         self.arch = masked_lm.encoder.get_config()  # the sizes FLOPs and parameters count
