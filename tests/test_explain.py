@@ -122,8 +122,8 @@ def test_perturbations_keep_cls_and_sep_and_split_the_tokens():
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, data_dir):
-    """Tiny classify, tag and translate runs (a few steps each; greedy, short
-    final translation evaluations)."""
+    """`runs(task)`: a tiny classify, tag or translate run (a few steps; greedy,
+    short final translation evaluations), trained on first use."""
     root = tmp_path_factory.mktemp("explain")
     settings = {"model.size": "tiny", "model.init": "random", "data.max_lines": 300,
                 "data.vocab_size": 600, "train.batch_size": 16, "train.steps": 4,
@@ -131,20 +131,30 @@ def runs(tmp_path_factory, data_dir):
                 "train.jit_compile": "false", "decode.beam_width": 1,
                 "decode.max_length": 8}  # fmt: skip
     recipes = {"classify": "sst2", "tag": "conll2003", "translate": "en_de"}
-    for task, recipe in recipes.items():
-        args = train_args(task, REPO / "trainers" / f"{recipe}.yaml", settings, root / task)
-        assert train_main(args) == 0
-    return root
+
+    def run(task):
+        if not (root / task / "task.json").is_file():
+            args = train_args(task, REPO / "trainers" / f"{recipes[task]}.yaml", settings,
+                              root / task)  # fmt: skip
+            assert train_main(args) == 0
+        return root / task
+
+    return run
 
 
 TASK_TEXTS = {"classify": "a gorgeous , witty movie", "tag": "Angela Merkel visited Paris .",
               "translate": "A man rides a bike ."}  # fmt: skip
 
 
-@pytest.mark.parametrize("task", list(TASK_TEXTS))
+# The translate case trains an encoder-decoder: in the slow suite (the default stays < 10 min).
+@pytest.mark.parametrize(
+    "task", ["classify", "tag", pytest.param("translate", marks=pytest.mark.slow)]
+)
 def test_the_command_line_explains_every_task(runs, task, tmp_path, capsys):
+    run = runs(task)
+    capsys.readouterr()  # the training's log, if it trained here
     report, figures, logs = tmp_path / "report.html", tmp_path / "png", tmp_path / "tb"
-    args = [str(runs / task), TASK_TEXTS[task], "--json", "--steps", "20", "--html", str(report),
+    args = [str(run), TASK_TEXTS[task], "--json", "--steps", "20", "--html", str(report),
             "--png", str(figures), "--tensorboard", str(logs), "--max-length", "6"]  # fmt: skip
     assert explain_main(args) == 0
     result = json.loads(capsys.readouterr().out)
@@ -233,8 +243,10 @@ def test_a_browser_shows_the_shaded_tokens(sharp_classifier, tmp_path):
 
 
 def test_faithfulness_ranks_methods_on_a_labelled_file(runs, data_dir, tmp_path, capsys):
+    run = runs("classify")
+    capsys.readouterr()
     out = tmp_path / "faithfulness.json"
-    args = [str(runs / "classify"), "--data", str(data_dir / "sst2" / "dev.tsv"),
+    args = [str(run), "--data", str(data_dir / "sst2" / "dev.tsv"),
             "--faithfulness", "--limit", "12", "--steps", "8", "--out", str(out)]  # fmt: skip
     assert explain_main(args) == 0
     printed = capsys.readouterr().out
@@ -256,12 +268,14 @@ def test_faithfulness_ranks_methods_on_a_labelled_file(runs, data_dir, tmp_path,
 
 
 def test_explain_says_what_is_wrong_in_one_line(runs, mlm_run, tmp_path, capsys):
+    classify, tag = runs("classify"), runs("tag")
+    capsys.readouterr()
     assert explain_main([str(mlm_run), "some text"]) == 2
     assert "mlm runs cannot be explained" in capsys.readouterr().err
-    assert explain_main([str(runs / "tag"), "--data", "x.tsv", "--faithfulness"]) == 2
+    assert explain_main([str(tag), "--data", "x.tsv", "--faithfulness"]) == 2
     assert "--faithfulness scores classify runs" in capsys.readouterr().err
     assert explain_main([str(tmp_path / "missing"), "text"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
     with pytest.raises(SystemExit):
-        explain_main([str(runs / "classify"), "one", "two", "--html", "r.html"])
+        explain_main([str(classify), "one", "two", "--html", "r.html"])
     assert "give one text" in capsys.readouterr().err
