@@ -100,6 +100,20 @@ class DecodeConfig:
 
 
 @dataclasses.dataclass
+class GenerateConfig:
+    """Sampling of `causal_lm` runs: the validation samples, and the defaults
+    of `python -m fmkeras.generate` and `predict`."""
+
+    max_new_tokens: int = 48
+    temperature: float = 0.8  # 0 = greedy
+    top_k: int = 40  # 0 = no top-k filter
+    top_p: float = 0.95  # 1 = no nucleus filter
+    seed: int = 0
+    # validation samples continue these (separated by |)
+    prompts: str = "It was a dark and stormy night|The old man said|In the morning"
+
+
+@dataclasses.dataclass
 class FinetuneConfig:
     """How `classify` and `tag` adapt the starting encoder."""
 
@@ -144,7 +158,8 @@ class DistributeConfig:
 
 
 # Sections read only by some tasks (the others ignore them).
-SECTION_TASKS = {"finetune": ENCODER_TASKS, "decode": ("translate",)}
+SECTION_TASKS = {"finetune": ENCODER_TASKS, "decode": ("translate",),
+                 "generate": ("causal_lm",)}  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -154,6 +169,7 @@ class RunConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
     decode: DecodeConfig = dataclasses.field(default_factory=DecodeConfig)
+    generate: GenerateConfig = dataclasses.field(default_factory=GenerateConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     distribute: DistributeConfig = dataclasses.field(default_factory=DistributeConfig)
     # Sections declared by tasks (`Task.sections`): name -> dataclass instance.
@@ -168,7 +184,7 @@ class RunConfig:
         return section
 
 
-BUILT_IN_SECTIONS = ("model", "data", "finetune", "decode", "train", "distribute")
+BUILT_IN_SECTIONS = ("model", "data", "finetune", "decode", "generate", "train", "distribute")
 
 
 def _check_type(key, value, annotation):
@@ -353,6 +369,17 @@ def architecture(model):
     return base
 
 
+def validate_generate(generate, prefix=""):
+    """Checks sampling settings (`GenerateConfig`); `prefix` names their section."""
+    checks = (("max_new_tokens", generate.max_new_tokens > 0, "a positive count"),
+              ("temperature", generate.temperature >= 0, "0 (greedy) or more"),
+              ("top_k", generate.top_k >= 0, "0 (off) or more"),
+              ("top_p", 0.0 < generate.top_p <= 1.0, "in (0, 1]"))  # fmt: skip
+    for name, good, wanted in checks:
+        if not good:
+            raise ConfigError(f"{prefix}{name}={getattr(generate, name)} must be {wanted}")
+
+
 def validate(config):
     """Cross-field checks that a single key's type cannot express; run before
     anything is read or written."""
@@ -375,6 +402,7 @@ def validate(config):
             raise ConfigError(f"train.{name} must be 0 or more, got {getattr(train, name)}")
     if not 0.0 <= model.dropout < 1.0:
         raise ConfigError(f"model.dropout must be in [0, 1), got {model.dropout}")
+    validate_generate(config.generate, "generate.")
     if not 0.0 < data.mask_rate < 1.0:
         raise ConfigError(f"data.mask_rate must be in (0, 1), got {data.mask_rate}")
     if data.sequence_length < 8:

@@ -5,6 +5,7 @@ The directory comes from `--data-dir`, then the recipe's `data.dir`, then the
 README's "Data" section lists each dataset's official source.
 """
 
+import glob
 import os
 import sys
 from pathlib import Path
@@ -34,8 +35,15 @@ def resolve_data_dir(command_line=None, recipe=None):
     return None, None
 
 
-def require_file(relative, data_dir, origin):
-    """The path of a data file, or a `DataError` that says what was expected where."""
+def is_glob(pattern):
+    """Whether a data path is a glob of shards (`books/*.txt`)."""
+    return any(character in str(pattern) for character in "*?[")
+
+
+def require_file(relative, data_dir, origin, allow_glob=False):
+    """The path of a data file, or a `DataError` that says what was expected
+    where; with `allow_glob`, a glob that matches at least one file (the
+    absolute pattern is returned)."""
     path = Path(relative).expanduser()
     if not path.is_absolute():
         if data_dir is None:
@@ -44,6 +52,11 @@ def require_file(relative, data_dir, origin):
                 f"recipe, or export {DATA_DIR_ENV}=DIR (see README, 'Data')"
             )
         path = data_dir / path
+    if allow_glob and is_glob(relative):
+        if not any(Path(match).is_file() for match in glob.glob(str(path))):
+            where = f"data directory {data_dir} (from {origin})" if data_dir else "that path"
+            raise DataError(f"no file matches {relative} in {where}")
+        return path
     if not path.is_file():
         where = f"data directory {data_dir} (from {origin})" if data_dir else "that path"
         dataset = Path(relative).parts[0] if not Path(relative).is_absolute() else None

@@ -1,7 +1,11 @@
-"""Greedy and beam search over a cached one-token-at-a-time step function.
+"""Greedy, beam and sampling search over a cached one-token-at-a-time step
+function.
 
-Both are written with `keras.ops` loops, so they trace into one graph (wrap
+They are written with `keras.ops` loops, so they trace into one graph (wrap
 them in `tf.function(jit_compile=True)` to compile with XLA, or export them).
+Sampling draws with TensorFlow's stateless RNG, seeded by `(seed, position)`
+(`keras.random` takes no tensor seeds), so a seed reproduces a generation
+in eager, graph, XLA and exported runs alike.
 
 The step contract: `step(token_ids, index, state) -> (logits, state)` where
 `token_ids` is `(n, 1)` (the token at position `index`), `logits` is
@@ -11,6 +15,7 @@ structure of tensors whose leading dimension is `n` (for example
 """
 
 import keras
+import tensorflow as tf
 from keras import ops
 
 NEG_INF = -1e9
@@ -106,3 +111,85 @@ def beam_search(
     rows_chosen = ops.arange(batch_size, dtype="int32") * width + best
     best_scores = ops.take_along_axis(normalized, best[:, None], axis=1)[:, 0]
     return ops.take(tokens, rows_chosen, axis=0), best_scores
+
+
+def filter_logits(logits, top_k=0, top_p=1.0):
+    """`logits` `(n, vocabulary)` with every token outside the `top_k` most
+    likely and outside the nucleus (the fewest tokens whose probabilities
+    add up to `top_p`) set to `NEG_INF`. `top_k` 0 and `top_p` 1 disable
+    them; the most likely token always stays."""
+    logits = ops.cast(logits, "float32")
+    top_k, top_p = ops.convert_to_tensor(top_k, "int32"), ops.convert_to_tensor(top_p, "float32")
+
+    def filtered():
+        descending = ops.flip(ops.sort(logits, axis=-1), axis=-1)  # (n, vocabulary)
+        vocabulary = ops.shape(logits)[-1]
+        kth = ops.take(descending, ops.clip(top_k - 1, 0, vocabulary - 1), axis=-1)
+        k_floor = ops.where(top_k > 0, kth, NEG_INF)  # (n,)
+        probabilities = ops.softmax(descending, axis=-1)
+        before = ops.cumsum(probabilities, axis=-1) - probabilities  # mass of the better tokens
+        nucleus = ops.where(before < top_p, descending, -NEG_INF)
+        p_floor = ops.min(nucleus, axis=-1)  # (n,) the least likely token kept
+        floor = ops.maximum(k_floor, p_floor)[:, None]
+        return ops.where(logits >= floor, logits, NEG_INF)
+
+    return ops.cond(ops.logical_or(top_k > 0, top_p < 1.0), filtered, lambda: logits)
+
+
+def sample(logits, index, temperature=1.0, top_k=0, top_p=1.0, seed=0):
+    """Next tokens `(n,)` int32 from `logits` `(n, vocabulary)`: the most
+    likely at temperature 0, else drawn from `softmax(logits / temperature)`
+    restricted by `filter_logits`, with noise seeded by `(seed, index)`
+    (Gumbel-max)."""
+    logits = ops.cast(logits, "float32")
+    temperature = ops.convert_to_tensor(temperature, "float32")
+    greedy = ops.cast(ops.argmax(logits, axis=-1), "int32")
+    scaled = filter_logits(logits / ops.maximum(temperature, 1e-6), top_k, top_p)
+    seeds = ops.stack([ops.cast(seed, "int64"), ops.cast(index, "int64")])
+    uniform = tf.random.stateless_uniform(ops.shape(logits), seeds, minval=1e-20, maxval=1.0)
+    drawn = ops.cast(ops.argmax(scaled - ops.log(-ops.log(uniform)), axis=-1), "int32")
+    return ops.where(temperature > 0, drawn, greedy)
+
+
+def sample_search(step, state, logits, tokens, prompt_lengths, start, max_new_tokens, end_id,
+                  choose, padding_id=0):  # fmt: skip
+    """Continues right-padded prompts one token at a time.
+
+    Args:
+        step: the step function (module docstring).
+        state: its state with the prompts' positions before `start` cached.
+        logits: `(batch, vocabulary)` logits for position `start`.
+        tokens: int32 `(batch, total)`: each prompt, then padding.
+        prompt_lengths: int32 `(batch,)`, each at least `start`.
+        start: the shortest prompt's length.
+        max_new_tokens: tokens to add after each prompt (fewer when a row
+            emits `end_id` or reaches `total`).
+        end_id: int. Ends a row (it is kept; padding follows).
+        choose: `(logits, index) -> (batch,)` ids, e.g. `sample` with settings.
+
+    Returns `(tokens, lengths)`: every row's prompt and continuation, padded
+    with `padding_id`, and the length of each.
+    """
+    total = ops.shape(tokens)[1]
+    limits = ops.minimum(prompt_lengths + max_new_tokens, total)  # (batch,)
+    finished = limits <= start
+    lengths = ops.minimum(prompt_lengths, limits)
+
+    def body(index, tokens, lengths, logits, finished, state):
+        current = ops.take(tokens, index, axis=1)  # (batch,) prompt token or padding
+        in_prompt = index < prompt_lengths
+        chosen = ops.where(in_prompt, current, choose(logits, index))
+        chosen = ops.where(finished, padding_id, chosen)
+        tokens = _write_column(tokens, index, chosen)
+        lengths = ops.where(finished, lengths, index + 1)
+        ended = ops.logical_and(ops.logical_not(in_prompt), chosen == end_id)
+        finished = ops.logical_or(finished, ops.logical_or(ended, index + 1 >= limits))
+        logits, state = step(ops.expand_dims(chosen, 1), index, state)
+        return index + 1, tokens, lengths, logits, finished, state
+
+    def cond(index, tokens, lengths, logits, finished, state):
+        return ops.logical_and(index < total, ops.logical_not(ops.all(finished)))
+
+    loop = (start, tokens, lengths, logits, finished, state)
+    _, tokens, lengths, _, _, _ = ops.while_loop(cond, body, loop)
+    return tokens, lengths

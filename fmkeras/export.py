@@ -56,7 +56,8 @@ def quantize_model(model, mode):
 
 def write_warmup_requests(path, name, inputs):
     """TF Serving's warm-up file: one `PredictionLog` per batch of `inputs`
-    (`{input name: [strings]}`): all of them, then the first row."""
+    (`{input name: [strings]}`, plus scalar settings such as a causal LM's
+    `temperature`, given as numpy scalars): all rows, then the first row."""
     import tensorflow as tf
     from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
@@ -66,8 +67,11 @@ def write_warmup_requests(path, name, inputs):
             request.model_spec.name = name
             request.model_spec.signature_name = "serving_default"
             for key, values in inputs.items():
-                batch = values[:rows]
-                request.inputs[key].CopyFrom(tf.make_tensor_proto(batch, dtype=tf.string))
+                if isinstance(values, list):
+                    proto = tf.make_tensor_proto(values[:rows], dtype=tf.string)
+                else:  # a scalar setting, in the signature's dtype
+                    proto = tf.make_tensor_proto(values)
+                request.inputs[key].CopyFrom(proto)
             log = prediction_log_pb2.PredictionLog(
                 predict_log=prediction_log_pb2.PredictLog(request=request)
             )

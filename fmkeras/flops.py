@@ -34,12 +34,16 @@ def parameter_counts(arch):
     }
 
 
-def training_flops_per_token(arch, sequence_length, predictions_per_sequence):
-    """Training FLOPs per input token of one MLM step (forward + backward)."""
+def training_flops_per_token(arch, sequence_length, predictions_per_sequence, head_transform=True):
+    """Training FLOPs per input token of one MLM step (forward + backward); a
+    causal LM predicts every position (`predictions_per_sequence =
+    sequence_length`) through a head without the dense transform. Causal
+    attention is counted in full, as nanoGPT and keras-hub count it."""
     d, f, layers = arch["hidden_dim"], arch["intermediate_dim"], arch["num_layers"]
     matmul_params = layers * (4 * d * d + 2 * d * f)
     attention = 12 * layers * sequence_length * d
-    head = 6 * (d * d + d * arch["vocabulary_size"]) * predictions_per_sequence / sequence_length
+    head_params = d * arch["vocabulary_size"] + (d * d if head_transform else 0)
+    head = 6 * head_params * predictions_per_sequence / sequence_length
     return 6 * matmul_params + attention + head
 
 

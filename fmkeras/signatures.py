@@ -17,6 +17,11 @@ translate  -> translation (batch,), token_ids (batch, max_length); beam
 pretrain   -> fill-mask: texts with `[MASK]` -> tokens, probabilities
               (batch, masks, top_k) and mask_positions (batch, masks);
               rows with fewer masks are padded with "", 0 and -1.
+causal_lm  -> prompts `texts` and the sampling settings (scalars
+              `max_new_tokens`, `temperature`, `top_k`, `top_p`, `seed`) ->
+              text (prompt + continuation), continuation, token_ids, lengths;
+              the cached sampling loop runs in the graph. Token ids in:
+              `token_ids` starting with [SEP], `padding_mask`, and the settings.
 """
 
 import dataclasses
@@ -188,6 +193,36 @@ def fill_mask_functions(model, tokenizer, sequence_length, top_k):
     return ServingFunctions(core, serve_texts, serve_token_ids, ENCODER_INPUTS)
 
 
+# The sampling settings of a causal LM's signatures: scalars after the text or id inputs.
+GENERATION_SETTINGS = (
+    tf.TensorSpec([], tf.int32, name="max_new_tokens"),
+    tf.TensorSpec([], tf.float32, name="temperature"),
+    tf.TensorSpec([], tf.int32, name="top_k"),
+    tf.TensorSpec([], tf.float32, name="top_p"),
+    tf.TensorSpec([], tf.int32, name="seed"),
+)
+
+
+def generation_functions(model, tokenizer):
+    """Prompt and token-id signatures of a causal LM (`CausalLM`) with the
+    sampling settings as inputs."""
+    from fmkeras.tasks.causal_lm import TextGenerator  # the task module imports this one
+
+    generator = TextGenerator(model, core_tokenizer(tokenizer), tokenizer)
+
+    def serve_texts(texts, *settings):
+        return generator.generate(texts, *settings)
+
+    def serve_token_ids(token_ids, padding_mask, *settings):
+        lengths = tf.reduce_sum(tf.cast(padding_mask > 0, tf.int32), axis=1)
+        tokens, lengths = generator.generate_ids(token_ids, lengths, *settings)
+        return {"token_ids": tokens, "lengths": lengths}
+
+    return ServingFunctions(generator.tokenizer, serve_texts, serve_token_ids,
+                            ("token_ids", "padding_mask"),
+                            extra_inputs=GENERATION_SETTINGS)  # fmt: skip
+
+
 @dataclasses.dataclass
 class ServingFunctions:
     """A task's two serving functions and the tokenizer whose tables they use
@@ -198,6 +233,7 @@ class ServingFunctions:
     serve_ids: Callable  # int32 (batch, seq) inputs named `id_names` -> dict of outputs
     id_names: tuple
     text_names: tuple = ("texts",)
+    extra_inputs: tuple = ()  # `tf.TensorSpec`s both functions take after their own inputs
 
     def archive(self, texts=True):
         """An `ExportArchive` with `serving_default` (raw texts; unless `texts`
@@ -211,8 +247,10 @@ class ServingFunctions:
             archive.add_endpoint(
                 "serving_default",
                 self.serve_texts,
-                input_signature=[tf.TensorSpec([None], tf.string, name=n) for n in self.text_names],
+                input_signature=[tf.TensorSpec([None], tf.string, name=n) for n in self.text_names]
+                + list(self.extra_inputs),
             )
         ids = [tf.TensorSpec([None, None], tf.int32, name=name) for name in self.id_names]
-        archive.add_endpoint("serve_token_ids", self.serve_ids, input_signature=ids)
+        archive.add_endpoint("serve_token_ids", self.serve_ids,
+                             input_signature=ids + list(self.extra_inputs))  # fmt: skip
         return archive

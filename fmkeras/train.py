@@ -112,7 +112,8 @@ def train_one(config, out, data_dir_option):
     shown = [(key, metrics[key]) for key in SUMMARY_KEYS if metrics.get(key) is not None]
     summary = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown)
     log(f"done: {summary}")
-    log(f"run directory {run.root}: model {run.model.name}, encoder {run.encoder.name}, "
+    encoder = f", encoder {run.encoder.name}" if run.encoder.is_file() else ""
+    log(f"run directory {run.root}: model {run.model.name}{encoder}, "
         f"vocabulary {run.vocab.name}, metrics {run.metrics.name}, "
         f"TensorBoard: tensorboard --logdir {run.logs}")  # fmt: skip
     return run, metrics

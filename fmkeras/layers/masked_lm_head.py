@@ -16,7 +16,8 @@ class MaskedLMHead(keras.layers.Layer):
     through the transposed `token_embedding` matrix plus a bias (weight
     tying). Without `token_embedding` the head owns its output kernel.
     Without `mask_positions` it predicts every position (a decoder's
-    language-model head).
+    language-model head); without `transform`, the logits come straight
+    from the tied projection of the inputs (GPT-2's head).
 
     Args:
         vocabulary_size: int. Number of output classes.
@@ -25,6 +26,8 @@ class MaskedLMHead(keras.layers.Layer):
         layer_norm_epsilon: float.
         kernel_initializer: initializer for the dense kernels.
         bias_initializer: initializer for the biases.
+        transform: bool. Dense + activation + LayerNorm before the
+            projection (BERT); False projects the inputs directly.
 
     Example:
 
@@ -43,6 +46,7 @@ class MaskedLMHead(keras.layers.Layer):
         layer_norm_epsilon=1e-12,
         kernel_initializer=None,
         bias_initializer="zeros",
+        transform=True,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -55,6 +59,7 @@ class MaskedLMHead(keras.layers.Layer):
             kernel_initializer or keras.initializers.TruncatedNormal(stddev=0.02)
         )
         self.bias_initializer = keras.initializers.get(bias_initializer)
+        self.transform = transform
 
     def build(self, inputs_shape, mask_positions_shape=None):
         hidden_dim = inputs_shape[-1]
@@ -71,18 +76,21 @@ class MaskedLMHead(keras.layers.Layer):
                     f"token_embedding width {self.token_embedding.output_dim} != hidden "
                     f"size {hidden_dim}."
                 )
-        self.transform_dense = keras.layers.Dense(
-            hidden_dim,
-            kernel_initializer=clone_initializer(self.kernel_initializer),
-            bias_initializer=clone_initializer(self.bias_initializer),
-            dtype=self.dtype_policy,
-            name="transform_dense",
-        )
-        self.transform_dense.build((None, None, hidden_dim))
-        self.layer_norm = keras.layers.LayerNormalization(
-            epsilon=self.layer_norm_epsilon, dtype=self.dtype_policy, name="transform_layer_norm"
-        )
-        self.layer_norm.build((None, None, hidden_dim))
+        if self.transform:
+            self.transform_dense = keras.layers.Dense(
+                hidden_dim,
+                kernel_initializer=clone_initializer(self.kernel_initializer),
+                bias_initializer=clone_initializer(self.bias_initializer),
+                dtype=self.dtype_policy,
+                name="transform_dense",
+            )
+            self.transform_dense.build((None, None, hidden_dim))
+            self.layer_norm = keras.layers.LayerNormalization(
+                epsilon=self.layer_norm_epsilon,
+                dtype=self.dtype_policy,
+                name="transform_layer_norm",
+            )
+            self.layer_norm.build((None, None, hidden_dim))
         if self.token_embedding is None:
             self.output_kernel = self.add_weight(
                 shape=(hidden_dim, self.vocabulary_size),
@@ -106,8 +114,9 @@ class MaskedLMHead(keras.layers.Layer):
         x = inputs
         if mask_positions is not None:
             x = ops.take_along_axis(inputs, ops.expand_dims(mask_positions, -1), axis=1)
-        x = get_activation(self.intermediate_activation)(self.transform_dense(x))
-        x = self.layer_norm(x)  # (batch, predictions, hidden)
+        if self.transform:
+            x = get_activation(self.intermediate_activation)(self.transform_dense(x))
+            x = self.layer_norm(x)  # (batch, predictions, hidden)
         if self.token_embedding is not None:
             kernel = ops.transpose(ops.cast(self.token_embedding.embeddings, self.compute_dtype))
         else:
@@ -131,6 +140,7 @@ class MaskedLMHead(keras.layers.Layer):
                 "layer_norm_epsilon": self.layer_norm_epsilon,
                 "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
                 "bias_initializer": keras.initializers.serialize(self.bias_initializer),
+                "transform": self.transform,
             }
         )
         return config

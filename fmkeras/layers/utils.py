@@ -63,3 +63,11 @@ def built_layer_norm(parent, name, input_shape):
     )
     layer.build(input_shape)
     return layer
+
+
+def with_dtype_policy(config):
+    """A model config with its serialized `dtype` policy revived (for `from_config`)."""
+    config = dict(config)
+    if isinstance(config.get("dtype"), dict):
+        config["dtype"] = keras.dtype_policies.deserialize(config["dtype"])
+    return config

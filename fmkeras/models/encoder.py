@@ -4,6 +4,7 @@ import keras
 
 from fmkeras.layers.text_embedding import TextEmbedding
 from fmkeras.layers.transformer_encoder_block import TransformerEncoderBlock
+from fmkeras.layers.utils import with_dtype_policy
 
 
 @keras.saving.register_keras_serializable(package="fmkeras")
@@ -189,7 +190,4 @@ class Encoder(keras.Model):
 
     @classmethod
     def from_config(cls, config):
-        config = dict(config)
-        if isinstance(config.get("dtype"), dict):
-            config["dtype"] = keras.dtype_policies.deserialize(config["dtype"])
-        return cls(**config)
+        return cls(**with_dtype_policy(config))

@@ -67,6 +67,7 @@ class Task:
     name: ClassVar[str] = ""
     aliases: ClassVar[tuple] = ()  # old names that recipes and run directories may use
     sections: ClassVar[dict] = {}  # config sections this task declares: name -> dataclass
+    glob_roles: ClassVar[tuple] = ()  # data_files roles that may be globs of shards
 
     def __init__(self, config, run, files, log=print):
         self.config = config

@@ -7,27 +7,19 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from fmkeras.data import read_lines
-from fmkeras.distribute import accelerators_in_use
-from fmkeras.errors import DataError
-from fmkeras.flops import parameter_counts, training_flops_per_token
+from fmkeras.data import is_glob, read_lines
+from fmkeras.errors import ConfigError, DataError
+from fmkeras.flops import training_flops_per_token
 from fmkeras.models import Encoder, MaskedLM, encoder_kwargs
 from fmkeras.models.masked_lm import masked_lm_logits
 from fmkeras.models.starting_point import load_mlm_head
 from fmkeras.signatures import fill_mask_functions
-from fmkeras.tasks.base import Predictor, Task, log_softmax
+from fmkeras.tasks.base import Predictor, log_softmax
+from fmkeras.tasks.language_model import LanguageModelTask, packed
 from fmkeras.tasks.registry import register_task
-from fmkeras.text.mlm import mlm_dataset, pack_sequences
+from fmkeras.text.mlm import mlm_dataset
 from fmkeras.text.wordpiece import WordPieceTokenizer
 from fmkeras.training import trainer
-from fmkeras.training.throughput import peak_gflops
-
-
-def packed(lines, tokenizer, sequence_length, name):
-    try:
-        return pack_sequences(lines, tokenizer, sequence_length)
-    except ValueError as error:
-        raise DataError(f"{name}: {error}") from None
 
 
 def batches(sequences, name, tokenizer, batch_size, predictions, seed, **kwargs):
@@ -48,9 +40,17 @@ def masked_lm_loss():
 
 
 @register_task
-class MaskedLMTask(Task):
+class MaskedLMTask(LanguageModelTask):
     name = "mlm"
     aliases = ("pretrain",)
+
+    @classmethod
+    def check_config(cls, config):
+        super().check_config(config)
+        if config.data.objective == "mlm_nsp" and is_glob(config.data.train_file):
+            raise ConfigError(f"data.objective=mlm_nsp draws second segments from anywhere in "
+                              f"the corpus and needs one train_file, not the glob "
+                              f"{config.data.train_file}; use data.objective=mlm")  # fmt: skip
 
     @property
     def predictions(self):
@@ -58,36 +58,19 @@ class MaskedLMTask(Task):
         return data.max_predictions or max(1, round(data.mask_rate * data.sequence_length))
 
     def read_data(self):
-        data, files = self.config.data, self.files
-        train_lines = read_lines(files["train"], data.max_lines)
-        valid_lines = read_lines(files["valid"], data.max_lines)
-        if self.config.model.init == "random":
-            self.tokenizer = self.prepare_vocabulary(train_lines)
-        else:  # continued pretraining keeps the checkpoint's vocabulary
-            self.tokenizer = self.checkpoint_tokenizer()
-        self.train_sequences = packed(train_lines, self.tokenizer, data.sequence_length,
-                                      data.train_file)  # fmt: skip
-        self.valid_sequences = packed(valid_lines, self.tokenizer, data.sequence_length,
-                                      data.valid_file)  # fmt: skip
-        self.log(
-            f"data: {len(self.train_sequences):,} train / {len(self.valid_sequences):,} valid "
-            f"sequences of {data.sequence_length} tokens, vocabulary "
-            f"{self.tokenizer.vocabulary_size:,}, {self.predictions} masked per sequence"
-        )
+        super().read_data()
+        self.log(f"{self.predictions} masked per sequence")
+
+    def dataset(self, sequences, name, step, **kwargs):
         train = self.config.train
-        # Too little training data fails here, before the model exists; the stream
-        # from step 0 is kept for the first fit (later phases start elsewhere).
-        self.first_batches = self.batches_from(0)
-        self.valid_data = batches(self.valid_sequences, data.valid_file, self.tokenizer,
-                                  train.batch_size, self.predictions, train.seed,
-                                  shuffle=False, repeat=False,
-                                  next_sentence=self.next_sentence)  # fmt: skip
-        if train.eval_steps:
-            self.valid_data = self.valid_data.take(train.eval_steps)
+        return batches(sequences, name, self.tokenizer, train.batch_size, self.predictions,
+                       train.seed, start_step=step, next_sentence=self.next_sentence,
+                       **kwargs)  # fmt: skip
 
     def build_model(self):
         """A fresh encoder, or (continued pretraining) `model.init`'s encoder
         with its masked-LM head where the checkpoint has one."""
+        self.remember_strategy()
         model = self.config.model
         if model.init == "random":
             encoder = Encoder(**encoder_kwargs(model, self.tokenizer.vocabulary_size))
@@ -118,33 +101,6 @@ class MaskedLMTask(Task):
         data = self.config.data
         return training_flops_per_token(self.arch, data.sequence_length, self.predictions)
 
-    def logger_settings(self, model):
-        train = self.config.train
-        tokens_per_step = train.batch_size * self.config.data.sequence_length
-        dtype = keras.mixed_precision.global_policy().compute_dtype
-        if train.peak_gflops:
-            per_device, origin = train.peak_gflops, "train.peak_gflops"
-        else:
-            per_device, origin = peak_gflops(dtype)
-        devices = accelerators_in_use(model.distribute_strategy)
-        self.peak_gflops = per_device * devices
-        self.log(f"{self.flops_per_token() / 1e6:.1f} MFLOP/token; MFU against {devices} x "
-                 f"{per_device:.0f} GFLOP/s, the {dtype} matmul peak ({origin})")  # fmt: skip
-        return {
-            "tokens_per_step": tokens_per_step,
-            "flops_per_step": tokens_per_step * self.flops_per_token(),
-            "peak_flops": self.peak_gflops * 1e9,
-        }
-
-    def train_dataset(self, step):
-        return self.first_batches if step == 0 else self.batches_from(step)
-
-    def batches_from(self, step):
-        train = self.config.train
-        return batches(self.train_sequences, self.config.data.train_file, self.tokenizer,
-                       train.batch_size, self.predictions, train.seed, start_step=step,
-                       next_sentence=self.next_sentence)  # fmt: skip
-
     def evaluate(self, model):
         """Masked-LM `loss` and `accuracy`; with NSP also `nsp_loss` and `nsp_accuracy`."""
         if not self.next_sentence:
@@ -156,25 +112,17 @@ class MaskedLMTask(Task):
                 "nsp_accuracy": float(found["nsp_accuracy"])}  # fmt: skip
 
     def info(self):
-        return {**super().info(), "lowercase": self.tokenizer.lowercase,
-                "predictions": self.predictions,
+        return {**super().info(), "predictions": self.predictions,
                 "objective": self.config.data.objective}  # fmt: skip
 
     def final_metrics(self, model, validation):
-        data, train = self.config.data, self.config.train
-        perplexity = math.exp(min(validation["loss"], 50.0))
+        metrics = super().final_metrics(model, validation)
         return {
-            **validation,  # loss, accuracy (of the masked tokens): the names evaluate prints
-            "perplexity": perplexity,
+            **metrics,
             # The names metrics.json used before every task reported `loss`; kept for scripts.
             "valid_loss": validation["loss"],
             "valid_masked_accuracy": validation["accuracy"],
-            "valid_perplexity": perplexity,
-            "peak_gflops": self.peak_gflops,
-            "parameters": model.count_params(),
-            "non_embedding_parameters": parameter_counts(self.arch)["non_embedding"],
-            "train_tokens": train.steps * train.batch_size * data.sequence_length,
-            "train_flops_per_token": self.flops_per_token(),
+            "valid_perplexity": metrics["perplexity"],
         }
 
     @classmethod

@@ -19,6 +19,7 @@ BUILT_IN = {
     "classify": "fmkeras.tasks.classify:ClassifyTask",
     "tag": "fmkeras.tasks.tag:TagTask",
     "translate": "fmkeras.tasks.translation:TranslateTask",
+    "causal_lm": "fmkeras.tasks.causal_lm:CausalLMTask",
 }
 ALIASES = {"pretrain": "mlm"}  # old spellings that recipes and run directories still use
 _registered = {}  # tasks registered at run time: name -> class

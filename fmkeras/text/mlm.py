@@ -1,8 +1,11 @@
-"""Masked-LM data: pack text into fixed-length sequences and mask them in tf.data.
+"""Language-model data: pack text into fixed-length sequences, then mask them
+(masked LM) or shift them (causal LM) in tf.data.
 
 Packing runs once: every line is tokenized in-graph, closed with `[SEP]`,
 and the token stream is cut into `[CLS] ... [SEP]` sequences of exactly
-`sequence_length` ids, so no position is padding.
+`sequence_length` ids (a causal LM takes plain windows of
+`sequence_length + 1` ids), so no position is padding. Corpora larger
+than memory stream instead (`fmkeras.text.corpus`).
 
 The training stream is indexed by a global example counter: example `i` is
 sequence `index_shuffle(i mod N, seed=(seed, i div N))` and the masks of a
@@ -16,9 +19,11 @@ import numpy as np
 import tensorflow as tf
 
 
-def pack_sequences(lines, tokenizer, sequence_length, batch_size=4096):
-    """Tokenizes `lines` and packs them into an int32 array `(N, sequence_length)`."""
-    body = sequence_length - 2  # room for [CLS] and [SEP]
+def pack_sequences(lines, tokenizer, sequence_length, batch_size=4096, framed=True):
+    """Tokenizes `lines` and packs them into an int32 array `(N, sequence_length)`:
+    `[CLS] ... [SEP]` rows, or (not `framed`, for a causal LM) plain windows of
+    the token stream, whose lines each end with `[SEP]`."""
+    body = sequence_length - 2 if framed else sequence_length  # room for [CLS] and [SEP]
     pieces = []
     for start in range(0, len(lines), batch_size):
         ids = tokenizer.tokenize(tf.constant(lines[start : start + batch_size]))
@@ -31,6 +36,8 @@ def pack_sequences(lines, tokenizer, sequence_length, batch_size=4096):
             f"the text holds {len(stream)} tokens, fewer than one sequence of {sequence_length}"
         )
     body_ids = stream[: count * body].reshape(count, body)
+    if not framed:
+        return body_ids.astype(np.int32)
     cls = np.full((count, 1), tokenizer.cls_id, np.int32)
     sep = np.full((count, 1), tokenizer.sep_id, np.int32)
     return np.concatenate([cls, body_ids, sep], axis=1).astype(np.int32)
@@ -114,6 +121,7 @@ def next_sentence_pairs(token_ids, table, positions, seed, cls_id, sep_id, row_o
     Returns: `(token_ids, segment_ids, is_next)`.
     """
     batch, length = token_ids.shape[0], token_ids.shape[1]
+    table = tf.convert_to_tensor(table, tf.int32)
     total = total_rows or batch
     rows = slice(row_offset, row_offset + batch)
     seeds = tf.random.experimental.stateless_split(seed, 3)
@@ -154,7 +162,8 @@ def mlm_dataset(
     {"mlm": mask_weights, "nsp": 1})` on `next_sentence_pairs`.
 
     Args:
-        sequences: int32 `(N, seq)` from `pack_sequences`.
+        sequences: int32 `(N, seq)` from `pack_sequences`, or a
+            `fmkeras.text.corpus.ShardedCorpus` (streamed; no NSP).
         tokenizer: the `WordPieceTokenizer` that made them (special ids).
         batch_size: global batch size.
         max_predictions: masked positions per sequence.
@@ -165,33 +174,16 @@ def mlm_dataset(
         shard_index, num_shards: this worker's slice of every global batch.
         next_sentence: bool. Next-sentence pairs with segment ids (`mlm_nsp`).
     """
-    count = len(sequences)
-    if count < batch_size:
-        raise ValueError(f"only {count} sequences, fewer than one batch of {batch_size}")
-    if batch_size % num_shards:
-        raise ValueError(f"batch_size={batch_size} does not split into {num_shards} shards")
+    rows = row_batches(sequences, batch_size, seed, start_step, shuffle, repeat, shard_index,
+                       num_shards)  # fmt: skip
     local_batch = batch_size // num_shards
-    table = tf.constant(sequences, tf.int32)
     special_ids = tokenizer.special_ids
 
-    def make_batch(step):
-        first = step * batch_size  # global index of the batch's first example
-        indices = first + shard_index * local_batch + tf.range(local_batch, dtype=tf.int64)
-        passes, position = indices // count, indices % count
-        if shuffle:
-            seeds = tf.stack(  # (local_batch, 3): one permutation per pass over the corpus
-                [tf.fill(tf.shape(passes), tf.cast(seed, tf.int64)), passes, tf.zeros_like(passes)],
-                axis=-1,
-            )
-            # The raw op: the Python wrapper mis-pads batched seeds (TF 2.20).
-            position = tf.raw_ops.RandomIndexShuffle(
-                index=position, seed=seeds, max_index=tf.constant(count - 1, tf.int64)
-            )
-        token_ids = tf.gather(table, position)  # (local_batch, seq)
+    def make_batch(first, position, token_ids):
         segment_ids = tf.zeros_like(token_ids)
         if next_sentence:
             token_ids, segment_ids, is_next = next_sentence_pairs(
-                token_ids, table, position, tf.stack([tf.cast(seed, tf.int64) + 1, first]),
+                token_ids, sequences, position, tf.stack([tf.cast(seed, tf.int64) + 1, first]),
                 tokenizer.cls_id, tokenizer.sep_id, row_offset=shard_index * local_batch,
                 total_rows=batch_size,
             )  # fmt: skip
@@ -216,16 +208,70 @@ def mlm_dataset(
             return inputs, {"mlm": mask_ids, "nsp": is_next}, {"mlm": weights, "nsp": ones}
         return inputs, mask_ids, weights
 
+    return finish(rows.map(make_batch, num_parallel_calls=tf.data.AUTOTUNE))
+
+
+def causal_lm_dataset(sequences, batch_size, seed=0, start_step=0, shuffle=True, repeat=True,
+                      shard_index=0, num_shards=1):  # fmt: skip
+    """`({"token_ids", "padding_mask"}, next_ids)` batches for a causal LM:
+    rows of `sequence_length + 1` ids (`pack_sequences(..., framed=False)` or
+    a `ShardedCorpus`) split into inputs (all but the last id) and labels
+    (all but the first). Other arguments as in `mlm_dataset`."""
+    rows = row_batches(sequences, batch_size, seed, start_step, shuffle, repeat, shard_index,
+                       num_shards)  # fmt: skip
+
+    def shift(first, position, token_ids):
+        inputs = token_ids[:, :-1]  # (batch, seq)
+        return {"token_ids": inputs, "padding_mask": tf.ones_like(inputs)}, token_ids[:, 1:]
+
+    return finish(rows.map(shift, num_parallel_calls=tf.data.AUTOTUNE))
+
+
+def finish(dataset):
+    """Prefetching, and the sharding policy of every language-model stream:
+    under multi-worker training every worker builds each global batch and keeps
+    its own slice (DATA; OFF would hand both workers the same slices,
+    tests/test_distribute.py)."""
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.prefetch(tf.data.AUTOTUNE).with_options(options)
+
+
+def row_batches(sequences, batch_size, seed=0, start_step=0, shuffle=True, repeat=True,
+                shard_index=0, num_shards=1):  # fmt: skip
+    """`(first, positions, token_ids)` for every global step from `start_step`:
+    the global index of the batch's first example, and this shard's rows
+    `(batch_size / num_shards, seq)` with their indices in `sequences` (-1
+    when streamed). In memory, example `i` is row `index_shuffle(i mod N,
+    seed=(seed, i div N))` (module docstring); a `ShardedCorpus` streams its
+    own order. Arguments as in `mlm_dataset`."""
+    if batch_size % num_shards:
+        raise ValueError(f"batch_size={batch_size} does not split into {num_shards} shards")
+    local_batch = batch_size // num_shards
+    if not isinstance(sequences, np.ndarray):  # a ShardedCorpus
+        return sequences.batches(batch_size, seed, start_step, shard_index, num_shards)
+    count = len(sequences)
+    if count < batch_size:
+        raise ValueError(f"only {count} sequences, fewer than one batch of {batch_size}")
+    table = tf.constant(sequences, tf.int32)
+
+    def rows(step):
+        first = step * batch_size  # global index of the batch's first example
+        indices = first + shard_index * local_batch + tf.range(local_batch, dtype=tf.int64)
+        passes, position = indices // count, indices % count
+        if shuffle:
+            seeds = tf.stack(  # (local_batch, 3): one permutation per pass over the corpus
+                [tf.fill(tf.shape(passes), tf.cast(seed, tf.int64)), passes, tf.zeros_like(passes)],
+                axis=-1,
+            )
+            # The raw op: the Python wrapper mis-pads batched seeds (TF 2.20).
+            position = tf.raw_ops.RandomIndexShuffle(
+                index=position, seed=seeds, max_index=tf.constant(count - 1, tf.int64)
+            )
+        return first, position, tf.gather(table, position)  # (local_batch, seq)
+
     if repeat:
         steps = tf.data.Dataset.counter(start_step)
     else:
         steps = tf.data.Dataset.range(start_step, count // batch_size)
-    # Multi-worker: every worker builds each global batch and keeps its own slice
-    # (DATA). OFF would hand both workers the same slices (tests/test_distribute.py).
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    return (
-        steps.map(make_batch, num_parallel_calls=tf.data.AUTOTUNE)
-        .prefetch(tf.data.AUTOTUNE)
-        .with_options(options)
-    )
+    return steps.map(rows, num_parallel_calls=tf.data.AUTOTUNE)

@@ -26,7 +26,7 @@ def resolve_files(task_class, config, data_dir_option, log):
     """`{role: Path}` of the task's data files; a missing one fails here, before
     any file is read or written."""
     data_dir, origin = resolve_data_dir(data_dir_option, config.data.dir)
-    files = {role: require_file(relative, data_dir, origin)
+    files = {role: require_file(relative, data_dir, origin, role in task_class.glob_roles)
              for role, relative in task_class.data_files(config).items()}  # fmt: skip
     if data_dir is not None:
         log(f"data directory {data_dir} (from {origin})")

@@ -1,0 +1,166 @@
+"""The causal LM: model and cache, sampling, and the task end to end (train,
+generate, evaluate, export)."""
+
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from model_checks import run_model_checks
+from run_helpers import REPO, scalars, serve_in_fresh_process, train_args
+
+from fmkeras.config import GenerateConfig
+from fmkeras.decoding import filter_logits, sample, sample_search
+from fmkeras.evaluate import main as evaluate_main
+from fmkeras.export import main as export_main
+from fmkeras.generate import main as generate_main
+from fmkeras.models import CausalLM
+from fmkeras.tasks import load_run
+from fmkeras.train import main as train_main
+
+RECIPE = REPO / "trainers" / "causal_lm_gutenberg.yaml"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return CausalLM(50, num_layers=2, num_heads=2, hidden_dim=16, intermediate_dim=32,
+                    max_sequence_length=24)  # fmt: skip
+
+
+def test_causal_lm_passes_the_model_checks(model, tmp_path):
+    ids = np.random.default_rng(0).integers(1, 50, (2, 7)).astype("int32")
+    inputs = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
+    run_model_checks(model, inputs, tmp_path)
+
+
+def test_logits_depend_only_on_earlier_tokens(model):
+    ids = np.random.default_rng(1).integers(1, 50, (1, 8)).astype("int32")
+    changed = ids.copy()
+    changed[0, 5] = (ids[0, 5] + 1) % 50
+    a, b = (np.asarray(model({"token_ids": x, "padding_mask": np.ones_like(x)}))
+            for x in (ids, changed))  # fmt: skip
+    np.testing.assert_allclose(a[0, :5], b[0, :5], atol=1e-6)
+    assert not np.allclose(a[0, 5:], b[0, 5:])
+
+
+def test_prefill_then_cached_steps_equal_the_full_forward_pass(model):
+    ids = np.random.default_rng(2).integers(1, 50, (2, 10)).astype("int32")
+    full = np.asarray(model({"token_ids": ids, "padding_mask": np.ones_like(ids)}))
+    cache = model.initial_cache(2, 12)
+    logits, cache = model.call_with_cache(ids[:, :4], 0, cache)
+    steps = [np.asarray(logits)]
+    for index in range(4, 10):
+        logits, cache = model.decode_step(ids[:, index : index + 1], index, cache)
+        steps.append(np.asarray(logits)[:, None])
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5)
+
+
+def test_top_k_and_top_p_keep_the_likeliest_tokens():
+    logits = tf.constant([[3.0, 2.0, 1.0, 0.0, -1.0]])  # probabilities .64 .23 .09 .03 .01
+    kept = lambda **kw: (filter_logits(logits, **kw).numpy()[0] > -1e8).tolist()  # noqa: E731
+    assert kept(top_k=2) == [True, True, False, False, False]
+    assert kept(top_p=0.8) == [True, True, False, False, False]  # .64 < .8 <= .87
+    assert kept(top_p=0.9) == [True, True, True, False, False]
+    assert kept(top_k=1, top_p=0.9) == [True, False, False, False, False]
+    assert kept(top_p=0.01) == [True, False, False, False, False]  # the best always stays
+    assert kept() == [True] * 5
+
+
+def test_sampling_follows_the_distribution_and_the_seed():
+    logits = tf.constant([[2.0, 1.0, 0.0, -1.0]])
+    draws = [int(sample(logits, index, temperature=1.0, seed=5)[0]) for index in range(3000)]
+    frequencies = np.bincount(draws, minlength=4) / len(draws)
+    np.testing.assert_allclose(frequencies, tf.nn.softmax(logits)[0], atol=0.03)
+    cold = [int(sample(logits, index, temperature=0.25, seed=5)[0]) for index in range(500)]
+    assert np.mean(np.array(cold) == 0) > 0.95  # a low temperature sharpens
+    assert all(int(sample(logits, i, temperature=0.0)[0]) == 0 for i in range(5))  # greedy
+    again = [int(sample(logits, index, temperature=1.0, seed=5)[0]) for index in range(3000)]
+    assert draws == again
+
+
+def test_batched_prompts_of_different_lengths_generate_as_alone(model):
+    """Right padding, the full-width prefill and per-row stopping: each row of a
+    batch gets the greedy continuation it gets on its own."""
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(4, 50, length).astype("int32") for length in (3, 6, 1)]
+    choose = lambda logits, index: sample(logits, index, temperature=0.0)  # noqa: E731
+
+    def generate(rows, new=5, total=14):
+        width = max(len(row) for row in rows)
+        ids = np.zeros((len(rows), width), "int32")
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = row
+        tokens = np.pad(ids, [[0, 0], [0, total - width]])
+        lengths = np.array([len(row) for row in rows], "int32")
+        cache = model.initial_cache(len(rows), total)
+        logits, cache = model.call_with_cache(ids, 0, cache)
+        start = int(lengths.min())
+        found, ends = sample_search(model.decode_step, cache, logits[:, start - 1], tokens,
+                                    lengths, start, new, end_id=-1, choose=choose)  # fmt: skip
+        return [np.asarray(row)[:end].tolist() for row, end in zip(found, ends, strict=True)]
+
+    together = generate(prompts)
+    for prompt, row in zip(prompts, together, strict=True):
+        assert row[: len(prompt)] == prompt.tolist() and len(row) == len(prompt) + 5
+        assert generate([prompt]) == [row]
+
+
+@pytest.fixture(scope="module")
+def causal_run(tmp_path_factory, data_dir):
+    run = tmp_path_factory.mktemp("causal") / "run"
+    settings = {"model.size": "tiny", "data.max_lines": 1500, "data.vocab_size": 1000,
+                "train.steps": 40, "train.batch_size": 16, "train.learning_rate": 3e-3,
+                "train.log_every": 10, "train.eval_every": 20, "train.checkpoint_every": 20,
+                "train.eval_steps": 4, "train.steps_per_execution": 1,
+                "generate.max_new_tokens": 8}  # fmt: skip
+    assert train_main(train_args("causal_lm", RECIPE, settings, run)) == 0
+    return run
+
+
+def test_causal_lm_trains_and_reports_perplexity_and_samples(causal_run):
+    losses = [value for _, value in scalars(causal_run / "logs" / "train", "loss")]
+    assert losses[-1] < losses[0] - 1.0, losses
+    metrics = json.loads((causal_run / "metrics.json").read_text())
+    assert metrics["task"] == "causal_lm" and metrics["perplexity"] == pytest.approx(
+        np.exp(metrics["loss"]), rel=1e-6)  # fmt: skip
+    assert metrics["perplexity"] < 1000 and metrics["tokens_per_second"] > 0
+    assert metrics["sample"].count("→") == 3  # the three default prompts
+    assert [step for step, _ in scalars(causal_run / "logs" / "validation", "perplexity")] \
+        == [20, 40]  # fmt: skip
+
+
+def test_generate_command_samples_reproducibly(causal_run, capsys):
+    prompts = ["It was a dark and stormy night", "The old man"]
+
+    def generate(*flags):
+        assert generate_main([str(causal_run), *prompts, "--json", *flags]) == 0
+        return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+    first, again = generate("--seed", "1"), generate("--seed", "1")
+    assert first == again and [r["prompt"] for r in first] == prompts
+    assert first[0]["text"].startswith("it was a dark and stormy night")  # lower-cased run
+    greedy = generate("--temperature", "0", "--max-new-tokens", "6")
+    assert greedy == generate("--temperature", "0", "--max-new-tokens", "6", "--seed", "9")
+    assert all(len(r["continuation"].split()) <= 6 for r in greedy)
+    assert generate_main([str(causal_run), "x", "--top-p", "0"]) == 2
+    assert "top_p=0.0 must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_held_out_perplexity_through_evaluate(causal_run, data_dir, tmp_path, capsys):
+    lines = (data_dir / "gutenberg_en" / "valid.txt").read_text().splitlines()[:200]
+    (tmp_path / "held_out.txt").write_text("\n".join(lines))
+    assert evaluate_main([str(causal_run), "--data", str(tmp_path / "held_out.txt")]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert found["perplexity"] == pytest.approx(np.exp(found["loss"]), rel=1e-3)  # rounded
+    assert 1 < found["perplexity"] < 1000
+
+
+def test_export_generates_the_same_text_without_tensorflow_text(causal_run, tmp_path):
+    assert export_main([str(causal_run), "--name", "lm", "--out", str(tmp_path / "sm")]) == 0
+    prompts = ["It was a dark and stormy night", "The"]
+    settings = {"max_new_tokens": 6, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 0}
+    served = serve_in_fresh_process(tmp_path / "sm" / "lm" / "1", {"texts": prompts, **settings})
+    greedy = GenerateConfig(max_new_tokens=6, temperature=0.0, top_k=0, top_p=1.0)
+    expected = load_run(causal_run, generate=greedy).predict(prompts)
+    assert served["text"] == [r["text"] for r in expected]
+    assert served["continuation"] == [r["continuation"] for r in expected]
