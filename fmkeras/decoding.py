@@ -117,23 +117,26 @@ def filter_logits(logits, top_k=0, top_p=1.0):
     """`logits` `(n, vocabulary)` with every token outside the `top_k` most
     likely and outside the nucleus (the fewest tokens whose probabilities
     add up to `top_p`) set to `NEG_INF`. `top_k` 0 and `top_p` 1 disable
-    them; the most likely token always stays."""
+    them; the most likely token always stays. Only the nucleus sorts the
+    whole vocabulary; top-k alone selects `k` tokens."""
     logits = ops.cast(logits, "float32")
     top_k, top_p = ops.convert_to_tensor(top_k, "int32"), ops.convert_to_tensor(top_p, "float32")
+    vocabulary = ops.shape(logits)[-1]
 
-    def filtered():
+    def k_floor():  # (n,) the k-th largest logit
+        k = ops.clip(top_k, 1, vocabulary)
+        return ops.min(tf.math.top_k(logits, k).values, axis=-1)
+
+    def p_floor():  # (n,) the least likely logit of the nucleus
         descending = ops.flip(ops.sort(logits, axis=-1), axis=-1)  # (n, vocabulary)
-        vocabulary = ops.shape(logits)[-1]
-        kth = ops.take(descending, ops.clip(top_k - 1, 0, vocabulary - 1), axis=-1)
-        k_floor = ops.where(top_k > 0, kth, NEG_INF)  # (n,)
         probabilities = ops.softmax(descending, axis=-1)
         before = ops.cumsum(probabilities, axis=-1) - probabilities  # mass of the better tokens
-        nucleus = ops.where(before < top_p, descending, -NEG_INF)
-        p_floor = ops.min(nucleus, axis=-1)  # (n,) the least likely token kept
-        floor = ops.maximum(k_floor, p_floor)[:, None]
-        return ops.where(logits >= floor, logits, NEG_INF)
+        return ops.min(ops.where(before < top_p, descending, -NEG_INF), axis=-1)
 
-    return ops.cond(ops.logical_or(top_k > 0, top_p < 1.0), filtered, lambda: logits)
+    unfiltered = lambda: ops.full(ops.shape(logits)[:1], NEG_INF)  # noqa: E731
+    floor = ops.maximum(ops.cond(top_k > 0, k_floor, unfiltered),
+                        ops.cond(top_p < 1.0, p_floor, unfiltered))  # fmt: skip
+    return ops.where(logits >= floor[:, None], logits, NEG_INF)
 
 
 def sample(logits, index, temperature=1.0, top_k=0, top_p=1.0, seed=0):

@@ -74,7 +74,13 @@ class ModelVersions:
 
 
 def rows_of(columns):
-    return len(next(iter(columns.values())))
+    return len(next(iter(columns.values())))  # the first input is a list of strings
+
+
+def settings_of(columns):
+    """The scalar settings of a request (requests batch together only when they agree)."""
+    return tuple((name, value.item()) for name, value in columns.items()
+                 if isinstance(value, np.ndarray))  # fmt: skip
 
 
 class Batcher:
@@ -102,15 +108,17 @@ class Batcher:
                     break
                 pending.append(item)
                 rows += rows_of(item[1])
-            for version in {item[0] for item in pending}:
-                group = [item for item in pending if item[0] == version]
+            for version, settings in {(item[0], settings_of(item[1])) for item in pending}:
+                group = [item for item in pending
+                         if item[0] == version and settings_of(item[1]) == settings]  # fmt: skip
                 self._run(version, group)
 
     def _run(self, version, group):
         try:
             number, signature = self.models.signature(version)
-            inputs = {name: np.array([text for _, columns, _ in group for text in columns[name]],
-                                     object) for name in group[0][1]}  # fmt: skip
+            inputs = {name: value if isinstance(value, np.ndarray)  # a setting the group shares
+                      else np.array([text for _, columns, _ in group for text in columns[name]],
+                                    object) for name, value in group[0][1].items()}  # fmt: skip
             outputs = {k: v.numpy() for k, v in signature(**inputs).items()}
             start = 0
             for _, columns, future in group:
@@ -133,9 +141,12 @@ def _jsonable(value):
     return value
 
 
-def parse_request(body, max_batch, names=("texts",)):
+def parse_request(body, max_batch, names=("texts",), settings=None):
     """The string inputs `names` of a TF Serving predict body as `{name:
-    [values]}` (all of one length), and whether it used the row form."""
+    [values]}` (all of one length), and whether it used the row form.
+    `settings` (`{name: numpy dtype}`) are scalar inputs, such as a causal
+    LM's `temperature`: they come in the columnar form only (as in TF
+    Serving) and are added to the columns as numpy scalars."""
     try:
         request = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -173,12 +184,34 @@ def parse_request(body, max_batch, names=("texts",)):
                 value.encode("utf-8")
             except UnicodeEncodeError:  # e.g. a lone surrogate written as "\\ud800"
                 raise BadRequest(f"{name} {index} is not valid Unicode") from None
+    given = values if isinstance(values, dict) and not rows else {}
+    missing = sorted(name for name in settings or {} if given.get(name) is None)
+    if missing:
+        example = ", ".join(f'"{name}": ...' for name in missing)
+        raise BadRequest(f"missing the scalar settings {', '.join(missing)}: send them in the "
+                         f'columnar form {{"inputs": {{"{names[0]}": [...], {example}}}}}')  # fmt: skip
+    for name, dtype in (settings or {}).items():
+        value = given[name]
+        if isinstance(value, bool) or not isinstance(value, int | float) or (
+                np.issubdtype(dtype, np.integer) and value != int(value)):  # fmt: skip
+            raise BadRequest(f"expected a {np.dtype(dtype).name} for input '{name}', got {value!r}")
+        columns[name] = np.asarray(value, dtype)
     return columns, rows
 
 
 def input_names(signature):
     """The string inputs of a `serving_default` signature, `texts` first."""
-    return tuple(sorted(signature.structured_input_signature[1], key=lambda n: n != "texts"))
+    specs = signature.structured_input_signature[1]
+    strings = [name for name, spec in specs.items() if spec.dtype.name == "string"]
+    return tuple(sorted(strings, key=lambda n: n != "texts"))
+
+
+def setting_inputs(signature):
+    """The scalar inputs of a signature (a causal LM's sampling settings):
+    `{name: numpy dtype}`."""
+    specs = signature.structured_input_signature[1]
+    return {name: spec.dtype.as_numpy_dtype for name, spec in specs.items()
+            if spec.shape.rank == 0}  # fmt: skip
 
 
 class Server(ThreadingHTTPServer):
@@ -333,8 +366,9 @@ def make_handler(models, batcher, max_batch, max_body, timeout):
                     raise BadRequest(
                         f"Malformed request: only :predict is served, not :{verb}", 404
                     )
-                names = input_names(models.signature(version)[1])
-                columns, rows = parse_request(body, max_batch, names)
+                signature = models.signature(version)[1]
+                columns, rows = parse_request(body, max_batch, input_names(signature),
+                                              setting_inputs(signature))  # fmt: skip
                 _, outputs = batcher.submit(version, columns)
                 if rows:
                     payload = {"predictions": [

@@ -2,6 +2,10 @@
 generate, evaluate, export)."""
 
 import json
+import threading
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -15,6 +19,7 @@ from fmkeras.evaluate import main as evaluate_main
 from fmkeras.export import main as export_main
 from fmkeras.generate import main as generate_main
 from fmkeras.models import CausalLM
+from fmkeras.serve import create_server
 from fmkeras.tasks import load_run
 from fmkeras.train import main as train_main
 
@@ -164,3 +169,34 @@ def test_export_generates_the_same_text_without_tensorflow_text(causal_run, tmp_
     expected = load_run(causal_run, generate=greedy).predict(prompts)
     assert served["text"] == [r["text"] for r in expected]
     assert served["continuation"] == [r["continuation"] for r in expected]
+
+    # The local server: settings in the columnar form; requests batch only with equal settings.
+    server, _ = create_server(tmp_path / "sm" / "lm", port=0, max_batch=8, batch_wait_ms=50)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1/models/lm:predict"
+
+    def post(body):
+        request = urllib.request.Request(url, data=json.dumps(body).encode())
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+    try:
+        status, body = post({"inputs": {"texts": prompts, **settings}})
+        assert status == 200 and body["outputs"]["text"] == served["text"]
+        shorter = {**settings, "max_new_tokens": 2}
+        with ThreadPoolExecutor(4) as pool:  # different settings arrive together
+            found = list(pool.map(post, [{"inputs": {"texts": prompts[:1], **s}}
+                                         for s in (settings, shorter) * 2]))  # fmt: skip
+        lengths = [body["outputs"]["lengths"][0] for _, body in found]
+        assert lengths[0] == lengths[2] == served["lengths"][0]
+        assert lengths[1] == lengths[3] < lengths[0]  # two new tokens, not six
+        status, body = post({"instances": prompts})
+        assert status == 400 and "missing the scalar settings max_new_tokens, seed, " \
+            "temperature, top_k, top_p" in body["error"]  # fmt: skip
+        status, body = post({"inputs": {"texts": prompts, **settings, "top_k": 1.5}})
+        assert status == 400 and "expected a int32 for input 'top_k'" in body["error"]
+    finally:
+        server.shutdown()

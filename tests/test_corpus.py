@@ -6,7 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
-from run_helpers import REPO, train_args
+from run_helpers import REPO, run_cli, scalars, train_args
 
 from fmkeras.text.corpus import ShardedCorpus, expand_shards
 from fmkeras.text.mlm import causal_lm_dataset, pack_sequences
@@ -134,3 +134,26 @@ def test_shard_errors_are_one_line(tmp_path, small_vocab, capsys):
     settings["data.objective"] = "mlm_nsp"
     assert train_main(train_args("mlm", recipe, settings, tmp_path / "run")) == 2
     assert "needs one train_file, not the glob" in capsys.readouterr().err
+
+
+def test_mirrored_replicas_read_the_stream_as_one_device_does(shards, small_vocab, tmp_path):
+    """Under two replicas the input pipeline reads its shards and splits each
+    global batch (distribute_datasets_from_function): the same trajectory."""
+    recipe = REPO / "trainers" / "pretrain_gutenberg.yaml"
+    settings = {"data.train_file": str(shards / "part-*.txt"), "data.vocab_file": small_vocab,
+                "model.size": "tiny", "model.dropout": 0, "data.sequence_length": 32,
+                "data.max_lines": 400, "train.batch_size": 8, "train.steps": 8,
+                "train.checkpoint_every": 8, "train.eval_every": 8, "train.eval_steps": 2,
+                "train.log_every": 2, "train.steps_per_execution": 1,
+                "train.jit_compile": "false"}  # fmt: skip
+    mirrored = {**settings, "distribute.strategy": "mirrored", "distribute.cpu_devices": 2}
+    assert train_main(train_args("mlm", recipe, settings, tmp_path / "one")) == 0
+    # In its own process: logical CPU devices must be set before TensorFlow starts.
+    result = run_cli(train_args("mlm", recipe, mirrored, tmp_path / "mirrored"))
+    assert result.returncode == 0, result.stderr
+    losses = [dict(scalars(tmp_path / name / "logs" / "train", "loss")) for name in
+              ("one", "mirrored")]  # fmt: skip
+    assert sorted(losses[0]) == sorted(losses[1]) == [1, 2, 4, 6, 8]
+    # Stated tolerance, as for in-memory data (tests/test_distribute.py): float32 sums.
+    np.testing.assert_allclose([losses[1][s] for s in losses[0]], list(losses[0].values()),
+                               rtol=5e-3)  # fmt: skip
