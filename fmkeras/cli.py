@@ -1,7 +1,7 @@
 """What every command line shares, and the `fmkeras` console script.
 
-`fmkeras train|evaluate|predict|translate|export|serve|convert|launch|flops
-...` runs the same `main` as `python -m fmkeras.<command> ...`. Every
+`fmkeras train|evaluate|predict|translate|generate|export|serve|convert|launch|
+flops|explain ...` runs the same `main` as `python -m fmkeras.<command> ...`. Every
 `main` is wrapped by `command`: an `FmkerasError` prints one line and exits
 2 (`Stopped`, a run stopped by SIGTERM after its backup: 0), Ctrl-C exits
 130, and TensorFlow's C++ log level is set before TensorFlow is imported
@@ -20,8 +20,9 @@ from fmkeras.errors import FmkerasError, Stopped
 COMMANDS = {
     "train": "train a model from a recipe (default: the quickstart)",
     "evaluate": "score a finished run on a labelled file",
-    "predict": "labels, tags, translations or masked words from a finished run",
+    "predict": "labels, tags, translations, masked words or continuations from a finished run",
     "translate": "translate sentences with a finished translate run",
+    "generate": "continue prompts with a finished causal_lm run (sampling with a cache)",
     "export": "write a SavedModel for TF Serving",
     "serve": "serve exported SavedModels over TF Serving's REST API",
     "convert": "import a Hugging Face BERT checkpoint",

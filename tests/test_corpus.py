@@ -3,10 +3,11 @@ pipelines, the row-count index, and training on a glob."""
 
 import json
 import shutil
+import textwrap
 
 import numpy as np
 import pytest
-from run_helpers import REPO, run_cli, scalars, train_args
+from run_helpers import REPO, run_cli, run_workers, scalars, train_args
 
 from fmkeras.text.corpus import ShardedCorpus, expand_shards
 from fmkeras.text.mlm import causal_lm_dataset, pack_sequences
@@ -83,15 +84,19 @@ def test_pipelines_read_disjoint_shards(corpus):
 
 def test_row_counts_are_kept_until_a_shard_changes(corpus, shards, tmp_path):
     counts = corpus.counts
-    index = json.loads((tmp_path / "index.json").read_text())
-    assert index["rows"] == counts
+    assert json.loads((tmp_path / "index.json").read_text())["rows"] == counts
+    said = []
+    again = ShardedCorpus(corpus.paths, corpus.tokenizer, 33, index_path=tmp_path / "index.json",
+                          log=said.append)  # fmt: skip
+    assert again.counts == counts and said == []  # read from the index, not counted
     copy = tmp_path / "copy"
     shutil.copytree(shards, copy)
-    moved = ShardedCorpus(expand_shards(copy / "*.txt"), corpus.tokenizer, 33,
-                          index_path=tmp_path / "index.json", log=print)  # fmt: skip
     with open(copy / "part-0.txt", "a") as handle:
         handle.write("more text " * 200 + "\n")
+    moved = ShardedCorpus(expand_shards(copy / "*.txt"), corpus.tokenizer, 33,
+                          index_path=tmp_path / "index.json", log=said.append)  # fmt: skip
     assert moved.counts[0] > counts[0] and moved.counts[1:] == counts[1:]
+    assert said == ["corpus: counting the rows of 5 shard(s) (once per corpus)"]
 
 
 def test_causal_rows_shift_by_one(corpus):
@@ -157,3 +162,39 @@ def test_mirrored_replicas_read_the_stream_as_one_device_does(shards, small_voca
     # Stated tolerance, as for in-memory data (tests/test_distribute.py): float32 sums.
     np.testing.assert_allclose([losses[1][s] for s in losses[0]], list(losses[0].values()),
                                rtol=5e-3)  # fmt: skip
+
+
+STREAMS = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    from fmkeras.config import DistributeConfig
+    from fmkeras.distribute import create_strategy
+    strategy = create_strategy(DistributeConfig(strategy="multi_worker"))
+    from fmkeras.text.corpus import ShardedCorpus, expand_shards
+    from fmkeras.text.wordpiece import WordPieceTokenizer
+    shards, vocab = sys.argv[1:]
+    corpus = ShardedCorpus(expand_shards(Path(shards) / "*.txt"), WordPieceTokenizer(vocab), 33,
+                           window=64, log=lambda _: None)
+
+    def pipeline(context):  # as LanguageModelTask.train_dataset builds it
+        rows = corpus.batches(16, 3, 0, context.input_pipeline_id, context.num_input_pipelines)
+        rows = rows.map(lambda first, positions, token_ids: token_ids)
+        return rows.rebatch(context.get_per_replica_batch_size(16))
+
+    batches = iter(strategy.distribute_datasets_from_function(pipeline))
+    seen = [strategy.experimental_local_results(next(batches))[0].numpy().tolist()
+            for _ in range(6)]
+    print(json.dumps(seen))
+""")
+
+
+def test_two_workers_stream_their_own_shards(corpus, shards, small_vocab):
+    results = run_workers(STREAMS, shards, small_vocab, cwd=REPO / "tests")
+    for code, _, err in results:
+        assert code == 0, err[-3000:]
+    workers = [np.array(json.loads(out.strip().splitlines()[-1])) for _, out, _ in results]
+    for index, rows in enumerate(workers):  # each worker: its pipeline's stream, 8 rows a step
+        expected = np.stack(rows_of(corpus.batches(16, 3, 0, index, 2).take(6)))
+        np.testing.assert_array_equal(rows, expected)
+    first, second = ({tuple(row) for row in rows.reshape(-1, 33)} for rows in workers)
+    assert not first & second

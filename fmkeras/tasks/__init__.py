@@ -1,7 +1,8 @@
 """Tasks: what a run trains, and how its finished run is used.
 
 `registry` maps task names to `Task` classes (`base`); each task is one
-module: `mlm` (masked-LM pretraining), `classify`, `tag` (both on
+module: `mlm` (masked-LM pretraining) and `causal_lm` (GPT-style, both on
+`language_model.LanguageModelTask`), `classify`, `tag` (both on
 `finetune.EncoderTask`) and `translation`.
 """
 

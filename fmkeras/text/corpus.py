@@ -22,7 +22,6 @@ import glob
 import hashlib
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -123,13 +122,14 @@ class ShardedCorpus:
                 return index["rows"]
         self.log(f"corpus: counting the rows of {len(self.paths)} shard(s) (once per corpus)")
 
-        def count(path):
-            return int(self.shard_rows(path).reduce(
-                tf.constant(0, tf.int64), lambda total, rows: total + tf.cast(
-                    tf.shape(rows)[0], tf.int64)))  # fmt: skip
+        def count(path):  # one traced function for every shard: memory does not grow with them
+            return self.shard_rows(path).reduce(
+                tf.constant(0, tf.int64),
+                lambda total, rows: total + tf.cast(tf.shape(rows)[0], tf.int64))  # fmt: skip
 
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            counts = list(pool.map(count, self.paths))
+        shards = tf.data.Dataset.from_tensor_slices(self.paths)
+        counted = shards.map(count, num_parallel_calls=os.cpu_count() or 1, deterministic=True)
+        counts = [int(rows) for rows in counted.as_numpy_iterator()]
         if self.index_path:
             Path(self.index_path).write_text(json.dumps({"signature": key, "rows": counts}))
         return counts
