@@ -34,7 +34,8 @@ SIZES = {
     "base": dict(num_layers=12, hidden_dim=768, num_heads=12, intermediate_dim=3072),
 }
 ARCHITECTURE_KEYS = ("num_layers", "hidden_dim", "num_heads", "intermediate_dim")
-ENCODER_TASKS = ("classify", "tag")
+CLASSIFY_TASKS = ("classify", "distill")  # classify a TSV (distill: learning from a teacher)
+ENCODER_TASKS = (*CLASSIFY_TASKS, "tag")
 
 
 def key(default, *tasks):
@@ -75,10 +76,10 @@ class DataConfig:
     mask_rate: float = key(0.15, "mlm")
     # per sequence; default round(mask_rate * sequence_length)
     max_predictions: int | None = key(None, "mlm")
-    text_column: str = key("sentence", "classify")  # TSV column names (header line required)
-    label_column: str = key("label", "classify")
+    text_column: str = key("sentence", *CLASSIFY_TASKS)  # TSV column names (header line required)
+    label_column: str = key("label", *CLASSIFY_TASKS)
     # a second text column: sentence pairs, [CLS] a [SEP] b [SEP] with segment ids 0/1
-    text_pair_column: str | None = key(None, "classify")
+    text_pair_column: str | None = key(None, *CLASSIFY_TASKS)
     # fail | skip (skipped rows are counted and reported)
     bad_rows: Literal["fail", "skip"] = key("fail", *ENCODER_TASKS)
     source_language: str = key("en", "translate")  # files are <train_file>.<language>
@@ -111,6 +112,15 @@ class GenerateConfig:
     seed: int = 0
     # validation samples continue these (separated by |)
     prompts: str = "It was a dark and stormy night|The old man said|In the morning"
+
+
+@dataclasses.dataclass
+class DistillConfig:
+    """Knowledge distillation (`task: distill`): a student learns from a teacher run."""
+
+    teacher: str | None = None  # a finished classify run directory (required)
+    temperature: float = 2.0  # softens both distributions of the soft-target loss
+    alpha: float = 0.5  # weight of the soft-target loss; 1 - alpha weighs the hard labels
 
 
 @dataclasses.dataclass
@@ -159,7 +169,7 @@ class DistributeConfig:
 
 # Sections read only by some tasks (the others ignore them).
 SECTION_TASKS = {"finetune": ENCODER_TASKS, "decode": ("translate",),
-                 "generate": ("causal_lm",)}  # fmt: skip
+                 "generate": ("causal_lm",), "distill": ("distill",)}  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -170,6 +180,7 @@ class RunConfig:
     finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
     decode: DecodeConfig = dataclasses.field(default_factory=DecodeConfig)
     generate: GenerateConfig = dataclasses.field(default_factory=GenerateConfig)
+    distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     distribute: DistributeConfig = dataclasses.field(default_factory=DistributeConfig)
     # Sections declared by tasks (`Task.sections`): name -> dataclass instance.
@@ -184,7 +195,8 @@ class RunConfig:
         return section
 
 
-BUILT_IN_SECTIONS = ("model", "data", "finetune", "decode", "generate", "train", "distribute")
+BUILT_IN_SECTIONS = ("model", "data", "finetune", "decode", "generate", "distill", "train",
+                     "distribute")  # fmt: skip
 
 
 def _check_type(key, value, annotation):
@@ -403,6 +415,9 @@ def validate(config):
     if not 0.0 <= model.dropout < 1.0:
         raise ConfigError(f"model.dropout must be in [0, 1), got {model.dropout}")
     validate_generate(config.generate, "generate.")
+    if config.distill.temperature <= 0 or not 0.0 <= config.distill.alpha <= 1.0:
+        raise ConfigError(f"distill.temperature must be positive and distill.alpha in [0, 1]; got "
+                          f"{config.distill.temperature}, {config.distill.alpha}")  # fmt: skip
     if not 0.0 < data.mask_rate < 1.0:
         raise ConfigError(f"data.mask_rate must be in (0, 1), got {data.mask_rate}")
     if data.sequence_length < 8:

@@ -188,8 +188,9 @@ def parse_request(body, max_batch, names=("texts",), settings=None):
     missing = sorted(name for name in settings or {} if given.get(name) is None)
     if missing:
         example = ", ".join(f'"{name}": ...' for name in missing)
+        form = f'{{"inputs": {{"{names[0]}": [...], {example}}}}}'
         raise BadRequest(f"missing the scalar settings {', '.join(missing)}: send them in the "
-                         f'columnar form {{"inputs": {{"{names[0]}": [...], {example}}}}}')  # fmt: skip
+                         f"columnar form {form}")
     for name, dtype in (settings or {}).items():
         value = given[name]
         if isinstance(value, bool) or not isinstance(value, int | float) or (

@@ -32,6 +32,19 @@ def train_args(task, recipe, settings, out):
     return args
 
 
+def train_tiny_classifier(task, recipe, out, **extra):
+    """Trains a tiny classify-style run from a fresh encoder (`extra`: more
+    `--set` keys) in-process and returns its directory."""
+    from fmkeras.train import main
+
+    settings = {"model.size": "tiny", "model.init": "random", "data.max_lines": 800,
+                "data.vocab_size": 800, "train.batch_size": 16, "train.steps": 6,
+                "train.checkpoint_every": 6, "train.eval_every": 6,
+                "train.jit_compile": "false", **extra}  # fmt: skip
+    assert main(train_args(task, REPO / "trainers" / recipe, settings, out)) == 0
+    return out
+
+
 def tiny_args(vocab, steps=40, **extra):
     """`python -m fmkeras.train` arguments of a tiny pretraining run (keys with dots)."""
     settings = {

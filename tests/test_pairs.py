@@ -8,8 +8,7 @@ import urllib.request
 
 import numpy as np
 import pytest
-from conftest import REPO
-from run_helpers import serve_in_fresh_process, train_args
+from run_helpers import serve_in_fresh_process, train_tiny_classifier
 
 from fmkeras.errors import DataError
 from fmkeras.evaluate import main as evaluate_main
@@ -20,7 +19,6 @@ from fmkeras.serve import BadRequest, create_server, parse_request
 from fmkeras.tasks import load_run
 from fmkeras.text.labelled import batched, encode_text_pairs, read_tsv
 from fmkeras.text.wordpiece import WordPieceTokenizer
-from fmkeras.train import main as train_main
 
 PAIRS = [("He said hello to the whole room .", "He greeted everyone ."), ("dull", "flat")]
 
@@ -82,12 +80,7 @@ def test_the_server_reads_two_inputs_in_both_forms():
 @pytest.fixture(scope="module")
 def pair_run(tmp_path_factory, data_dir):
     run = tmp_path_factory.mktemp("pairs") / "mrpc"
-    settings = {"model.size": "tiny", "model.init": "random", "data.max_lines": 400,
-                "data.vocab_size": 800, "train.batch_size": 16, "train.steps": 6,
-                "train.checkpoint_every": 6, "train.eval_every": 6,
-                "train.jit_compile": "false"}  # fmt: skip
-    assert train_main(train_args("classify", REPO / "trainers" / "mrpc.yaml", settings, run)) == 0
-    return run
+    return train_tiny_classifier("classify", "mrpc.yaml", run, **{"data.max_lines": 400})
 
 
 def test_a_pair_run_evaluates_predicts_explains_exports_and_serves(pair_run, data_dir, tmp_path,

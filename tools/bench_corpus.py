@@ -103,8 +103,9 @@ def model_child(args):
 
 
 def run_child(*arguments):
+    environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     result = subprocess.run([sys.executable, __file__, *arguments], capture_output=True,
-                            text=True, timeout=7200, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})  # fmt: skip
+                            text=True, timeout=7200, env=environment)  # fmt: skip
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
     if result.returncode or not lines:
         raise SystemExit(f"child {arguments} failed: {result.stderr[-2000:]}")
@@ -157,7 +158,8 @@ def main():
         print(json.dumps(found), flush=True)
     model = max((run_child("--child", "model", "--precision", precision, "--xla", xla)
                  ["tokens_per_s"], precision, xla)
-                for precision in ("float32", "mixed_bfloat16") for xla in ("off", "on"))  # fmt: skip
+                for precision in ("float32", "mixed_bfloat16")
+                for xla in ("off", "on"))  # fmt: skip
     print(f"\nmodel (pretrain_gutenberg: mini MLM, batch {BATCH_SIZE} x {SEQUENCE_LENGTH}) trains "
           f"{model[0]:,.0f} tokens/s at best ({model[1]}, XLA {model[2]})\n")  # fmt: skip
     print(f"{'corpus':>10}{'shards':>8}{'rows':>11}{'input tok/s':>13}{'x model':>9}"

@@ -20,6 +20,7 @@ BUILT_IN = {
     "tag": "fmkeras.tasks.tag:TagTask",
     "translate": "fmkeras.tasks.translation:TranslateTask",
     "causal_lm": "fmkeras.tasks.causal_lm:CausalLMTask",
+    "distill": "fmkeras.tasks.distill:DistillTask",
 }
 ALIASES = {"pretrain": "mlm"}  # old spellings that recipes and run directories still use
 _registered = {}  # tasks registered at run time: name -> class
