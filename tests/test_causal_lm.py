@@ -69,6 +69,9 @@ def test_top_k_and_top_p_keep_the_likeliest_tokens():
     assert kept(top_k=1, top_p=0.9) == [True, False, False, False, False]
     assert kept(top_p=0.01) == [True, False, False, False, False]  # the best always stays
     assert kept() == [True] * 5
+    graph = tf.function(filter_logits)  # settings as tensors, as the export feeds them
+    found = graph(logits, tf.constant(2), tf.constant(0.8)).numpy()[0] > -1e8
+    assert found.tolist() == [True, True, False, False, False]
 
 
 def test_sampling_follows_the_distribution_and_the_seed():

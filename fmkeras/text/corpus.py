@@ -11,8 +11,9 @@ shards in the order `index_shuffle(seed=(seed, p))`, and shuffles the row
 stream in windows of `window` rows, each with its own stateless seed. A run
 resumed at step `s` therefore starts reading at the shard that holds its
 window, skips to the row, and sees exactly the batches it would have seen.
-That needs each shard's row count, which the first resume counts (streaming
-too) and keeps in an index file; a run from step 0 starts at once.
+That needs the row counts of the shards read before the step: within the
+first pass only those are counted (streaming too), beyond it every shard;
+counts are kept in an index file. A run from step 0 starts at once.
 
 Workers (input pipelines) read disjoint shards: pipeline `k` of `n` reads
 shards `k, k + n, ...` and makes its slice of every global batch.
@@ -66,14 +67,31 @@ class ShardedCorpus:
         self.window = window
         self.index_path = index_path
         self.log = log
-        self._counts = None
+        self._known = None  # shard key -> rows, from the index file and counting
+        self._count_one = tf.function(self.count_shard,
+                                      input_signature=[tf.TensorSpec([], tf.string)])  # fmt: skip
 
     @property
     def counts(self):
-        """Rows per shard (counted on first use)."""
-        if self._counts is None:
-            self._counts = self.count_rows()
-        return self._counts
+        """Rows per shard (every shard not counted yet is counted, in parallel)."""
+        missing = [path for path in self.paths if self.shard_key(path) not in self.known]
+        if missing:
+            self.log(f"corpus: counting the rows of {len(missing)} shard(s) (once per corpus)")
+            shards = tf.data.Dataset.from_tensor_slices(missing)
+            counted = shards.map(self.count_shard, num_parallel_calls=os.cpu_count() or 1,
+                                 deterministic=True)  # fmt: skip
+            for path, rows in zip(missing, counted.as_numpy_iterator(), strict=True):
+                self.known[self.shard_key(path)] = int(rows)
+            self.save_index()
+        return [self.known[self.shard_key(path)] for path in self.paths]
+
+    def rows_in(self, path):
+        """Rows of one shard (counted if not known yet)."""
+        key = self.shard_key(path)
+        if key not in self.known:
+            self.known[key] = int(self._count_one(tf.constant(path)))
+            self.save_index()
+        return self.known[key]
 
     def __len__(self):
         return int(sum(self.counts))
@@ -112,35 +130,41 @@ class ShardedCorpus:
                 [[0, 0], [0, 1]], constant_values=sep))  # fmt: skip
         return rows
 
-    def count_rows(self):
-        """Rows per shard: from the index file when it describes these shards
-        and settings, else counted (in parallel) and written there."""
-        key = self.signature()
-        if self.index_path and Path(self.index_path).is_file():
-            index = json.loads(Path(self.index_path).read_text())
-            if index.get("signature") == key:
-                return index["rows"]
-        self.log(f"corpus: counting the rows of {len(self.paths)} shard(s) (once per corpus)")
+    def count_shard(self, path):
+        """Rows of the shard at `path` (a string tensor; one traced function
+        serves every shard, so memory does not grow with their number)."""
+        return self.shard_rows(path).reduce(
+            tf.constant(0, tf.int64),
+            lambda total, rows: total + tf.cast(tf.shape(rows)[0], tf.int64))  # fmt: skip
 
-        def count(path):  # one traced function for every shard: memory does not grow with them
-            return self.shard_rows(path).reduce(
-                tf.constant(0, tf.int64),
-                lambda total, rows: total + tf.cast(tf.shape(rows)[0], tf.int64))  # fmt: skip
+    @property
+    def known(self):
+        """Row counts by shard key, read from the index file when its packing
+        settings are these."""
+        if self._known is None:
+            self._known = {}
+            if self.index_path and Path(self.index_path).is_file():
+                index = json.loads(Path(self.index_path).read_text())
+                if index.get("settings") == self.settings_key():
+                    self._known = dict(index["rows"])
+        return self._known
 
-        shards = tf.data.Dataset.from_tensor_slices(self.paths)
-        counted = shards.map(count, num_parallel_calls=os.cpu_count() or 1, deterministic=True)
-        counts = [int(rows) for rows in counted.as_numpy_iterator()]
+    def save_index(self):
         if self.index_path:
-            Path(self.index_path).write_text(json.dumps({"signature": key, "rows": counts}))
-        return counts
+            index = {"settings": self.settings_key(), "rows": self.known}
+            Path(self.index_path).write_text(json.dumps(index, indent=1))
 
-    def signature(self):
-        """What the row counts depend on: the files (path, size, modification
-        time), the vocabulary and the packing settings."""
-        files = [(path, os.stat(path).st_size, os.stat(path).st_mtime_ns) for path in self.paths]
+    def shard_key(self, path):
+        """A shard's identity for its row count: path, size and modification time."""
+        stat = os.stat(path)
+        return f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
+
+    def settings_key(self):
+        """What the counts depend on besides the files: vocabulary and packing."""
         vocabulary = hashlib.sha256("\n".join(self.tokenizer.vocabulary).encode()).hexdigest()
-        settings = [self.row_length, self.framed, self.max_lines, self.tokenizer.lowercase]
-        return hashlib.sha256(json.dumps([files, vocabulary, settings]).encode()).hexdigest()
+        settings = [vocabulary, self.row_length, self.framed, self.max_lines,
+                    self.tokenizer.lowercase]  # fmt: skip
+        return hashlib.sha256(json.dumps(settings).encode()).hexdigest()
 
     # === The training stream ===
 
@@ -169,6 +193,22 @@ class ShardedCorpus:
 
         return windows.map(shuffle).unbatch()
 
+    def locate(self, mine, seed, position):
+        """`(pass, offset, rows)`: where row `position` of the stream over the
+        shards `mine` lies, and the rows counted to know it (all of a pass, or
+        enough of pass 0). Within the first pass only the shards read before
+        the position are counted, so resuming early in a huge corpus is cheap."""
+        order = self.shard_order(mine, seed, 0).numpy()
+        total = 0
+        for rank in order:
+            total += self.rows_in(mine[rank])
+            if total > position:
+                return 0, position, total
+        if total == 0:
+            return 0, 0, 0
+        pass_index, offset = divmod(position, total)
+        return pass_index, offset, total
+
     def batches(self, batch_size, seed=0, start_step=0, shard_index=0, num_shards=1):
         """`(first, positions, token_ids)` per global step from `start_step`, as
         `fmkeras.text.mlm.row_batches` gives them (positions are -1): this
@@ -183,16 +223,16 @@ class ShardedCorpus:
             first_pass = self.pass_rows(mine, seed, 0)
             rows = int(first_pass.take(local_batch).reduce(0, lambda count, _: count + 1))
         else:  # where step `start_step` starts: pass, window, shard and row within it
-            counts = self.counts[shard_index::num_shards]
-            rows = int(sum(counts))
-            pass_index, offset = divmod(start_step * local_batch, max(rows, 1))
+            pass_index, offset, rows = self.locate(mine, seed, start_step * local_batch)
             first_window = offset // self.window
             window_start = first_window * self.window
+            first_rank, before = 0, 0  # rows of the shards read before `first_rank` this pass
             order = self.shard_order(mine, seed, pass_index).numpy()
-            before = np.cumsum([0] + [counts[rank] for rank in order])  # rows before each rank
-            first_rank = int(np.searchsorted(before, window_start, side="right") - 1)
-            skip = window_start - int(before[first_rank])  # rows of that shard before the window
-            first_pass = self.pass_rows(mine, seed, pass_index, first_rank, skip, first_window)
+            while before + self.rows_in(mine[order[first_rank]]) <= window_start:
+                before += self.rows_in(mine[order[first_rank]])
+                first_rank += 1
+            first_pass = self.pass_rows(mine, seed, pass_index, first_rank,
+                                        window_start - before, first_window)  # fmt: skip
         if rows < local_batch:
             raise ValueError(f"only {rows} sequences, fewer than one batch of {local_batch}")
         later = tf.data.Dataset.counter(pass_index + 1).flat_map(
