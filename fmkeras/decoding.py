@@ -146,12 +146,15 @@ def sample(logits, index, temperature=1.0, top_k=0, top_p=1.0, seed=0):
     (Gumbel-max)."""
     logits = ops.cast(logits, "float32")
     temperature = ops.convert_to_tensor(temperature, "float32")
-    greedy = ops.cast(ops.argmax(logits, axis=-1), "int32")
-    scaled = filter_logits(logits / ops.maximum(temperature, 1e-6), top_k, top_p)
-    seeds = ops.stack([ops.cast(seed, "int64"), ops.cast(index, "int64")])
-    uniform = tf.random.stateless_uniform(ops.shape(logits), seeds, minval=1e-20, maxval=1.0)
-    drawn = ops.cast(ops.argmax(scaled - ops.log(-ops.log(uniform)), axis=-1), "int32")
-    return ops.where(temperature > 0, drawn, greedy)
+
+    def drawn():
+        scaled = filter_logits(logits / temperature, top_k, top_p)
+        seeds = ops.stack([ops.cast(seed, "int64"), ops.cast(index, "int64")])
+        uniform = tf.random.stateless_uniform(ops.shape(logits), seeds, minval=1e-20, maxval=1.0)
+        return ops.cast(ops.argmax(scaled - ops.log(-ops.log(uniform)), axis=-1), "int32")
+
+    greedy = lambda: ops.cast(ops.argmax(logits, axis=-1), "int32")  # noqa: E731
+    return ops.cond(temperature > 0, drawn, greedy)
 
 
 def sample_search(step, state, logits, tokens, prompt_lengths, start, max_new_tokens, end_id,
