@@ -113,45 +113,62 @@ def beam_search(
     return ops.take(tokens, rows_chosen, axis=0), best_scores
 
 
+def _candidates(logits, top_k, top_p):
+    """`(values, indices)` `(n, k)` of the tokens that may be drawn: the `top_k`
+    likeliest (every token when `top_k` is 0), then, within their renormalized
+    distribution, the nucleus of mass `top_p` (as Hugging Face's top-k then
+    top-p warpers); the rest get `NEG_INF`. The likeliest token always stays."""
+    vocabulary = logits.shape[-1]
+    if isinstance(top_k, int):  # a constant k, as XLA needs
+        k = min(top_k, vocabulary) if top_k > 0 else vocabulary
+    else:
+        k = ops.where(top_k > 0, ops.minimum(top_k, vocabulary), vocabulary)
+    values, indices = tf.math.top_k(logits, k)  # descending
+    probabilities = tf.nn.softmax(values, axis=-1)  # (keras warns about k = 1, a valid choice)
+    before = ops.cumsum(probabilities, axis=-1) - probabilities  # mass of the better tokens
+    return ops.where(before < top_p, values, NEG_INF), indices
+
+
+def _is_filtered(top_k, top_p):
+    return ops.logical_or(ops.convert_to_tensor(top_k) > 0, ops.convert_to_tensor(top_p) < 1.0)
+
+
 def filter_logits(logits, top_k=0, top_p=1.0):
-    """`logits` `(n, vocabulary)` with every token outside the `top_k` most
-    likely and outside the nucleus (the fewest tokens whose probabilities
-    add up to `top_p`) set to `NEG_INF`. `top_k` 0 and `top_p` 1 disable
-    them; the most likely token always stays. Only the nucleus sorts the
-    whole vocabulary; top-k alone selects `k` tokens."""
+    """`logits` `(n, vocabulary)` with every token that `sample` cannot draw
+    set to `NEG_INF`: outside the `top_k` most likely, or outside the nucleus
+    of mass `top_p` of their renormalized distribution. `top_k` 0 and
+    `top_p` 1 disable them."""
     logits = ops.cast(logits, "float32")
-    top_k, top_p = ops.convert_to_tensor(top_k, "int32"), ops.convert_to_tensor(top_p, "float32")
-    vocabulary = ops.shape(logits)[-1]
 
-    def k_floor():  # (n,) the k-th largest logit
-        k = ops.clip(top_k, 1, vocabulary)
-        return ops.min(tf.math.top_k(logits, k).values, axis=-1)
+    def filtered():
+        values, _ = _candidates(logits, top_k, top_p)
+        floor = ops.min(ops.where(values > NEG_INF, values, -NEG_INF), axis=-1)  # (n,)
+        return ops.where(logits >= floor[:, None], logits, NEG_INF)
 
-    def p_floor():  # (n,) the least likely logit of the nucleus
-        descending = ops.flip(ops.sort(logits, axis=-1), axis=-1)  # (n, vocabulary)
-        probabilities = ops.softmax(descending, axis=-1)
-        before = ops.cumsum(probabilities, axis=-1) - probabilities  # mass of the better tokens
-        return ops.min(ops.where(before < top_p, descending, -NEG_INF), axis=-1)
-
-    unfiltered = lambda: ops.full(ops.shape(logits)[:1], NEG_INF)  # noqa: E731
-    floor = ops.maximum(ops.cond(top_k > 0, k_floor, unfiltered),
-                        ops.cond(top_p < 1.0, p_floor, unfiltered))  # fmt: skip
-    return ops.where(logits >= floor[:, None], logits, NEG_INF)
+    return ops.cond(_is_filtered(top_k, top_p), filtered, lambda: logits)
 
 
 def sample(logits, index, temperature=1.0, top_k=0, top_p=1.0, seed=0):
     """Next tokens `(n,)` int32 from `logits` `(n, vocabulary)`: the most
     likely at temperature 0, else drawn from `softmax(logits / temperature)`
-    restricted by `filter_logits`, with noise seeded by `(seed, index)`
-    (Gumbel-max)."""
+    restricted as `filter_logits` says, with Gumbel noise seeded by `(seed,
+    index)`. With top-k, only the `k` candidates are sorted and get noise."""
     logits = ops.cast(logits, "float32")
     temperature = ops.convert_to_tensor(temperature, "float32")
+    seeds = ops.stack([ops.cast(seed, "int64"), ops.cast(index, "int64")])
+
+    def gumbel_argmax(values):  # (n,) the index drawn from softmax(values)
+        uniform = tf.random.stateless_uniform(ops.shape(values), seeds, minval=1e-20, maxval=1.0)
+        return ops.cast(ops.argmax(values - ops.log(-ops.log(uniform)), axis=-1), "int32")
+
+    def among_candidates():
+        values, indices = _candidates(logits / temperature, top_k, top_p)
+        chosen = gumbel_argmax(values)
+        return ops.take_along_axis(indices, chosen[:, None], axis=1)[:, 0]
 
     def drawn():
-        scaled = filter_logits(logits / temperature, top_k, top_p)
-        seeds = ops.stack([ops.cast(seed, "int64"), ops.cast(index, "int64")])
-        uniform = tf.random.stateless_uniform(ops.shape(logits), seeds, minval=1e-20, maxval=1.0)
-        return ops.cast(ops.argmax(scaled - ops.log(-ops.log(uniform)), axis=-1), "int32")
+        return ops.cond(_is_filtered(top_k, top_p), among_candidates,
+                        lambda: gumbel_argmax(logits / temperature))  # fmt: skip
 
     greedy = lambda: ops.cast(ops.argmax(logits, axis=-1), "int32")  # noqa: E731
     return ops.cond(temperature > 0, drawn, greedy)

@@ -69,6 +69,8 @@ def test_top_k_and_top_p_keep_the_likeliest_tokens():
     assert kept(top_k=1, top_p=0.9) == [True, False, False, False, False]
     assert kept(top_p=0.01) == [True, False, False, False, False]  # the best always stays
     assert kept() == [True] * 5
+    # Top-p applies within the renormalized top-k (Hugging Face's order): .73 .27 here.
+    assert kept(top_k=2, top_p=0.7) == [True, False, False, False, False]
     graph = tf.function(filter_logits)  # settings as tensors, as the export feeds them
     found = graph(logits, tf.constant(2), tf.constant(0.8)).numpy()[0] > -1e8
     assert found.tolist() == [True, True, False, False, False]
@@ -84,6 +86,10 @@ def test_sampling_follows_the_distribution_and_the_seed():
     assert all(int(sample(logits, i, temperature=0.0)[0]) == 0 for i in range(5))  # greedy
     again = [int(sample(logits, index, temperature=1.0, seed=5)[0]) for index in range(3000)]
     assert draws == again
+    top_two = [int(sample(logits, index, temperature=1.0, top_k=2, seed=5)[0])
+               for index in range(2000)]  # fmt: skip
+    frequencies = np.bincount(top_two, minlength=4) / len(top_two)
+    np.testing.assert_allclose(frequencies, [np.e / (np.e + 1), 1 / (np.e + 1), 0, 0], atol=0.03)
 
 
 def test_batched_prompts_of_different_lengths_generate_as_alone(model):
