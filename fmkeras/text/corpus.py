@@ -25,7 +25,6 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import tensorflow as tf
 
 from fmkeras.errors import DataError
