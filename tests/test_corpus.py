@@ -109,7 +109,8 @@ def test_causal_rows_shift_by_one(corpus):
     assert inputs["token_ids"].shape == (8, 16)
 
 
-@pytest.mark.parametrize("task", ["mlm", "causal_lm"])
+# The causal LM shares the streamed rows with mlm (its own stream is tested above): slow suite.
+@pytest.mark.parametrize("task", ["mlm", pytest.param("causal_lm", marks=pytest.mark.slow)])
 def test_training_streams_a_glob_of_shards_and_resumes(task, shards, small_vocab, tmp_path,
                                                        capsys):  # fmt: skip
     recipe = REPO / "trainers" / ("pretrain_gutenberg.yaml" if task == "mlm" else
@@ -144,6 +145,7 @@ def test_shard_errors_are_one_line(tmp_path, small_vocab, capsys):
     assert "needs one train_file, not the glob" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # two trainings, one in its own process: ~40 s (two_workers covers the pipelines)
 def test_mirrored_replicas_read_the_stream_as_one_device_does(shards, small_vocab, tmp_path):
     """Under two replicas the input pipeline reads its shards and splits each
     global batch (distribute_datasets_from_function): the same trajectory."""

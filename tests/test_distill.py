@@ -33,18 +33,16 @@ def test_distillation_loss_mixes_soft_and_hard_targets():
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory, data_dir):
     run = tmp_path_factory.mktemp("distill") / "teacher"
-    return train_tiny_classifier("classify", "sst2.yaml", run, **{
-        "train.steps": 30, "train.checkpoint_every": 30, "train.eval_every": 30})
+    return train_tiny_classifier("classify", "sst2.yaml", run, **{"data.max_lines": 400})
 
 
 def test_a_student_learns_from_its_teacher_and_acts_as_a_classifier(teacher, tmp_path, capsys,
                                                                      data_dir):  # fmt: skip
     student = tmp_path / "student"
-    settings = {"data.vocab_size": 600, "train.steps": 30, "train.checkpoint_every": 30,
-                "train.eval_every": 30, "distill.teacher": teacher}  # fmt: skip
+    settings = {"data.max_lines": 400, "data.vocab_size": 600, "distill.teacher": teacher}
     train_tiny_classifier("distill", "sst2_distill.yaml", student, **settings)
     out = capsys.readouterr().out
-    assert "logits of 800 training examples" in out
+    assert "logits of 400 training examples" in out
     metrics = json.loads((student / "metrics.json").read_text())
     assert metrics["task"] == "distill" and 0.0 <= metrics["accuracy"] <= 1.0
     info = json.loads((student / "task.json").read_text())
