@@ -145,6 +145,9 @@ def test_detokenize_joins_pieces_cjk_and_punctuation():
     assert (
         detokenize(["i", "don", "'", "t", "like", "new", "##york", "."]) == "i don't like newyork."
     )
+    assert (
+        detokenize(["you", "don", "\u2019", "t", "go"]) == "you don\u2019t go"
+    )
     assert detokenize(["'", "t", "'"]) == "' t '"  # no word character on both sides
     assert detokenize(["我", "喜", "欢", "茶", "。"]) == "我喜欢茶。"
     assert detokenize(["ein", "hund", "(", "braun", ")", "!"]) == "ein hund (braun)!"

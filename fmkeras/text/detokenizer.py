@@ -6,7 +6,8 @@ neighbours, so it vectorises over a batch):
 - between two CJK characters (Chinese, Japanese and Korean are written
   without spaces);
 - before closing punctuation `.,!?;:%)]}` and after an opening bracket `([{`;
-- around an apostrophe between two word characters (`don ' t` -> `don't`).
+- around an apostrophe (`'` or `’`) between two word characters (`don ' t`
+  -> `don't`).
 Text stops at the first end or padding token.
 """
 
@@ -63,7 +64,7 @@ class Detokenizer(tf.Module):
             return tf.strings.regex_full_match(text, f"(?s)[{characters}].*")
 
         apostrophe = (
-            tf.equal(pieces, "'")
+            (tf.equal(pieces, "'") | tf.equal(pieces, "\u2019"))  # ' or the typographic ’
             & ~first
             & ~last
             & ends(previous, _WORD)
