@@ -6,6 +6,8 @@ import subprocess
 import sys
 import textwrap
 import time
+import urllib.error
+import urllib.request
 
 import numpy as np
 import tensorflow as tf
@@ -165,3 +167,14 @@ def serve_in_fresh_process(version, texts):
         else:
             assert served["session"][key] == value, key
     return served["eager"]
+
+
+def request_json(url, body=None):
+    """`(status, JSON answer)` of a GET (no body) or POST (a JSON-able body, or
+    raw bytes) to a REST server; error statuses are returned, not raised."""
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data), timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())

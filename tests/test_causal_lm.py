@@ -3,15 +3,13 @@ generate, evaluate, export)."""
 
 import json
 import threading
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import tensorflow as tf
 from model_checks import run_model_checks
-from run_helpers import REPO, scalars, serve_in_fresh_process, train_args
+from run_helpers import REPO, request_json, scalars, serve_in_fresh_process, train_args
 
 from fmkeras.config import GenerateConfig
 from fmkeras.decoding import filter_logits, sample, sample_search
@@ -185,12 +183,7 @@ def test_export_generates_the_same_text_without_tensorflow_text(causal_run, tmp_
     url = f"http://127.0.0.1:{server.server_address[1]}/v1/models/lm:predict"
 
     def post(body):
-        request = urllib.request.Request(url, data=json.dumps(body).encode())
-        try:
-            with urllib.request.urlopen(request, timeout=60) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as error:
-            return error.code, json.loads(error.read())
+        return request_json(url, body)
 
     try:
         status, body = post({"inputs": {"texts": prompts, **settings}})

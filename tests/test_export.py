@@ -10,15 +10,13 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import REPO
-from run_helpers import serve_in_fresh_process, train_args
+from run_helpers import request_json, serve_in_fresh_process, train_args
 
 import fmkeras
 from fmkeras.export import main as export_main
@@ -152,13 +150,7 @@ def test_local_server_speaks_tf_serving_rest(classify_run, tmp_path):
     url = f"http://127.0.0.1:{port}/v1/models"
 
     def call(path, body=None):
-        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-        request = urllib.request.Request(url + path, data=data)
-        try:
-            with urllib.request.urlopen(request, timeout=60) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as error:
-            return error.code, json.loads(error.read())
+        return request_json(url + path, body)
 
     try:
         status, body = call("/sst2")

@@ -25,6 +25,8 @@ import subprocess
 import sys
 import time
 
+from bench_train import time_fit  # the median step time after warm-up (tools/ is on the path)
+
 VOCABULARY_SIZE, SEQUENCE_LENGTH, BATCH_SIZE = 16000, 128, 32
 PROMPTS, PROMPT_LENGTH, NEW_TOKENS = 4, 16, 64
 IMPLS = ("fmkeras", "keras-hub")
@@ -58,18 +60,8 @@ def time_training(model, xla, steps, warmup):
     model.compile(optimizer=optimizer, jit_compile=xla,
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))  # fmt: skip
     dataset = tf.data.Dataset.from_tensors((inputs, ids[:, 1:])).repeat()
-    times = []
-
-    class StepTimer(keras.callbacks.Callback):
-        def on_train_batch_begin(self, batch, logs=None):
-            self.start = time.perf_counter()
-
-        def on_train_batch_end(self, batch, logs=None):
-            if batch >= warmup:
-                times.append(time.perf_counter() - self.start)
-
-    model.fit(dataset, steps_per_epoch=warmup + steps, epochs=1, verbose=0, callbacks=[StepTimer()])
-    return BATCH_SIZE * SEQUENCE_LENGTH / statistics.median(times)
+    seconds = time_fit(model, dataset, steps, warmup, keras.callbacks.Callback)
+    return BATCH_SIZE * SEQUENCE_LENGTH / seconds
 
 
 def generator_function(impl, model, xla, sampler):

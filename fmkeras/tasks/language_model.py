@@ -55,26 +55,25 @@ class LanguageModelTask(Task):
     def read_data(self):
         data, files = self.config.data, self.files
         self.streamed = is_glob(files["train"])
-        shards = expand_shards(files["train"]) if self.streamed else None
-        if self.config.model.init != "random":  # continued pretraining keeps the vocabulary
-            self.tokenizer = self.checkpoint_tokenizer()
-        elif self.streamed:
-            self.tokenizer = self.prepare_vocabulary(
-                sample_lines(shards, min(data.max_lines or VOCABULARY_SAMPLE_LINES,
-                                         VOCABULARY_SAMPLE_LINES)))  # fmt: skip
-        else:
-            self.train_lines = read_lines(files["train"], data.max_lines)
-            self.tokenizer = self.prepare_vocabulary(self.train_lines)
         length = data.sequence_length + self.row_extra
+        if self.streamed:
+            shards = expand_shards(files["train"])
+            vocabulary_lines = lambda: sample_lines(  # noqa: E731
+                shards, min(data.max_lines or VOCABULARY_SAMPLE_LINES, VOCABULARY_SAMPLE_LINES))
+        else:
+            train_lines = read_lines(files["train"], data.max_lines)
+            vocabulary_lines = lambda: train_lines  # noqa: E731
+        if self.config.model.init == "random":
+            self.tokenizer = self.prepare_vocabulary(vocabulary_lines())
+        else:  # continued pretraining keeps the checkpoint's vocabulary
+            self.tokenizer = self.checkpoint_tokenizer()
         if self.streamed:
             self.train_sequences = ShardedCorpus(shards, self.tokenizer, length, self.framed,
                                                  data.max_lines, index_path=self.run.root
                                                  / "corpus_index.json", log=self.log)  # fmt: skip
             train = f"{len(shards)} shard(s) streamed"
         else:
-            lines = self.train_lines if hasattr(self, "train_lines") else \
-                read_lines(files["train"], data.max_lines)  # fmt: skip
-            self.train_sequences = packed(lines, self.tokenizer, length, data.train_file,
+            self.train_sequences = packed(train_lines, self.tokenizer, length, data.train_file,
                                           self.framed)  # fmt: skip
             train = f"{len(self.train_sequences):,} train"
         valid_lines = read_lines(files["valid"], data.max_lines)
