@@ -1,7 +1,7 @@
 """What every command line shares, and the `fmkeras` console script.
 
 `fmkeras train|evaluate|predict|translate|generate|export|serve|convert|launch|
-flops|explain ...` runs the same `main` as `python -m fmkeras.<command> ...`. Every
+flops|explain|federated ...` runs the same `main` as `python -m fmkeras.<command> ...`. Every
 `main` is wrapped by `command`: an `FmkerasError` prints one line and exits
 2 (`Stopped`, a run stopped by SIGTERM after its backup: 0), Ctrl-C exits
 130, and TensorFlow's C++ log level is set before TensorFlow is imported
@@ -29,6 +29,7 @@ COMMANDS = {
     "launch": "run a command as several local multi-worker processes",
     "flops": "parameters, FLOPs and memory of the named sizes",
     "explain": "why a finished run predicted what it did (attributions, attention, faithfulness)",
+    "federated": "federated fine-tuning on Flower: simulate, or server and client processes",
 }
 # TensorFlow's C++ logs are off in the command lines: at start-up even its
 # error level reports CUDA probing and oneDNN notices on CPU-only machines, and

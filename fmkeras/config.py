@@ -36,6 +36,7 @@ SIZES = {
 ARCHITECTURE_KEYS = ("num_layers", "hidden_dim", "num_heads", "intermediate_dim")
 CLASSIFY_TASKS = ("classify", "distill")  # classify a TSV (distill: learning from a teacher)
 ENCODER_TASKS = (*CLASSIFY_TASKS, "tag")
+FEDERATED_TASKS = ("classify", "tag")  # what `python -m fmkeras.federated` trains
 
 
 def key(default, *tasks):
@@ -124,6 +125,33 @@ class DistillConfig:
 
 
 @dataclasses.dataclass
+class FederatedConfig:
+    """Federated fine-tuning on Flower (`python -m fmkeras.federated`): clients
+    train on their partition of `data.train_file` and a server aggregates."""
+
+    clients: int = 10  # K partitions of the training file, one per client
+    rounds: int = 10
+    fraction: float = 1.0  # share of the clients sampled each round
+    min_clients: int = 2  # a round waits for this many connected clients (real processes)
+    # iid | dirichlet: label skew, each label's examples split by Dir(alpha) |
+    # quantity: client sizes drawn from Dir(alpha), labels mixed
+    partition: Literal["iid", "dirichlet", "quantity"] = "iid"
+    alpha: float = 0.5  # Dirichlet concentration: smaller is more skewed
+    local_steps: int = 20  # optimizer steps per client per round (train.batch_size each)
+    local_epochs: float | None = None  # instead of local_steps: passes over the client's data
+    strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
+    proximal_mu: float = 0.01  # fedprox: weight of mu/2 * |w - w_global|^2
+    server_learning_rate: float = 0.01  # fedadam: the server optimizer's step (eta)
+    # full: every weight travels | lora: only the LoRA adapters and the head
+    # (needs finetune.method=lora)
+    exchange: Literal["full", "lora"] = "full"
+    dp_noise: float = 0.0  # > 0: central DP, Gaussian noise multiplier on clipped updates
+    dp_clip: float = 1.0  # L2 norm each client update is clipped to (with dp_noise > 0)
+    dp_delta: float = 1e-5  # the delta at which epsilon is reported
+    round_timeout: float = 3600.0  # seconds a round waits for replies before going on
+
+
+@dataclasses.dataclass
 class FinetuneConfig:
     """How `classify` and `tag` adapt the starting encoder."""
 
@@ -169,7 +197,8 @@ class DistributeConfig:
 
 # Sections read only by some tasks (the others ignore them).
 SECTION_TASKS = {"finetune": ENCODER_TASKS, "decode": ("translate",),
-                 "generate": ("causal_lm",), "distill": ("distill",)}  # fmt: skip
+                 "generate": ("causal_lm",), "distill": ("distill",),
+                 "federated": FEDERATED_TASKS}  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -181,6 +210,7 @@ class RunConfig:
     decode: DecodeConfig = dataclasses.field(default_factory=DecodeConfig)
     generate: GenerateConfig = dataclasses.field(default_factory=GenerateConfig)
     distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
+    federated: FederatedConfig = dataclasses.field(default_factory=FederatedConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     distribute: DistributeConfig = dataclasses.field(default_factory=DistributeConfig)
     # Sections declared by tasks (`Task.sections`): name -> dataclass instance.
@@ -195,8 +225,8 @@ class RunConfig:
         return section
 
 
-BUILT_IN_SECTIONS = ("model", "data", "finetune", "decode", "generate", "distill", "train",
-                     "distribute")  # fmt: skip
+BUILT_IN_SECTIONS = ("model", "data", "finetune", "decode", "generate", "distill", "federated",
+                     "train", "distribute")  # fmt: skip
 
 
 def _check_type(key, value, annotation):
@@ -392,6 +422,31 @@ def validate_generate(generate, prefix=""):
             raise ConfigError(f"{prefix}{name}={getattr(generate, name)} must be {wanted}")
 
 
+def validate_federated(config):
+    """Checks the `federated.*` keys."""
+    names = ("clients", "rounds", "min_clients", "local_steps", "alpha", "server_learning_rate",
+             "dp_clip", "round_timeout")  # fmt: skip
+    _positive(config, *(f"federated.{name}" for name in names))
+    federated = config.federated
+    checks = (("fraction", 0.0 < federated.fraction <= 1.0, "in (0, 1]"),
+              ("local_epochs", federated.local_epochs is None or federated.local_epochs > 0,
+               "positive"),
+              ("proximal_mu", federated.proximal_mu >= 0, "0 or more"),
+              ("dp_noise", federated.dp_noise >= 0, "0 (off) or more"),
+              ("dp_delta", 0.0 < federated.dp_delta < 1.0, "in (0, 1)"))  # fmt: skip
+    for name, good, wanted in checks:
+        if not good:
+            raise ConfigError(f"federated.{name}={getattr(federated, name)} must be {wanted}")
+    if federated.exchange == "lora" and (config.finetune.method != "lora"
+                                         or config.model.init == "random"):
+        raise ConfigError("federated.exchange=lora needs finetune.method=lora and a pretrained "
+                          "model.init: the frozen weights never travel, so every party loads "
+                          "them from the same checkpoint")  # fmt: skip
+    if federated.min_clients > federated.clients:
+        raise ConfigError(f"federated.min_clients={federated.min_clients} exceeds "
+                          f"federated.clients={federated.clients}")  # fmt: skip
+
+
 def validate(config):
     """Cross-field checks that a single key's type cannot express; run before
     anything is read or written."""
@@ -418,6 +473,7 @@ def validate(config):
     if config.distill.temperature <= 0 or not 0.0 <= config.distill.alpha <= 1.0:
         raise ConfigError(f"distill.temperature must be positive and distill.alpha in [0, 1]; got "
                           f"{config.distill.temperature}, {config.distill.alpha}")  # fmt: skip
+    validate_federated(config)
     if not 0.0 < data.mask_rate < 1.0:
         raise ConfigError(f"data.mask_rate must be in (0, 1), got {data.mask_rate}")
     if data.sequence_length < 8:

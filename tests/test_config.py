@@ -38,8 +38,8 @@ def test_unknown_key_is_named_with_valid_keys_and_hint():
     assert "train.batch_size" in message
     with pytest.raises(
         ConfigError,
-        match=r"unknown key 'optim.lr'.*Valid keys: data, decode, distill, distribute, finetune, "
-        r"generate, model",
+        match=r"unknown key 'optim.lr'.*Valid keys: data, decode, distill, distribute, federated, "
+        r"finetune, generate, model",
     ):
         build_config(None, ["optim.lr=1"])
 

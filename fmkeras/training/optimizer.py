@@ -57,11 +57,34 @@ class AdamW(keras.optimizers.AdamW):
         # variables to the optimizer's (and so to every backup).
         object.__setattr__(self, "_gradient_norm", metric)
 
+    def pull_towards(self, variables, mu):
+        """FedProx's proximal term: every later step adds `mu * (w - w_anchor)`
+        (the gradient of `mu/2 * |w - w_anchor|^2`) to the gradient of each of
+        `variables`, anchored at their values now; `mu=0` turns it off. Call
+        it once before the first step (the train function is traced with the
+        term in it), then at will."""
+        proximal = self.__dict__.get("_proximal")
+        if proximal is None:  # kept out of the tracked (saved) variables, as the metric is
+            proximal = ({v.path: keras.Variable(v, trainable=False, name="anchor")
+                         for v in variables}, keras.Variable(0.0, trainable=False, name="mu"))
+            object.__setattr__(self, "_proximal", proximal)
+        anchors, weight = proximal
+        for variable in variables:
+            anchors[variable.path].assign(variable)
+        weight.assign(mu)
+
     def apply(self, grads, trainable_variables=None):
         metric = self.__dict__.get("_gradient_norm")
         if metric is not None:
             squares = [ops.sum(ops.square(ops.cast(g, "float32"))) for g in grads if g is not None]
             metric.update_state(ops.sqrt(ops.sum(ops.stack(squares))))
+        proximal = self.__dict__.get("_proximal")
+        if proximal is not None:
+            anchors, mu = proximal
+            variables = trainable_variables or self._trainable_variables
+            grads = [g if g is None or v.path not in anchors
+                     else g + ops.cast(mu * (v - anchors[v.path]), g.dtype)
+                     for g, v in zip(grads, variables, strict=True)]  # fmt: skip
         return super().apply(grads, trainable_variables)
 
 

@@ -1,0 +1,5 @@
+import sys
+
+from fmkeras.federated.command import main
+
+sys.exit(main())
