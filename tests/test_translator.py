@@ -175,7 +175,7 @@ def test_translate_end_to_end(tmp_path, data_dir, capsys):
     run = tmp_path / "en_zh"
     settings = {
         "model.size": "tiny",
-        "data.max_lines": 600,  # also the first 600 valid pairs (each validation decodes them)
+        "data.max_lines": 300,  # also the first 300 valid pairs (each validation decodes them)
         "data.vocab_size": 1500,
         "data.sequence_length": 32,
         "decode.max_length": 12,  # an untrained decoder rarely stops early
@@ -200,7 +200,7 @@ def test_translate_end_to_end(tmp_path, data_dir, capsys):
     valid = data_dir / "tatoeba_en_zh"
     for side in ("en", "zh"):  # the validation pairs the run decoded
         lines = (valid / f"valid.{side}").read_text(encoding="utf-8").splitlines(keepends=True)
-        (tmp_path / f"valid.{side}").write_text("".join(lines[:600]), encoding="utf-8")
+        (tmp_path / f"valid.{side}").write_text("".join(lines[:300]), encoding="utf-8")
     out = ["--src", str(tmp_path / "valid.en"), "--ref", str(tmp_path / "valid.zh"), "--beam", "1"]
     assert evaluate_main([str(run), *out]) == 0
     scored = json.loads(capsys.readouterr().out)
