@@ -12,6 +12,7 @@ strategy, what travels and differential privacy.
 
 import contextlib
 import ctypes
+import json
 import os
 import shutil
 import signal
@@ -83,8 +84,6 @@ def settings_from(args):
 def finished(settings, config):
     """Raises unless the server finished every round (Flower logs a failing
     ServerApp instead of raising)."""
-    import json
-
     metrics = Path(settings.out) / "metrics.json"
     state_file = Path(settings.out) / "federated" / "state.json"
     state = json.loads(state_file.read_text()) if state_file.is_file() else {"round": 0}
@@ -143,8 +142,6 @@ def split_address(address):
 
 
 def toml_value(value):
-    import json
-
     return json.dumps(value)  # a JSON string is a valid TOML basic string
 
 
