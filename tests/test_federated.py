@@ -128,6 +128,24 @@ def test_command_line_mistakes_are_one_line_errors(args, message, capsys):
     assert message in error and error.count("\n") == 1
 
 
+def test_a_resumed_server_refuses_a_changed_configuration_but_not_more_rounds(tmp_path):
+    from fmkeras.federated.server import FederatedServer, state_path
+    from fmkeras.training.run_dir import RunDir
+
+    def read_state(*overrides):
+        server = FederatedServer.__new__(FederatedServer)  # without building the model
+        server.root, server.state_file = tmp_path, state_path(tmp_path)
+        server.config = build_config(None, ["task=classify", *overrides])
+        return server.read_state()
+
+    RunDir(tmp_path).prepare(build_config(None, ["task=classify"]))
+    state_path(tmp_path).parent.mkdir()
+    state_path(tmp_path).write_text('{"round": 3, "history": []}')
+    assert read_state("federated.rounds=20", "federated.min_clients=3")["round"] == 3
+    with pytest.raises(ConfigError, match=r"different configuration \(train.learning_rate: "):
+        read_state("train.learning_rate=0.1")
+
+
 @pytest.fixture(scope="module")
 def learner(small_vocab, data_dir, tmp_path_factory):
     from fmkeras.federated.learner import Learner

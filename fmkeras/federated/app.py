@@ -22,7 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fmkeras.config import build_config
 from fmkeras.errors import ConfigError
-from fmkeras.federated.learner import Learner, payload_bytes
+from fmkeras.federated.learner import Learner
 from fmkeras.federated.server import WEIGHT_KEY, FederatedServer
 
 
@@ -80,24 +80,21 @@ def client_learner(settings, context):
     """This process's client `Learner` for `settings`, and the partition of the
     node running it (`partition-id` in the node config)."""
     node = context.node_config
+    partition = int(node["partition-id"])
     workdir = node.get("workdir") or str(Path(settings.out) / "clients" / f"process-{os.getpid()}")
     data_dir = node.get("data-dir") or settings.data_dir
     key = (json.dumps(dataclasses.asdict(settings), sort_keys=True), workdir, data_dir)
     if key not in _learners:
-        config = settings.config()
-        partition = int(node["partition-id"])
-
-        def log(message):
-            print(f"[fmkeras client {partition}] {message}", flush=True)
-
         _learners.clear()
-        _learners[key] = Learner(config, workdir, data_dir, log=log)
+        _learners[key] = Learner(settings.config(), workdir, data_dir,
+                                 log=lambda message: print(f"[fmkeras client {partition}] "
+                                                           f"{message}", flush=True))  # fmt: skip
     learner = _learners[key]
-    partition = int(node["partition-id"])
     count = len(learner.partitions)
     if not 0 <= partition < count:
         raise ConfigError(f"partition {partition} does not exist: federated.clients={count} "
-                          f"gives partitions 0..{count - 1}")
+                          f"gives partitions 0..{count - 1}; start the client with --partition "
+                          "in that range")  # fmt: skip
     return learner, partition
 
 
@@ -126,7 +123,6 @@ def make_client_app(settings=None):
             "train-loss": loss,
             "examples-seen": examples,
             "partition": partition,
-            "bytes-up": payload_bytes(arrays),
             "seconds": time.time() - started,
         })  # fmt: skip
         content = RecordDict({"arrays": to_record(learner.get_arrays()), "metrics": metrics})

@@ -84,8 +84,10 @@ def settings_from(args):
 def finished(settings, config):
     """Raises unless the server finished every round (Flower logs a failing
     ServerApp instead of raising)."""
+    from fmkeras.federated.server import state_path
+
     metrics = Path(settings.out) / "metrics.json"
-    state_file = Path(settings.out) / "federated" / "state.json"
+    state_file = state_path(settings.out)
     state = json.loads(state_file.read_text()) if state_file.is_file() else {"round": 0}
     if state["round"] < config.federated.rounds or not metrics.is_file():
         raise TrainingError(f"the federated run stopped after round {state['round']} of "

@@ -19,16 +19,20 @@ from flwr.serverapp.strategy import (
     FedProx,
 )
 
-from fmkeras.config import flat_config
 from fmkeras.errors import ConfigError
 from fmkeras.federated.learner import Learner, payload_bytes
 from fmkeras.training.checkpoints import atomic_path, write_json
-from fmkeras.training.run_dir import RESUMABLE_CHANGES
+from fmkeras.training.run_dir import RunDir
 
 WEIGHT_KEY = "uniform-weight"  # every client's update weighs the same (Flower's DP accounting)
 FEDOPT_STATE = ("current_arrays", "m_t", "v_t")  # FedAdam's server-optimizer state
 # Keys a resumed federated run may change (besides the trainer's resumable ones).
 RESUMABLE_FEDERATED = ("federated.rounds", "federated.round_timeout", "federated.min_clients")
+
+
+def state_path(root):
+    """Where a federated run directory records its newest finished round."""
+    return Path(root) / "federated" / "state.json"
 
 
 def log(message):
@@ -95,7 +99,7 @@ class FederatedServer:
         self.settings = settings
         self.config = settings.config()
         self.root = Path(settings.out)
-        self.state_file = self.root / "federated" / "state.json"
+        self.state_file = state_path(self.root)
         self.weights_file = self.root / "federated" / "global.npz"
         self.state = self.read_state()
         self.learner = Learner(self.config, self.root, settings.data_dir, log=log)
@@ -106,20 +110,13 @@ class FederatedServer:
         self.round_clients = []  # the current round's client metrics
 
     def read_state(self):
-        """The checkpoint's state, after checking it was made by this configuration."""
+        """The checkpoint's state (round and history), after `RunDir.prepare` has
+        refused a configuration that differs from the checkpoint's."""
+        RunDir(self.root).prepare(self.config, resumable=RESUMABLE_FEDERATED,
+                                  resuming=self.state_file.is_file())  # fmt: skip
         if not self.state_file.is_file():
-            return {"round": 0, "history": [], "config": flat_config(self.config)}
-        state = json.loads(self.state_file.read_text(encoding="utf-8"))
-        new = flat_config(self.config)
-        changed = [f"{key}: {state['config'].get(key)!r} -> {value!r}" for key, value in new.items()
-                   if state["config"].get(key) != value
-                   and not key.startswith(RESUMABLE_CHANGES + RESUMABLE_FEDERATED)]  # fmt: skip
-        if changed:
-            raise ConfigError(f"{self.root} holds a federated run with a different configuration "
-                              f"({'; '.join(changed)}); use another --out, or delete it to start "
-                              "over")  # fmt: skip
-        state["config"] = new
-        return state
+            return {"round": 0, "history": []}
+        return json.loads(self.state_file.read_text(encoding="utf-8"))
 
     def run(self, grid):
         from fmkeras.federated.app import to_record

@@ -67,16 +67,22 @@ class RunDir:
         """The directory a non-chief worker keeps its own backups in."""
         return RunDir(self.root / "workers" / f"worker-{index}")
 
-    def prepare(self, config):
+    def prepare(self, config, resumable=(), resuming=None):
         """Creates the directory and records `config`; refuses to resume a
-        backup made with a configuration that computes something else."""
+        backup made with a configuration that computes something else.
+
+        `resuming` says whether the directory holds progress to resume (default:
+        a backup exists; a federated server passes its round checkpoint);
+        `resumable` adds key prefixes that may change on resumption."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise ConfigError(f"cannot create the run directory {self.root}: "
                               f"{error.strerror}") from None  # fmt: skip
         new = flat_config(config)
-        if self.config.is_file() and latest_backup(self.backups)[0] is not None:
+        if resuming is None:
+            resuming = latest_backup(self.backups)[0] is not None
+        if self.config.is_file() and resuming:
             old = dict(flatten(self.read_config()))
             if "task" in old:
                 from fmkeras.tasks.registry import ALIASES
@@ -88,7 +94,7 @@ class RunDir:
                 f"{key}: {old.get(key, defaults.get(key))!r} -> {new.get(key)!r}"
                 for key in sorted(new)
                 if old.get(key, defaults.get(key)) != new.get(key)
-                and not key.startswith(RESUMABLE_CHANGES)
+                and not key.startswith(RESUMABLE_CHANGES + tuple(resumable))
             ]
             if changed:
                 raise ConfigError(
