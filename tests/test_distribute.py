@@ -27,45 +27,58 @@ def kill_after_first_backup(args, run):
     assert not (run / "metrics.json").exists(), "the run finished before it was killed"
 
 
-def test_mirrored_follows_the_one_device_trajectory_resumes_and_compiles(tmp_path, small_vocab):
-    # Same global batch and seed, no dropout, no XLA on either side (XLA rounds differently).
-    settings = {"model.dropout": 0, "train.jit_compile": "false", "train.log_every": 5}
-    one = run_cli(tiny_args(small_vocab, **settings) + ["--out", str(tmp_path / "one")])
+# Same global batch and seed, no dropout, no XLA on either side (XLA rounds differently).
+EXACT = {"model.dropout": 0, "train.jit_compile": "false", "train.log_every": 5}
+MIRRORED = {
+    **EXACT,
+    "distribute.strategy": "mirrored",
+    "distribute.cpu_devices": 2,
+    "train.steps_per_execution": 5,  # runs one step per execution (keras#19246)
+}
+
+
+def assert_follows(run, reference, steps=None):
+    """`run`'s logged losses and final validation loss match `reference`'s within
+    0.5 % (float32 sums in another order); returns the compared steps."""
+    metrics = json.loads((run / "metrics.json").read_text())
+    expected_metrics = json.loads((reference / "metrics.json").read_text())
+    losses = dict(scalars(run / "logs" / "train", "loss"))  # the last attempt's
+    expected = dict(scalars(reference / "logs" / "train", "loss"))
+    steps = steps or sorted(set(losses) & set(expected))
+    np.testing.assert_allclose([losses[s] for s in steps], [expected[s] for s in steps], rtol=5e-3)
+    assert metrics["valid_loss"] == pytest.approx(expected_metrics["valid_loss"], rel=5e-3)
+    return steps
+
+
+@pytest.mark.long_running
+def test_mirrored_follows_the_one_device_trajectory_and_resumes(tmp_path, small_vocab):
+    one = run_cli(tiny_args(small_vocab, **EXACT) + ["--out", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr
 
     run = tmp_path / "mirrored"
-    mirrored = {
-        **settings,
-        "distribute.strategy": "mirrored",
-        "distribute.cpu_devices": 2,
-        "train.steps_per_execution": 5,  # runs one step per execution (keras#19246)
-    }
-    args = tiny_args(small_vocab, **mirrored) + ["--out", str(run)]
+    args = tiny_args(small_vocab, **MIRRORED) + ["--out", str(run)]
     kill_after_first_backup(args, run)
     resumed = run_cli(args)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stdout
 
     metrics = json.loads((run / "metrics.json").read_text())
-    reference = json.loads((tmp_path / "one" / "metrics.json").read_text())
     assert metrics["replicas"] == 2 and metrics["resumed_from_step"] == 20
-    # Stated tolerance: 0.5 % of the loss over 40 steps (float32 sums in another order).
-    losses = dict(scalars(run / "logs" / "train", "loss"))  # the resumed attempt's last
-    expected = dict(scalars(tmp_path / "one" / "logs" / "train", "loss"))
-    steps = sorted(set(losses) & set(expected))
+    steps = assert_follows(run, tmp_path / "one")
     assert len(steps) >= 5 and steps[-1] > 20  # logged before and after the resume
-    np.testing.assert_allclose([losses[s] for s in steps], [expected[s] for s in steps], rtol=5e-3)
-    assert metrics["valid_loss"] == pytest.approx(reference["valid_loss"], rel=5e-3)
 
-    # XLA under the strategy (each replica's step compiled, fmkeras/workarounds.py).
-    xla = run_cli(tiny_args(small_vocab, **{**mirrored, "train.jit_compile": "true"})
+
+@pytest.mark.slow  # two more training processes (~40 s); test_workarounds covers the fix
+def test_mirrored_compiles_each_replica_step_with_xla(tmp_path, small_vocab):
+    """XLA under the strategy (each replica's step compiled, fmkeras/workarounds.py)."""
+    one = run_cli(tiny_args(small_vocab, **EXACT) + ["--out", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr
+    xla = run_cli(tiny_args(small_vocab, **{**MIRRORED, "train.jit_compile": "true"})
                   + ["--out", str(tmp_path / "xla")])  # fmt: skip
     assert xla.returncode == 0, xla.stderr
     metrics = json.loads((tmp_path / "xla" / "metrics.json").read_text())
     assert metrics["replicas"] == 2 and metrics["jit_compile"] is True
-    losses = dict(scalars(tmp_path / "xla" / "logs" / "train", "loss"))
-    np.testing.assert_allclose([losses[s] for s in steps], [expected[s] for s in steps], rtol=5e-3)
-    assert metrics["valid_loss"] == pytest.approx(reference["valid_loss"], rel=5e-3)
+    assert_follows(tmp_path / "xla", tmp_path / "one")
 
 
 SHARDS = textwrap.dedent("""
@@ -105,6 +118,7 @@ def test_two_workers_split_every_global_batch(kind, tmp_path, small_vocab):
         assert sorted(one_pass) == list(range(64))
 
 
+@pytest.mark.long_running
 def test_a_killed_worker_stops_the_cluster_and_the_relaunch_resumes(tmp_path, small_vocab):
     run, log = tmp_path / "run", tmp_path / "launch.log"
     settings = {"data.sequence_length": 32, "train.eval_every": 200, "train.jit_compile": "false"}

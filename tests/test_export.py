@@ -258,6 +258,7 @@ def test_fill_mask_export_ranks_pieces_for_every_mask(mlm_run, tmp_path):
     assert np.all(np.diff(probabilities[0, 0]) <= 0) and probabilities[1].sum() == 0
 
 
+@pytest.mark.long_running
 def test_int8_and_tflite_variants_answer_like_the_float_model(classify_run, tmp_path, capsys):
     out = str(tmp_path / "sm")
     assert export_main([str(classify_run), "--name", "f", "--out", out, "--tflite"]) == 0

@@ -80,6 +80,7 @@ def test_classify_end_to_end_with_evaluate_and_predict(tmp_path, capsys, data_di
     assert "missing.tsv does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.long_running
 def test_tag_end_to_end_scores_entities_and_exports(tmp_path, data_dir, capsys):
     run = tmp_path / "ner"
     settings = {**QUICK, "data.max_lines": 400, "train.learning_rate": 3e-3,

@@ -83,6 +83,7 @@ def pair_run(tmp_path_factory, data_dir):
     return train_tiny_classifier("classify", "mrpc.yaml", run, **{"data.max_lines": 400})
 
 
+@pytest.mark.long_running
 def test_a_pair_run_evaluates_predicts_explains_exports_and_serves(pair_run, data_dir, tmp_path,
                                                                     capsys):  # fmt: skip
     metrics = json.loads((pair_run / "metrics.json").read_text())

@@ -28,6 +28,7 @@ from fmkeras.training.checkpoints import backup_problem
 pytestmark = pytest.mark.usefixtures("data_dir")  # every test here reads the datasets
 
 
+@pytest.mark.long_running
 def test_pretraining_writes_a_complete_run(tmp_path, small_vocab, capsys):
     run = tmp_path / "run"
     # 50 steps, backups every 20 and 4 steps per call: the last epoch (10 steps) runs 2 per call.
@@ -118,6 +119,7 @@ def start_run(args):
                             text=True)  # fmt: skip
 
 
+@pytest.mark.long_running
 def test_faults_lose_at_most_the_steps_since_the_last_backup(tmp_path, small_vocab, capsys):
     """SIGTERM -> a backup and exit 0; SIGKILL -> resume from the last backup; a damaged
     newest backup -> fall back to the previous one. The finished run equals one never

@@ -12,17 +12,20 @@ from model_checks import run_model_checks
 from run_helpers import scalars, serve_in_fresh_process, train_args
 
 import fmkeras
-from fmkeras.config import DecodeConfig
+from fmkeras.config import DecodeConfig, build_config
 from fmkeras.decoding import beam_search, greedy_search
 from fmkeras.errors import DataError
 from fmkeras.evaluate import main as evaluate_main
 from fmkeras.export import main as export_main
 from fmkeras.models import Encoder, Translator
 from fmkeras.tasks import load_run
+from fmkeras.tasks.registry import get_task
 from fmkeras.text.detokenizer import Detokenizer
 from fmkeras.text.parallel import read_parallel
 from fmkeras.text.wordpiece import WordPieceTokenizer, learn_vocabulary, write_vocabulary
 from fmkeras.train import main
+from fmkeras.training.driver import resolve_files
+from fmkeras.training.run_dir import RunDir
 from fmkeras.translate import main as translate_main
 
 PAD, START, END = 0, 1, 2
@@ -171,11 +174,12 @@ def test_detokenized_references_tokenize_to_the_same_ids(tmp_path, data_dir, pat
     assert tokenizer.tokenize(texts).to_list() == ids.to_list()
 
 
+@pytest.mark.long_running
 def test_translate_end_to_end(tmp_path, data_dir, capsys):
     run = tmp_path / "en_zh"
     settings = {
         "model.size": "tiny",
-        "data.max_lines": 300,  # also the first 300 valid pairs (each validation decodes them)
+        "data.max_lines": 120,  # also the first 120 valid pairs (each validation decodes them)
         "data.vocab_size": 1500,
         "data.sequence_length": 32,
         "decode.max_length": 12,  # an untrained decoder rarely stops early
@@ -200,7 +204,7 @@ def test_translate_end_to_end(tmp_path, data_dir, capsys):
     valid = data_dir / "tatoeba_en_zh"
     for side in ("en", "zh"):  # the validation pairs the run decoded
         lines = (valid / f"valid.{side}").read_text(encoding="utf-8").splitlines(keepends=True)
-        (tmp_path / f"valid.{side}").write_text("".join(lines[:300]), encoding="utf-8")
+        (tmp_path / f"valid.{side}").write_text("".join(lines[:120]), encoding="utf-8")
     out = ["--src", str(tmp_path / "valid.en"), "--ref", str(tmp_path / "valid.zh"), "--beam", "1"]
     assert evaluate_main([str(run), *out]) == 0
     scored = json.loads(capsys.readouterr().out)
@@ -219,25 +223,20 @@ def test_translate_end_to_end(tmp_path, data_dir, capsys):
 
 
 def test_shared_vocabulary_is_learned_from_both_sides(tmp_path, data_dir):
-    run = tmp_path / "shared"
-    settings = {
-        "model.size": "tiny",
-        "data.shared_vocabulary": True,
-        "data.max_lines": 300,
-        "data.vocab_size": 800,
-        "data.sequence_length": 32,
-        "train.steps": 2,
-        "train.batch_size": 8,
-        "train.checkpoint_every": 2,
-        "train.jit_compile": "false",
-        "decode.beam_width": 1,
-        "decode.max_length": 4,
-    }
-    assert main(train_args("translate", REPO / "trainers" / "en_de.yaml", settings, run)) == 0
-    vocabulary = (run / "vocab.txt").read_text(encoding="utf-8").split()
-    assert (run / "target_vocab.txt").read_text(encoding="utf-8").split() == vocabulary
+    """The task builds one vocabulary for both sides and a model of its size
+    (no training: the end-to-end test trains)."""
+    overrides = ["model.size=tiny", "data.shared_vocabulary=true", "data.max_lines=300",
+                 "data.vocab_size=800", "data.sequence_length=32"]  # fmt: skip
+    config = build_config(REPO / "trainers" / "en_de.yaml", overrides)
+    task_class = get_task("translate")
+    run = RunDir(tmp_path / "shared")
+    run.prepare(config)
+    task = task_class(config, run, resolve_files(task_class, config, None, print), print)
+    task.read_data()
+    model = task.build_model()
+    vocabulary = run.vocab.read_text(encoding="utf-8").split()
+    assert run.target_vocab.read_text(encoding="utf-8").split() == vocabulary
     assert {"the", "ein", "und"} <= set(vocabulary)  # English and German words
-    model = fmkeras.load_model(run / "model.keras")
     assert model.target_vocabulary_size == len(vocabulary)
 
 
