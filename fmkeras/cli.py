@@ -30,6 +30,7 @@ COMMANDS = {
     "flops": "parameters, FLOPs and memory of the named sizes",
     "explain": "why a finished run predicted what it did (attributions, attention, faithfulness)",
     "federated": "federated fine-tuning on Flower: simulate, or server and client processes",
+    "compress": "structured pruning of a finished classify run (heads, feed-forward units)",
 }
 # TensorFlow's C++ logs are off in the command lines: at start-up even its
 # error level reports CUDA probing and oneDNN notices on CPU-only machines, and

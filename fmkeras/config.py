@@ -152,6 +152,18 @@ class FederatedConfig:
 
 
 @dataclasses.dataclass
+class SparsityConfig:
+    """Gradual magnitude pruning while training (Zhu & Gupta 2017): the kernels
+    of every Transformer block are masked to a sparsity that grows on a cubic
+    schedule; pruned weights stay zero (`fmkeras.compress.sparsity`)."""
+
+    target: float = 0.0  # final share of zeros in each block kernel; 0: off
+    start_step: int = 0  # the first mask update
+    end_step: int | None = None  # target reached here; default 2/3 of train.steps
+    every: int = 100  # steps between mask updates
+
+
+@dataclasses.dataclass
 class FinetuneConfig:
     """How `classify` and `tag` adapt the starting encoder."""
 
@@ -211,6 +223,7 @@ class RunConfig:
     generate: GenerateConfig = dataclasses.field(default_factory=GenerateConfig)
     distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
     federated: FederatedConfig = dataclasses.field(default_factory=FederatedConfig)
+    sparsity: SparsityConfig = dataclasses.field(default_factory=SparsityConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     distribute: DistributeConfig = dataclasses.field(default_factory=DistributeConfig)
     # Sections declared by tasks (`Task.sections`): name -> dataclass instance.
@@ -226,7 +239,7 @@ class RunConfig:
 
 
 BUILT_IN_SECTIONS = ("model", "data", "finetune", "decode", "generate", "distill", "federated",
-                     "train", "distribute")  # fmt: skip
+                     "sparsity", "train", "distribute")  # fmt: skip
 
 
 def _check_type(key, value, annotation):
@@ -447,6 +460,27 @@ def validate_federated(config):
                           f"federated.clients={federated.clients}")  # fmt: skip
 
 
+def validate_sparsity(config):
+    """Checks the `sparsity.*` keys."""
+    sparsity = config.sparsity
+    if not 0.0 <= sparsity.target < 1.0:
+        raise ConfigError(f"sparsity.target is a share in [0, 1), got {sparsity.target}")
+    if sparsity.target == 0.0:
+        return
+    if sparsity.every < 1 or sparsity.start_step < 0:
+        raise ConfigError("sparsity.every must be positive and sparsity.start_step 0 or more")
+    end = sparsity.end_step
+    if end is not None and not sparsity.start_step < end <= config.train.steps:
+        raise ConfigError(f"sparsity.end_step={end}: need sparsity.start_step="
+                          f"{sparsity.start_step} < end_step <= train.steps={config.train.steps}")
+    if config.finetune.method == "lora" and config.task in ENCODER_TASKS:
+        raise ConfigError("sparsity.target prunes the trained kernels; LoRA freezes them "
+                          "(finetune.method=lora): use one or the other")
+    if config.train.steps <= sparsity.start_step:
+        raise ConfigError(f"sparsity.start_step={sparsity.start_step} is not before "
+                          f"train.steps={config.train.steps}")
+
+
 def validate(config):
     """Cross-field checks that a single key's type cannot express; run before
     anything is read or written."""
@@ -474,6 +508,7 @@ def validate(config):
         raise ConfigError(f"distill.temperature must be positive and distill.alpha in [0, 1]; got "
                           f"{config.distill.temperature}, {config.distill.alpha}")  # fmt: skip
     validate_federated(config)
+    validate_sparsity(config)
     if not 0.0 < data.mask_rate < 1.0:
         raise ConfigError(f"data.mask_rate must be in (0, 1), got {data.mask_rate}")
     if data.sequence_length < 8:

@@ -78,15 +78,29 @@ def write_warmup_requests(path, name, inputs):
             writer.write(log.SerializeToString())
 
 
-def write_tflite(functions, path):
-    """Dynamic-range quantized TFLite of the token-id signature (converted from
-    a SavedModel without the text signature's lookup tables)."""
+TFLITE_MODES = ("dynamic", "float32", "int8")
+
+
+def write_tflite(functions, path, mode="dynamic", calibration=None):
+    """TFLite of the token-id signature (converted from a SavedModel without
+    the text signature's lookup tables). `mode`: `dynamic` (int8 weights,
+    float activations), `float32`, or `int8` (full-integer: int8 weights and
+    activations wherever TFLite has int8 kernels, float elsewhere, with
+    activation ranges calibrated on `calibration`, a list of token-id feature
+    dicts of one row each)."""
     import tensorflow as tf
 
+    if mode not in TFLITE_MODES:
+        raise ConfigError(f"TFLite mode {mode!r}: use one of {', '.join(TFLITE_MODES)}")
     with tempfile.TemporaryDirectory() as directory:
         functions.archive(texts=False).write_out(directory, verbose=False)
         converter = tf.lite.TFLiteConverter.from_saved_model(directory)
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        if mode != "float32":
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        if mode == "int8":
+            # (signature, inputs) pairs: the converted model has more than one signature
+            converter.representative_dataset = lambda: (("serve_token_ids", features)
+                                                        for features in calibration)  # fmt: skip
         Path(path).write_bytes(converter.convert())
 
 

@@ -28,8 +28,17 @@ recommends for `jit_compile` with `strategy.run`. The embedding's gradient
 stays `IndexedSlices` (its values and row ids are ordinary XLA outputs), so
 the optimizer updates exactly as Keras's own step does (Keras's Adam updates
 only the embedding rows a batch touched; a dense gradient would change that).
+
+`predict_on_batch(model, features)`: Keras 3.15's `Model.predict_on_batch`
+under a multi-replica `MirroredStrategy` runs the whole batch on every
+replica and concatenates the outputs (two replicas: every row twice), so
+validation under `distribute.strategy=mirrored` compared twice the
+predictions with the labels. The replacement calls the model directly
+(one copy) when the model's strategy has several replicas;
+`tests/test_workarounds.py` notices when stock Keras returns one copy.
 """
 
+import numpy as np
 import tensorflow as tf
 from keras import tree
 from keras.utils import unpack_x_y_sample_weight
@@ -113,3 +122,11 @@ def compile_replica_steps_with_xla(model):
         return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
     model.train_step = train_step
+
+
+def predict_on_batch(model, features):
+    """`model.predict_on_batch(features)` as numpy, one row per input row under
+    multi-replica strategies too (see the module docstring)."""
+    if model.distribute_strategy.num_replicas_in_sync > 1:
+        return tree.map_structure(np.asarray, model(features, training=False))
+    return model.predict_on_batch(features)

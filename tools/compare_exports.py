@@ -1,19 +1,29 @@
-"""Float32 vs `--quantize int8` vs `--tflite` exports of a classify run: size, latency, accuracy.
+"""The compression table: exported variants of classify runs, measured from
+the exported artifacts only (parameters, size, accuracy, latency).
 
-    python tools/compare_exports.py runs/sst2 --dev $FMKERAS_DATA_DIR/sst2/dev.tsv
+    python tools/compare_exports.py runs/sst2 runs/sst2_distill runs/sst2-heads40-recovered \\
+        --dev $FMKERAS_DATA_DIR/sst2/dev.tsv --calibration $FMKERAS_DATA_DIR/sst2/train.tsv \\
+        --markdown compression.md
 
-Exports the run twice (float32 with `--tflite`, and `--quantize int8`) into
-a temporary directory, then for each variant measures
-- size: `saved_model.pb` + `variables/` (SavedModels), the `.tflite` file;
-- latency: median milliseconds per call of the token-id signature at batch
-  1 and batch 32 (rows padded to the run's sequence length, the same ids for
-  every variant), and of `serving_default` (raw texts) for the SavedModels;
-- accuracy on the dev file, and how many predictions differ from float32.
-Prints a JSON list, one object per variant. Latency is measured on whatever
+The first run (the reference, e.g. the teacher) is exported as every
+variant of `--variants`; the other runs (students, pruned models) as those
+of `--other-variants`:
+- `float32`: the SavedModel of `python -m fmkeras.export`;
+- `int8`: `--quantize int8` (Keras int8 Dense/EinsumDense kernels);
+- `tflite-dynamic`: `--tflite` (dynamic range: int8 weights, float activations);
+- `tflite-float32`: float32 TFLite (the interpreter's default XNNPACK delegate);
+- `tflite-int8`: full-integer TFLite, activation ranges calibrated on 200
+  rows of `--calibration` (a training file: never the dev rows it is scored on).
+For each: parameters (of the Keras model), size on disk and gzipped (zeros
+of unstructured pruning compress; dense shapes do not shrink), accuracy on
+`--dev` and predictions that differ from the reference float32, and the
+median milliseconds per call of the token-id signature at batch 1 and 32
+(rows padded to the run's sequence length). Latency is measured on whatever
 else the machine is doing: run it on an idle machine.
 """
 
 import argparse
+import gzip
 import json
 import statistics
 import tempfile
@@ -23,14 +33,24 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from fmkeras.export import export
+from fmkeras.export import export, write_tflite
 from fmkeras.tasks import load_run
 from fmkeras.text.labelled import encode_texts, read_tsv
 
+VARIANTS = ("float32", "int8", "tflite-dynamic", "tflite-float32", "tflite-int8")
 
-def directory_bytes(path):
-    files = [Path(path) / "saved_model.pb", *Path(path, "variables").iterdir()]
-    return sum(f.stat().st_size for f in files)
+
+def files_of(path):
+    path = Path(path)
+    return [path] if path.is_file() else [path / "saved_model.pb",
+                                          *(path / "variables").iterdir()]  # fmt: skip
+
+
+def sizes(path):
+    """`(bytes, gzipped bytes)` of a SavedModel (graph + variables) or a file."""
+    files = files_of(path)
+    raw = sum(f.stat().st_size for f in files)
+    return raw, sum(len(gzip.compress(f.read_bytes(), 6)) for f in files)
 
 
 def median_ms(call, batches):
@@ -43,89 +63,135 @@ def median_ms(call, batches):
     return round(1000 * statistics.median(times), 2)
 
 
-def saved_model_variant(path):
-    loaded = tf.saved_model.load(str(path))
-    texts = loaded.signatures["serving_default"]
-    ids = loaded.signatures["serve_token_ids"]
-
-    def call_ids(features):
-        return ids(**{k: tf.constant(v) for k, v in features.items()})["probabilities"].numpy()
-
-    def call_texts(batch):
-        return texts(texts=tf.constant(batch))["probabilities"].numpy()
-
-    return call_ids, call_texts, directory_bytes(path)
+def saved_model_call(path):
+    ids = tf.saved_model.load(str(path)).signatures["serve_token_ids"]
+    return lambda features: ids(**{k: tf.constant(v) for k, v in features.items()})[
+        "probabilities"
+    ].numpy()
 
 
-def tflite_variant(path, threads):
+def tflite_call(path, threads):
     from ai_edge_litert.interpreter import Interpreter
 
     runner = Interpreter(model_path=str(path), num_threads=threads).get_signature_runner(
         "serve_token_ids"
     )
-    return (lambda features: runner(**features)["probabilities"]), None, Path(path).stat().st_size
+    return lambda features: runner(**features)["probabilities"]
+
+
+def token_features(run, texts):
+    """`{token_ids, segment_ids, padding_mask}` of `texts`, padded to the run's length."""
+    length = run.info["sequence_length"]
+    ragged = encode_texts(run.tokenizer, texts, length)
+    ids = ragged.to_tensor(run.tokenizer.pad_id, shape=[None, length]).numpy()
+    return {"token_ids": ids, "segment_ids": np.zeros_like(ids),
+            "padding_mask": (ids != run.tokenizer.pad_id).astype("int32")}  # fmt: skip
+
+
+def labelled(run, path):
+    rows = read_tsv(path, run.info["text_column"], run.info["label_column"],
+                    labels=set(run.labels))  # fmt: skip
+    return token_features(run, rows.inputs), np.array([run.labels.index(y) for y in rows.labels])
+
+
+def export_variants(run_dir, variants, out, calibration_file):
+    """`{variant: (call-maker, artifact path)}` of the run's exports in `out`."""
+    exported = {}
+    if {"float32", "tflite-dynamic", "tflite-float32", "tflite-int8"} & set(variants):
+        float_dir = export(run_dir, "float32", out)
+        exported["float32"] = float_dir
+        run = load_run(run_dir)
+        functions = run.serving_functions()
+        for variant in [v for v in variants if v.startswith("tflite-")]:
+            mode = variant.removeprefix("tflite-")
+            calibration = None
+            if mode == "int8":
+                features, _ = labelled(run, calibration_file)
+                calibration = [{k: v[i : i + 1] for k, v in features.items()} for i in range(200)]
+            path = Path(out) / f"{variant}.tflite"
+            write_tflite(functions, path, mode, calibration)
+            exported[variant] = path
+    if "int8" in variants:
+        exported["int8"] = export(run_dir, "int8", out, quantize="int8")
+    return {variant: exported[variant] for variant in variants}
+
+
+def measure(run_dir, variants, args, reference):
+    run = load_run(run_dir)
+    features, gold = labelled(run, args.dev)
+
+    def rows(start, stop):
+        return {k: v[start:stop] for k, v in features.items()}
+
+    batches = [rows(i, i + 32) for i in range(0, len(gold), 32)]
+    singles = [rows(i, i + 1) for i in range(args.single_calls)]
+    report = []
+    with tempfile.TemporaryDirectory() as out:
+        for variant, path in export_variants(run_dir, variants, out, args.calibration).items():
+            call = tflite_call(path, args.threads) if variant.startswith("tflite-") \
+                else saved_model_call(path)  # fmt: skip
+            predicted = np.concatenate([call(batch) for batch in batches]).argmax(-1)
+            if reference.get("predictions") is None:
+                reference["predictions"] = predicted
+            size, gzipped = sizes(path)
+            entry = {
+                "run": str(run_dir),
+                "variant": variant,
+                "parameters": int(run.model.count_params()),
+                "megabytes": round(size / 1e6, 1),
+                "gzip_megabytes": round(gzipped / 1e6, 1),
+                "accuracy": round(float((predicted == gold).mean()), 4),
+                "differing_from_reference": int((predicted != reference["predictions"]).sum()),
+                "ms_batch_1": median_ms(call, singles),
+                "ms_batch_32": median_ms(call, batches),
+            }
+            print(json.dumps(entry), flush=True)
+            report.append(entry)
+    return report
+
+
+def markdown(report):
+    lines = ["| run | variant | parameters | size | gzipped | accuracy | ≠ reference | "
+             "batch 1 | batch 32 |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for e in report:
+        lines.append(f"| `{Path(e['run']).name}` | {e['variant']} | {e['parameters'] / 1e6:.1f} M "
+                     f"| {e['megabytes']} MB | {e['gzip_megabytes']} MB | "
+                     f"{100 * e['accuracy']:.2f} % | {e['differing_from_reference']} | "
+                     f"{e['ms_batch_1']} ms | {e['ms_batch_32']} ms |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def variant_list(text):
+    chosen = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = set(chosen) - set(VARIANTS)
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown variants {sorted(unknown)}; use {VARIANTS}")
+    return chosen
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("run_dir", help="a finished classify run")
-    parser.add_argument("--dev", required=True, help="labelled TSV of the run's format")
+    parser.add_argument("runs", nargs="+", help="finished classify runs (the first: reference)")
+    parser.add_argument("--dev", required=True, help="labelled TSV of the runs' format")
+    parser.add_argument("--calibration", help="labelled TSV whose rows calibrate tflite-int8")
+    parser.add_argument("--variants", type=variant_list, default=list(VARIANTS),
+                        help="variants of the first run")  # fmt: skip
+    parser.add_argument("--other-variants", type=variant_list, default=["float32"],
+                        help="variants of the other runs")  # fmt: skip
     parser.add_argument("--single-calls", type=int, default=200, help="batch-1 calls timed")
     parser.add_argument("--threads", type=int, default=2, help="TFLite interpreter threads")
+    parser.add_argument("--markdown", help="also write the table here")
     args = parser.parse_args()
+    if "tflite-int8" in args.variants + args.other_variants and not args.calibration:
+        parser.error("tflite-int8 needs --calibration (a training file)")
 
-    run = load_run(args.run_dir)
-    length, labels = run.info["sequence_length"], run.labels
-    rows = read_tsv(args.dev, run.info["text_column"], run.info["label_column"],
-                    labels=set(labels))  # fmt: skip
-    gold = np.array([labels.index(label) for label in rows.labels])
-    ids = (
-        encode_texts(run.tokenizer, rows.inputs, length)
-        .to_tensor(run.tokenizer.pad_id, shape=[None, length])
-        .numpy()
-    )  # (examples, length), the same ids for every variant
-    features = {
-        "token_ids": ids,
-        "segment_ids": np.zeros_like(ids),
-        "padding_mask": (ids != run.tokenizer.pad_id).astype("int32"),
-    }
-
-    def rows_of(start, stop):
-        return {k: v[start:stop] for k, v in features.items()}
-
-    batches_of_32 = [rows_of(i, i + 32) for i in range(0, len(ids), 32)]
-    singles = [rows_of(i, i + 1) for i in range(args.single_calls)]
-    text_batches = [rows.inputs[i : i + 32] for i in range(0, len(ids), 32)]
-    text_singles = [rows.inputs[i : i + 1] for i in range(args.single_calls)]
-
-    with tempfile.TemporaryDirectory() as out:
-        float_dir = export(args.run_dir, "float32", out, tflite=True)
-        int8_dir = export(args.run_dir, "int8", out, quantize="int8")
-        variants = {
-            "float32 SavedModel": saved_model_variant(float_dir),
-            "int8 SavedModel (--quantize int8)": saved_model_variant(int8_dir),
-            "TFLite dynamic-range (--tflite)": tflite_variant(
-                float_dir / "assets.extra" / "model.tflite", args.threads
-            ),
-        }
-        report, reference = [], None
-        for name, (call_ids, call_texts, size) in variants.items():
-            predicted = np.concatenate([call_ids(b) for b in batches_of_32]).argmax(-1)
-            reference = predicted if reference is None else reference
-            entry = {
-                "variant": name,
-                "megabytes": round(size / 1e6, 1),
-                "accuracy": round(float((predicted == gold).mean()), 4),
-                "predictions_differing_from_float32": int((predicted != reference).sum()),
-                "token_ids_ms_batch_1": median_ms(call_ids, singles),
-                "token_ids_ms_batch_32": median_ms(call_ids, batches_of_32),
-            }
-            if call_texts is not None:
-                entry["texts_ms_batch_1"] = median_ms(call_texts, text_singles)
-                entry["texts_ms_batch_32"] = median_ms(call_texts, text_batches)
-            report.append(entry)
-            print(json.dumps(entry), flush=True)
-    print(json.dumps({"examples": len(ids), "sequence_length": length, "variants": report}))
+    reference, report = {}, []
+    for index, run_dir in enumerate(args.runs):
+        variants = args.variants if index == 0 else args.other_variants
+        report += measure(run_dir, variants, args, reference)
+    if args.markdown:
+        Path(args.markdown).write_text(markdown(report), encoding="utf-8")
+    print(json.dumps({"examples": len(reference["predictions"]), "variants": report}))
 
 
 if __name__ == "__main__":

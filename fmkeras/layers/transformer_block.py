@@ -10,8 +10,11 @@ class TransformerBlock(keras.layers.Layer):
     """Base of `TransformerEncoderBlock` and `TransformerDecoderBlock`.
 
     Args:
-        num_heads: int. Attention heads; the hidden size must divide by it.
+        num_heads: int. Attention heads; the hidden size must divide by it
+            unless `key_dim` is given.
         intermediate_dim: int. Width of the feed-forward layer.
+        key_dim: int. Size of each head. Defaults to `hidden_dim // num_heads`;
+            a pruned block (fewer heads of the original size) sets it.
         dropout: float. Dropout after each sublayer.
         attention_dropout: float. Dropout on attention probabilities.
             Defaults to `dropout`.
@@ -28,6 +31,7 @@ class TransformerBlock(keras.layers.Layer):
         self,
         num_heads,
         intermediate_dim,
+        key_dim=None,
         dropout=0.0,
         attention_dropout=None,
         activation="gelu",
@@ -41,6 +45,7 @@ class TransformerBlock(keras.layers.Layer):
         get_activation(activation)  # fail at construction, not at the first call
         self.num_heads = num_heads
         self.intermediate_dim = intermediate_dim
+        self.key_dim = key_dim
         self.dropout = dropout
         self.attention_dropout = attention_dropout
         self.activation = activation
@@ -50,7 +55,7 @@ class TransformerBlock(keras.layers.Layer):
         self.bias_initializer = keras.initializers.get(bias_initializer)
 
     def _check_hidden_dim(self, hidden_dim):
-        if hidden_dim % self.num_heads:
+        if self.key_dim is None and hidden_dim % self.num_heads:
             raise ValueError(
                 f"hidden_dim={hidden_dim} must be divisible by num_heads={self.num_heads}."
             )
@@ -59,7 +64,7 @@ class TransformerBlock(keras.layers.Layer):
         dropout = self.dropout if self.attention_dropout is None else self.attention_dropout
         return MultiHeadAttention(
             num_heads=self.num_heads,
-            key_dim=hidden_dim // self.num_heads,
+            key_dim=self.key_dim or hidden_dim // self.num_heads,
             dropout=dropout,
             kernel_initializer=clone_initializer(self.kernel_initializer),
             bias_initializer=clone_initializer(self.bias_initializer),
@@ -104,6 +109,7 @@ class TransformerBlock(keras.layers.Layer):
             {
                 "num_heads": self.num_heads,
                 "intermediate_dim": self.intermediate_dim,
+                "key_dim": self.key_dim,
                 "dropout": self.dropout,
                 "attention_dropout": self.attention_dropout,
                 "activation": self.activation,

@@ -17,8 +17,10 @@ class TransformerEncoderBlock(TransformerBlock):
     for the same weights.
 
     Args:
-        num_heads: int. Attention heads; `hidden_dim` must divide by it.
+        num_heads: int. Attention heads; `hidden_dim` must divide by it
+            unless `key_dim` is given.
         intermediate_dim: int. Width of the feed-forward layer.
+        key_dim: int. Size of each head (default `hidden_dim // num_heads`).
         dropout: float. Dropout after attention and after the feed-forward.
         attention_dropout: float. Dropout on attention probabilities.
             Defaults to `dropout`.

@@ -7,6 +7,15 @@ from fmkeras.layers.transformer_encoder_block import TransformerEncoderBlock
 from fmkeras.layers.utils import with_dtype_policy
 
 
+def per_layer(value, num_layers, name):
+    """`value` (an int, or a list of one int per layer) as a list of `num_layers` ints."""
+    if isinstance(value, int):
+        return [value] * num_layers
+    if len(value) != num_layers:
+        raise ValueError(f"{name} has {len(value)} entries for {num_layers} layers")
+    return [int(v) for v in value]
+
+
 @keras.saving.register_keras_serializable(package="fmkeras")
 class Encoder(keras.Model):
     """A Transformer encoder as a functional model.
@@ -22,15 +31,20 @@ class Encoder(keras.Model):
     Args:
         vocabulary_size: int.
         num_layers: int. Number of `TransformerEncoderBlock`s.
-        num_heads: int.
+        num_heads: int, or a list of one int per layer (a structurally
+            pruned encoder, `fmkeras.compress`).
         hidden_dim: int.
-        intermediate_dim: int. Feed-forward width.
+        intermediate_dim: int, or a list of one int per layer. Feed-forward
+            width.
         dropout: float.
         max_sequence_length: int. Learned positions.
         num_segments: int. Segment ids (BERT uses 2).
         activation: str. Feed-forward activation.
         normalize_first: bool. Pre-LN blocks (adds a final LayerNorm).
         layer_norm_epsilon: float.
+        key_dim: int. Size of each attention head; defaults to
+            `hidden_dim // num_heads` (a pruned encoder keeps its original
+            head size with fewer heads).
 
     Example:
 
@@ -58,9 +72,15 @@ class Encoder(keras.Model):
         activation="gelu",
         normalize_first=False,
         layer_norm_epsilon=1e-12,
+        key_dim=None,
         dtype=None,
         **kwargs,
     ):
+        heads_per_layer = per_layer(num_heads, num_layers, "num_heads")
+        widths_per_layer = per_layer(intermediate_dim, num_layers, "intermediate_dim")
+        if key_dim is None and not isinstance(num_heads, int):
+            raise ValueError("an Encoder with per-layer num_heads needs key_dim (the head size)")
+
         # === Layers ===
         self.embedding = TextEmbedding(
             vocabulary_size,
@@ -75,8 +95,9 @@ class Encoder(keras.Model):
         initializer = keras.initializers.TruncatedNormal(stddev=0.02)
         self.transformer_layers = [
             TransformerEncoderBlock(
-                num_heads=num_heads,
-                intermediate_dim=intermediate_dim,
+                num_heads=heads_per_layer[i],
+                intermediate_dim=widths_per_layer[i],
+                key_dim=key_dim,
                 dropout=dropout,
                 activation=activation,
                 normalize_first=normalize_first,
@@ -132,6 +153,7 @@ class Encoder(keras.Model):
         self.activation = activation
         self.normalize_first = normalize_first
         self.layer_norm_epsilon = layer_norm_epsilon
+        self.key_dim = key_dim
 
     @property
     def token_embedding(self):
@@ -186,6 +208,7 @@ class Encoder(keras.Model):
             "activation": self.activation,
             "normalize_first": self.normalize_first,
             "layer_norm_epsilon": self.layer_norm_epsilon,
+            "key_dim": self.key_dim,
         }
 
     @classmethod

@@ -2,8 +2,10 @@
 
 - `random`: a fresh encoder of `model.size`.
 - a directory holding `encoder.keras` + `vocab.txt` (an fmkeras pretraining
-  run, or the output of `python -m fmkeras.convert`); its `config.yaml`, if
-  any, says whether the vocabulary is lower-cased (`data.lowercase`).
+  or fine-tuning run, a pruned run, or the output of `python -m
+  fmkeras.convert`); its `task.json` or `config.yaml`, if any, says whether
+  the vocabulary is lower-cased. A finished run of the same task with the
+  same labels also lends its head (`finished_head`): fine-tuning continues.
 - a Hugging Face BERT directory (`config.json`, `model.safetensors`,
   `vocab.txt`, optional `tokenizer_config.json`).
 - `python:PACKAGE/SUBDIR`: a directory inside an installed Python package,
@@ -12,6 +14,7 @@
 
 import dataclasses
 import importlib.util
+import json
 from pathlib import Path
 
 import keras
@@ -71,7 +74,13 @@ def _adapted(encoder, dropout):
 
 
 def fmkeras_lowercase(path):
-    """Whether the fmkeras run or conversion at `path` lower-cases (its config.yaml)."""
+    """Whether the fmkeras run or conversion at `path` lower-cases (its
+    task.json, which records the tokenizer it used, else its config.yaml)."""
+    info = path / "task.json"
+    if info.is_file():
+        recorded = json.loads(info.read_text(encoding="utf-8")).get("lowercase")
+        if recorded is not None:
+            return bool(recorded)
     settings = path / "config.yaml"
     saved = yaml.safe_load(settings.read_text(encoding="utf-8")) if settings.is_file() else {}
     return bool(((saved or {}).get("data") or {}).get("lowercase", True))
@@ -134,3 +143,20 @@ def load_mlm_head(masked_lm, init):
             variable.assign(keras.ops.cast(value, variable.dtype))
         return "the run's masked-LM head"
     return "a new masked-LM head"
+
+
+def finished_head(init, model, labels):
+    """The output layer's weights of the finished run `init` names when it is
+    a run of `model`'s kind (e.g. a `Classifier`) with the same `labels`: a
+    run that starts from it continues fine-tuning (a pruned model's recovery,
+    more data) instead of starting a fresh head. None otherwise."""
+    path = resolve_init(init)
+    info_path, model_path = path / "task.json", path / "model.keras"
+    if not (info_path.is_file() and model_path.is_file()):
+        return None
+    if json.loads(info_path.read_text(encoding="utf-8")).get("labels") != list(labels):
+        return None
+    finished = keras.saving.load_model(model_path)
+    if type(finished) is not type(model):
+        return None
+    return finished.output_dense.get_weights()

@@ -7,10 +7,12 @@ import numpy as np
 
 from fmkeras import config as config_lib
 from fmkeras.errors import ConfigError
+from fmkeras.models.starting_point import finished_head
 from fmkeras.tasks.base import Predictor, Task, log_softmax
 from fmkeras.text.labelled import batched
 from fmkeras.text.wordpiece import WordPieceTokenizer
 from fmkeras.training import lora
+from fmkeras.workarounds import predict_on_batch
 
 # A bad row met by `python -m fmkeras.evaluate`: the hint names that command's flag.
 EVALUATE_SKIP_HINT = "pass --bad-rows skip"
@@ -24,7 +26,7 @@ def collect(model, dataset):
     """
     examples = []
     for features, label, weight in dataset:
-        logits = np.asarray(model.predict_on_batch(features), np.float32)
+        logits = np.asarray(predict_on_batch(model, features), np.float32)
         label, keep = np.asarray(label), np.asarray(weight) > 0
         if label.ndim == 1:
             examples += list(zip(logits, label, strict=True))
@@ -57,8 +59,13 @@ class EncoderTask(Task):
         encoder, self.tokenizer, origin = self.starting_encoder(self.vocabulary_texts())
         self.encoder = encoder
         model = self.build_head(encoder)
+        head = None if self.config.model.init == "random" else \
+            finished_head(self.config.model.init, model, self.names)  # fmt: skip
+        if head is not None:
+            model.output_dense.set_weights(head)
         self.lora = self.enable_lora(model, encoder)
-        self.log(f"model: {origin} + {model.name} head")
+        kind = "its trained" if head is not None else "a new"
+        self.log(f"model: {origin} + {kind} {model.name} head")
         self.train_ids, self.train_labels = self.encode(self.train_rows)
         valid_ids, valid_labels = self.encode(self.valid_rows)
         self.valid_data = self.batches(valid_ids, valid_labels)

@@ -107,6 +107,9 @@ def build_translator(config, source, target, encoder):
     """The decoder mirrors the encoder's depth and widths (random or loaded)."""
     if encoder is None:
         encoder = Encoder(**encoder_kwargs(config.model, source.vocabulary_size), name="encoder")
+    if not isinstance(encoder.num_heads, int) or not isinstance(encoder.intermediate_dim, int):
+        raise ConfigError(f"model.init={config.model.init} is a pruned encoder (per-layer heads "
+                          "or widths); a translation decoder mirrors a uniform one")  # fmt: skip
     return Translator(
         encoder,
         target.vocabulary_size,

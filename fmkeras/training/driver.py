@@ -13,6 +13,7 @@ import keras
 from fmkeras import distribute
 from fmkeras.config import flat_config, profile_range
 from fmkeras.data import require_file, resolve_data_dir
+from fmkeras.errors import ConfigError
 from fmkeras.tasks.registry import get_task
 from fmkeras.training import trainer
 from fmkeras.training.callbacks import Evaluator, Profiler, TrainingLogger
@@ -42,6 +43,20 @@ def dtype_policy(name):
         yield
     finally:
         keras.mixed_precision.set_global_policy(previous)
+
+
+def gradual_pruning(model, optimizer, config, log):
+    """`sparsity.target > 0`: the `GradualPruning` callback, its masks in the optimizer."""
+    if not config.sparsity.target:
+        return None
+    from fmkeras.compress.sparsity import GradualPruning
+
+    pruning = GradualPruning(model, optimizer, config.sparsity, config.train.steps, log)
+    if not pruning.kernels:
+        raise ConfigError(f"sparsity.target: the {config.task} model has no Transformer block "
+                          "kernels to prune")  # fmt: skip
+    log(pruning.describe())
+    return pruning
 
 
 def train(config, out, data_dir_option=None, log=print):
@@ -88,6 +103,7 @@ def _train(task, strategy, log):
         optimizer.measure_gradient_norm(gradient_norm)
         xla = trainer.compile_model(model, strategy, train, log, optimizer=optimizer,
                                     **task.compile_args(model))  # fmt: skip
+        pruning = gradual_pruning(model, optimizer, config, log)
     write_extra, after_restore = task.backup_hooks(model)
     start_step = trainer.resume(model, run, train, log, after_restore=after_restore)
     logger = TrainingLogger(run.logs, train.log_every, train.steps, print_fn=log,
@@ -101,7 +117,7 @@ def _train(task, strategy, log):
     keeper = BestKeeper(train.keep_best, run.best, write_extra) if train.keep_best else None
     evaluator = Evaluator(task.evaluate, logger, train.eval_every, train.steps,
                           on_validation=keeper.update if keeper else None)  # fmt: skip
-    callbacks = [logger, evaluator]
+    callbacks = [logger, evaluator] + ([pruning] if pruning else [])
     if train.profile_steps:
         start, end = profile_range(train)
         callbacks.append(Profiler(run.logs / "profile", start, end))
@@ -124,8 +140,10 @@ def _train(task, strategy, log):
     task.save(model)
     if write_extra is not None:  # e.g. LoRA adapters beside model.keras, as in backups
         write_extra(run.root)
+    extra = {"sparsity": pruning.measured()} if pruning else {}
     return {
         **task.final_metrics(model, validation),
+        **extra,
         "task": config.task,
         "steps": train.steps,
         "resumed_from_step": start_step,

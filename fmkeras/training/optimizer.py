@@ -73,6 +73,14 @@ class AdamW(keras.optimizers.AdamW):
             anchors[variable.path].assign(variable)
         weight.assign(mu)
 
+    def mask_weights(self, masks):
+        """Gradual magnitude pruning (`fmkeras.compress.sparsity`): after every
+        update, each variable whose path is in `masks` (path -> 0/1
+        `keras.Variable` of its shape) is multiplied by its mask, so pruned
+        weights stay zero. Call it before the first step (the train function
+        is traced with the masks in it); assign the masks at will."""
+        object.__setattr__(self, "_masks", masks)  # kept out of the saved state
+
     def apply(self, grads, trainable_variables=None):
         metric = self.__dict__.get("_gradient_norm")
         if metric is not None:
@@ -85,7 +93,13 @@ class AdamW(keras.optimizers.AdamW):
             grads = [g if g is None or v.path not in anchors
                      else g + ops.cast(mu * (v - anchors[v.path]), g.dtype)
                      for g, v in zip(grads, variables, strict=True)]  # fmt: skip
-        return super().apply(grads, trainable_variables)
+        result = super().apply(grads, trainable_variables)
+        masks = self.__dict__.get("_masks")
+        if masks:
+            for variable in trainable_variables or self._trainable_variables:
+                if variable.path in masks:
+                    variable.assign(variable * ops.cast(masks[variable.path], variable.dtype))
+        return result
 
 
 def create_optimizer(train_config):

@@ -1,0 +1,5 @@
+import sys
+
+from fmkeras.compress.command import main
+
+sys.exit(main())

@@ -1,0 +1,173 @@
+"""`python -m fmkeras.compress prune RUN --heads F --ffn F --out DIR`:
+structured pruning of a finished classify (or distill) run.
+
+Scores every attention head by its gradient importance on training batches
+(Michel et al. 2019) and every feed-forward unit by magnitude
+(`fmkeras.compress.structured`), removes the share `--heads` of all heads
+and `--ffn` of each layer's units, and writes the smaller model as a
+finished classify run: `evaluate`, `predict`, `explain`, `export` and
+`model.init` take it like any. With `--recover-steps N` a short recovery
+fine-tune follows: the pruned model goes to `DIR/pruned` and `DIR` is the
+run trained from it for N steps with the source run's configuration (a
+distill run keeps distilling from its teacher), `--set` on top.
+"""
+
+import json
+import shutil
+import time
+
+from fmkeras import cli
+from fmkeras.errors import ConfigError
+
+EXAMPLES = """examples:
+  python -m fmkeras.compress prune runs/sst2 --heads 0.4 --out runs/sst2-heads40
+  python -m fmkeras.compress prune runs/sst2 --heads 0.4 --ffn 0.3 --recover-steps 300 \\
+      --out runs/sst2-pruned --set train.learning_rate=5e-5"""
+COMPRESSIBLE = ("classify", "distill")
+
+
+def build_parser():
+    parser = cli.parser("compress", __doc__, EXAMPLES)
+    commands = parser.add_subparsers(dest="command", required=True)
+    prune = commands.add_parser("prune", help="remove attention heads and feed-forward units",
+                                description=__doc__, epilog=EXAMPLES,
+                                formatter_class=cli.HelpFormatter)  # fmt: skip
+    prune.add_argument("run_dir", help="a finished classify or distill run")
+    prune.add_argument("--heads", type=float, default=0.0,
+                       help="share of all attention heads to remove (least important first)")
+    prune.add_argument("--ffn", type=float, default=0.0,
+                       help="share of each layer's feed-forward units to remove")
+    prune.add_argument("--out", required=True, help="the pruned run's directory")
+    prune.add_argument("--batches", type=int, default=64,
+                       help="training batches (of the run's batch size) scored for head importance")
+    prune.add_argument("--recover-steps", type=int, default=0,
+                       help="then fine-tune the pruned model this many steps (0: no recovery)")
+    prune.add_argument("--set", dest="overrides", action="append", default=[],
+                       metavar="KEY=VALUE", help="recovery fine-tune: override a key of the "
+                       "source run's configuration (repeatable)")  # fmt: skip
+    prune.add_argument("--data-dir", help="data directory (default: data.dir, then "
+                       "$FMKERAS_DATA_DIR)")  # fmt: skip
+    return parser
+
+
+def log(message):
+    print(f"[fmkeras {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def check_shares(args):
+    for flag in ("heads", "ffn"):
+        value = getattr(args, flag)
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"--{flag} is a share in [0, 1), got {value}")
+    if args.batches < 1 or args.recover_steps < 0:
+        raise ConfigError("--batches must be positive and --recover-steps not negative")
+
+
+def scoring_batches(predictor, config, data_dir, count):
+    """The first `count` shuffled training batches of the source run (its data files)."""
+    from fmkeras.tasks.classify import encode_rows
+    from fmkeras.tasks.registry import get_task
+    from fmkeras.text.labelled import batched, read_tsv
+    from fmkeras.training.driver import resolve_files
+
+    files = resolve_files(get_task(config.task), config, data_dir, log)
+    data, info = config.data, predictor.info
+    rows = read_tsv(files["train"], data.text_column, data.label_column, data.bad_rows,
+                    data.max_lines, set(predictor.labels),
+                    pair_column=data.text_pair_column)  # fmt: skip
+    ids, labels = encode_rows(predictor.tokenizer, rows, predictor.labels,
+                              info["sequence_length"])  # fmt: skip
+    return batched(ids, labels, config.train.batch_size, info["sequence_length"],
+                   predictor.tokenizer.pad_id, shuffle=True,
+                   seed=config.train.seed).take(count)  # fmt: skip
+
+
+def write_run(source, model, destination, details):
+    """`destination` as a finished run: the pruned model and its encoder, and
+    the source run's vocabulary, configuration and task.json."""
+    from fmkeras.training.checkpoints import save_model, write_json
+    from fmkeras.training.run_dir import RunDir
+
+    run = RunDir(destination)
+    run.root.mkdir(parents=True, exist_ok=True)
+    for name in ("vocab.txt", "config.yaml"):
+        shutil.copyfile(source.root / name, run.root / name)
+    save_model(model, run.model)
+    save_model(model.encoder, run.encoder)
+    info = source.read_info()
+    run.write_info({**info, "pruned": details})
+    write_json(run.metrics, {"pruned": details})
+    return run
+
+
+def prune(args):
+    check_shares(args)
+    import keras
+
+    from fmkeras.compress.structured import (
+        head_importance,
+        plan_pruning,
+        pruned_model,
+        unit_importance,
+    )
+    from fmkeras.config import build_config
+    from fmkeras.tasks import load_run
+    from fmkeras.training.run_dir import RunDir
+
+    source = RunDir(args.run_dir)
+    predictor = load_run(source.root, tasks=COMPRESSIBLE)
+    config = build_config(source.config)
+    model = predictor.model
+    started = time.time()
+    head_scores = head_importance(model, scoring_batches(predictor, config, args.data_dir,
+                                                         args.batches))  # fmt: skip
+    plan = plan_pruning(head_scores, unit_importance(model.encoder), args.heads, args.ffn)
+    smaller = pruned_model(model, plan)
+    details = {**plan.summary(model.encoder), "source": str(source.root),
+               "heads_share": args.heads, "ffn_share": args.ffn,
+               "parameters_before": model.count_params(),
+               "parameters_after": smaller.count_params(),
+               "head_importance": [scores.tolist() for scores in head_scores],
+               "importance_batches": args.batches}  # fmt: skip
+    log(f"pruned {details['heads_removed']} of {details['heads_total']} heads (per layer now "
+        f"{details['heads_per_layer']}) and {details['units_removed']:,} of "
+        f"{details['units_total']:,} feed-forward units: {model.count_params():,} -> "
+        f"{smaller.count_params():,} parameters ({time.time() - started:.0f} s)")  # fmt: skip
+    if not args.recover_steps:
+        run = write_run(source, smaller, args.out, details)
+        log(f"pruned run {run.root}: evaluate, export or fine-tune it like any classify run")
+        return
+    pruned = write_run(source, smaller, RunDir(args.out).root / "pruned", details)
+    keras.backend.clear_session()
+    recover(args, source, pruned, details)
+
+
+def recover(args, source, pruned, details):
+    """The recovery fine-tune: the source run's configuration from the pruned model."""
+    from fmkeras.config import build_config
+    from fmkeras.training.driver import train
+
+    steps = args.recover_steps
+    overrides = [f"model.init={pruned.root}", f"train.steps={steps}",
+                 f"train.warmup_steps={steps // 10}", f"train.checkpoint_every={steps}",
+                 f"train.eval_every={steps}", *args.overrides]  # fmt: skip
+    config = build_config(source.config, overrides)
+    log(f"recovery fine-tune: {steps} steps from {pruned.root}")
+    run, metrics = train(config, args.out, args.data_dir, log=log)
+    write_json_merged(run, {"pruned": details})
+    log(f"pruned and recovered run {run.root}: validation accuracy {metrics['accuracy']:.4f}")
+
+
+def write_json_merged(run, extra):
+    """Adds `extra` to the finished run's task.json and metrics.json."""
+    from fmkeras.training.checkpoints import write_json
+
+    for path in (run.task_info, run.metrics):
+        write_json(path, {**json.loads(path.read_text(encoding="utf-8")), **extra})
+
+
+@cli.command
+def main(argv):
+    args = build_parser().parse_args(argv)
+    {"prune": prune}[args.command](args)
+    return 0

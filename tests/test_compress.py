@@ -1,0 +1,243 @@
+"""Compression: structured pruning (gradient head importance, smaller dense
+models that equal the original with those heads and units zeroed) and
+gradual magnitude pruning (masks that stay zero through training, resume
+and export)."""
+
+import json
+import shutil
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from model_checks import run_model_checks
+from run_helpers import train_tiny_classifier
+
+from fmkeras.compress.command import main as compress_main
+from fmkeras.compress.sparsity import magnitude_mask, prunable_kernels, scheduled_sparsity
+from fmkeras.compress.structured import (
+    head_importance,
+    plan_pruning,
+    pruned_model,
+    unit_importance,
+)
+from fmkeras.config import build_config
+from fmkeras.errors import ConfigError
+from fmkeras.evaluate import main as evaluate_main
+from fmkeras.export import main as export_main
+from fmkeras.models import Classifier, Encoder
+from fmkeras.tasks import load_run
+from fmkeras.tasks.translation import build_translator
+from fmkeras.training.checkpoints import restore_backup
+
+IDS = np.array([[2, 7, 9, 3, 5, 6], [4, 5, 6, 3, 0, 0]], "int32")
+FEATURES = {"token_ids": IDS, "segment_ids": 0 * IDS, "padding_mask": (IDS > 0).astype("int32")}
+LABELS = np.array([0, 2])
+
+
+def tiny_classifier():
+    keras.utils.set_random_seed(1)
+    encoder = Encoder(50, 2, 4, 16, 32, dropout=0.0, max_sequence_length=8, name="encoder")
+    return Classifier(encoder, 3, dropout=0.0, name="classifier")
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return tiny_classifier()
+
+
+def logits(model):
+    return np.asarray(model.predict_on_batch(FEATURES))
+
+
+def scores(model):
+    return head_importance(model, [(FEATURES, LABELS, np.ones(2, "float32"))])
+
+
+def test_pruning_nothing_leaves_outputs_identical(classifier):
+    plan = plan_pruning(scores(classifier), unit_importance(classifier.encoder), 0.0, 0.0)
+    assert plan.heads == [[0, 1, 2, 3]] * 2 and plan.units == [list(range(32))] * 2
+    np.testing.assert_array_equal(logits(pruned_model(classifier, plan)), logits(classifier))
+
+
+def test_a_pruned_model_equals_the_original_with_those_heads_and_units_zeroed(
+    classifier, tmp_path
+):
+    plan = plan_pruning(scores(classifier), unit_importance(classifier.encoder), 0.5, 0.25)
+    assert sum(map(len, plan.heads)) == 4 and all(plan.heads)  # >= 1 head per layer
+    assert [len(units) for units in plan.units] == [24, 24]
+    smaller = pruned_model(classifier, plan)
+    blocks = smaller.encoder.transformer_layers
+    assert [block.self_attention_layer.query_dense.kernel.shape[1] for block in blocks] == \
+        [len(heads) for heads in plan.heads]  # fmt: skip
+    assert [block.feedforward_intermediate_dense.kernel.shape[1] for block in blocks] == [24, 24]
+    assert smaller.count_params() < classifier.count_params()
+
+    zeroed = Classifier.from_config(classifier.get_config())
+    zeroed.set_weights(classifier.get_weights())
+    for block, heads, units in zip(zeroed.encoder.transformer_layers, plan.heads, plan.units,
+                                   strict=True):  # fmt: skip
+        output = block.self_attention_layer.output_dense.kernel  # (heads, key_dim, hidden)
+        keep = np.isin(np.arange(output.shape[0]), heads)[:, None, None]
+        output.assign(np.asarray(output) * keep)
+        ffn = block.feedforward_output_dense.kernel  # (units, hidden)
+        ffn.assign(np.asarray(ffn) * np.isin(np.arange(ffn.shape[0]), units)[:, None])
+    np.testing.assert_allclose(logits(smaller), logits(zeroed), atol=1e-6)
+    run_model_checks(smaller, FEATURES, tmp_path)  # per-layer heads and widths save and load
+
+
+def test_head_importance_is_the_loss_gradient_of_a_head_gate():
+    """Michel et al.'s |dL/d xi_h|, checked by central differences (in float64)
+    of a gate that scales head h's slice of the output projection."""
+    keras.config.set_dtype_policy("float64")
+    try:
+        classifier = tiny_classifier()
+    finally:
+        keras.config.set_dtype_policy("float32")
+    def loss(labels, logits):  # mean cross-entropy in float64
+        logits = np.asarray(logits, np.float64)
+        shifted = logits - logits.max(-1, keepdims=True)
+        log_p = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+        return -log_p[np.arange(len(labels)), labels].mean()
+
+    kernel = classifier.encoder.transformer_layers[1].self_attention_layer.output_dense.kernel
+    original = np.asarray(kernel).copy()
+    epsilon, head = 1e-4, 2
+    values = []
+    for gate in (1 + epsilon, 1 - epsilon):
+        scaled = original.copy()
+        scaled[head] *= gate
+        kernel.assign(scaled)
+        values.append(float(loss(LABELS, classifier(FEATURES, training=False))))
+    kernel.assign(original)
+    derivative = (values[0] - values[1]) / (2 * epsilon)
+    assert abs(derivative) > 1e-8
+    assert scores(classifier)[1][head] == pytest.approx(abs(derivative), rel=1e-4)
+
+
+def test_plan_removes_the_least_important_heads_after_per_layer_normalisation():
+    head_scores = [np.array([1.0, 2.0, 3.0, 4.0]), np.array([100.0, 1.0, 1.0, 1.0])]
+    plan = plan_pruning(head_scores, [np.arange(8.0)] * 2, heads=0.25, ffn=0.5)
+    # normalised: layer 1's small heads (0.01) go before layer 0's smallest (0.18)
+    assert plan.heads == [[0, 1, 2, 3], [0, 3]]
+    assert plan.units == [[4, 5, 6, 7]] * 2  # the largest magnitudes
+    assert plan_pruning(head_scores, [np.arange(8.0)] * 2, heads=0.99).heads == [[3], [0]]
+
+
+def test_a_pruned_encoder_cannot_start_a_translator():
+    encoder = Encoder(50, 2, [2, 1], 16, [32, 8], key_dim=4, max_sequence_length=8)
+    config = build_config(overrides=["task=translate"])
+    vocabulary = type("Vocabulary", (), {"vocabulary_size": 50, "pad_id": 0})()
+    with pytest.raises(ConfigError, match="pruned encoder"):
+        build_translator(config, vocabulary, vocabulary, encoder)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, data_dir):
+    return train_tiny_classifier("classify", "sst2.yaml", tmp_path_factory.mktemp("c") / "run",
+                                 **{"train.steps": 12})  # fmt: skip
+
+
+@pytest.mark.long_running
+def test_prune_command_writes_a_smaller_run_that_recovers_evaluates_and_exports(
+    tiny_run, tmp_path, capsys
+):
+    out = tmp_path / "pruned"
+    args = ["prune", str(tiny_run), "--heads", "0.5", "--ffn", "0.5", "--batches", "3",
+            "--recover-steps", "6", "--out", str(out)]  # fmt: skip
+    assert compress_main(args) == 0
+    pruned = load_run(out / "pruned")
+    assert pruned.info["pruned"]["heads_per_layer"] == [1, 1]  # tiny: 2 heads per layer
+    assert pruned.info["pruned"]["intermediate_dim_per_layer"] == [256, 256]
+    assert "its trained classifier head" in capsys.readouterr().out  # recovery kept the head
+    recovered = load_run(out)
+    assert recovered.model.count_params() == pruned.model.count_params()
+    assert recovered.model.count_params() < load_run(tiny_run).model.count_params()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 6 and metrics["pruned"]["heads_removed"] == 2
+    dev = tmp_path / "dev.tsv"
+    dev.write_text("sentence\tlabel\na fine film\t1\na dull film\t0\n", encoding="utf-8")
+    assert evaluate_main([str(out), "--data", str(dev)]) == 0
+    assert export_main([str(out), "--name", "p", "--out", str(tmp_path / "sm")]) == 0
+    served = tf.saved_model.load(str(tmp_path / "sm" / "p" / "1")).signatures["serving_default"]
+    probabilities = served(texts=tf.constant(["a fine film"]))["probabilities"].numpy()
+    expected = recovered.predict(["a fine film"])[0]["probabilities"]
+    np.testing.assert_allclose(probabilities[0], list(expected.values()), atol=1e-5)
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--heads", "1.0"], "--heads is a share in [0, 1), got 1.0"),
+    (["--ffn", "-0.1"], "--ffn is a share in [0, 1), got -0.1"),
+])  # fmt: skip
+def test_prune_command_says_what_is_wrong(tiny_run, tmp_path, capsys, flags, message):
+    assert compress_main(["prune", str(tiny_run), *flags, "--out", str(tmp_path / "p")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {message}"
+
+
+def test_scheduled_sparsity_follows_the_cubic_schedule():
+    values = [scheduled_sparsity(step, 0.8, 10, 50, 10) for step in (0, 9, 10, 19, 20, 30, 49, 50)]
+    cubic = [0.8 * (1 - (1 - p) ** 3) for p in (0.25, 0.5, 0.75)]
+    assert values == pytest.approx([0.0, 0.0, 0.0, 0.0, cubic[0], cubic[1], cubic[2], 0.8])
+    mask = magnitude_mask(np.array([[0.1, -3.0], [2.0, -0.2]]), 0.5)
+    np.testing.assert_array_equal(mask, [[0, 1], [1, 0]])
+
+
+SPARSE = {"sparsity.target": 0.6, "sparsity.every": 2, "sparsity.end_step": 8,
+          "train.steps": 12, "train.checkpoint_every": 6}  # fmt: skip
+
+
+def kernel_values(model):
+    return [np.asarray(kernel) for kernel in prunable_kernels(model)]
+
+
+@pytest.mark.long_running
+def test_magnitude_pruning_masks_stay_zero_through_training_resume_and_export(
+    tmp_path, data_dir
+):
+    run = train_tiny_classifier("classify", "sst2.yaml", tmp_path / "sparse", **SPARSE)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["sparsity"] == pytest.approx(0.6, abs=1e-3)
+    model = load_run(run).model
+    kernels = kernel_values(model)
+    for values in kernels:  # each kernel pruned to the target
+        assert np.mean(values == 0) == pytest.approx(0.6, abs=1e-3)
+
+    # A run killed after its step-6 backup resumes with its masks: the weights
+    # pruned by then (zero in the backup) are still zero, and the target is reached.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run, resumed)
+    shutil.rmtree(resumed / "backup" / "step-00000012")
+    (resumed / "metrics.json").unlink()
+    train_tiny_classifier("classify", "sst2.yaml", resumed, **SPARSE)
+    assert json.loads((resumed / "metrics.json").read_text())["resumed_from_step"] == 6
+    restore_backup(model, resumed / "backup" / "step-00000006")
+    at_backup = kernel_values(model)
+    assert 0.3 < np.mean([np.mean(values == 0) for values in at_backup]) < 0.6
+    for final, backup in zip(kernel_values(load_run(resumed).model), at_backup, strict=True):
+        assert np.all(final[backup == 0] == 0)
+        assert np.mean(final == 0) == pytest.approx(0.6, abs=1e-3)
+
+    assert export_main([str(run), "--name", "s", "--out", str(tmp_path / "sm")]) == 0
+    saved = tf.train.load_checkpoint(str(tmp_path / "sm" / "s" / "1" / "variables" / "variables"))
+    by_shape = {}
+    for name, shape in saved.get_variable_to_shape_map().items():
+        by_shape.setdefault(tuple(shape), []).append(saved.get_tensor(name))
+    for values in kernels:  # every pruned kernel is in the SavedModel with its zeros
+        assert any(np.array_equal(values, saved) for saved in by_shape[values.shape])
+
+
+def test_sparsity_keys_are_checked():
+    with pytest.raises(ConfigError, match=r"sparsity.target is a share in \[0, 1\), got 1.5"):
+        build_config(overrides=["sparsity.target=1.5"])
+    with pytest.raises(ConfigError, match="LoRA freezes them"):
+        build_config(overrides=["task=classify", "sparsity.target=0.5", "finetune.method=lora"])
+    with pytest.raises(ConfigError, match="sparsity.end_step=50"):
+        build_config(overrides=["sparsity.target=0.5", "sparsity.end_step=50", "train.steps=40"])
+
+
+def test_a_classify_run_continues_from_a_finished_run_with_its_head(tiny_run, tmp_path):
+    settings = {"model.init": str(tiny_run), "train.steps": 1, "train.learning_rate": 1e-9}
+    run = train_tiny_classifier("classify", "sst2.yaml", tmp_path / "more", **settings)
+    before, after = load_run(tiny_run).model, load_run(run).model
+    np.testing.assert_allclose(after.get_layer("logits").kernel, before.get_layer("logits").kernel,
+                               atol=1e-6)  # fmt: skip
