@@ -149,6 +149,8 @@ def test_prune_command_writes_a_smaller_run_that_recovers_evaluates_and_exports(
     assert recovered.model.count_params() < load_run(classify_run).model.count_params()
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 6 and metrics["pruned"]["heads_removed"] == 2
+    assert compress_main(args) == 2  # never over a finished run
+    assert f"--out {out} holds a finished run" in capsys.readouterr().err
     dev = tmp_path / "dev.tsv"
     dev.write_text("sentence\tlabel\na fine film\t1\na dull film\t0\n", encoding="utf-8")
     assert evaluate_main([str(out), "--data", str(dev)]) == 0

@@ -114,7 +114,14 @@ def prune(args):
     from fmkeras.tasks import load_run
     from fmkeras.training.run_dir import RunDir
 
-    source = RunDir(args.run_dir)
+    source, out = RunDir(args.run_dir), RunDir(args.out)
+    if out.root.resolve() == source.root.resolve() or out.model.is_file():
+        raise ConfigError(f"--out {out.root} holds a finished run; choose another --out")
+    pruned = RunDir(out.root / "pruned")
+    if args.recover_steps and pruned.model.is_file():  # a killed recovery: resume it
+        log(f"{pruned.root} exists: resuming its recovery fine-tune")
+        recover(args, source, pruned, json.loads(pruned.metrics.read_text())["pruned"])
+        return
     predictor = load_run(source.root, tasks=COMPRESSIBLE)
     config = build_config(source.config)
     model = predictor.model
@@ -137,7 +144,7 @@ def prune(args):
         run = write_run(source, smaller, args.out, details)
         log(f"pruned run {run.root}: evaluate, export or fine-tune it like any classify run")
         return
-    pruned = write_run(source, smaller, RunDir(args.out).root / "pruned", details)
+    write_run(source, smaller, pruned.root, details)
     keras.backend.clear_session()
     recover(args, source, pruned, details)
 
