@@ -86,6 +86,19 @@ def test_a_pruned_model_equals_the_original_with_those_heads_and_units_zeroed(
     run_model_checks(smaller, FEATURES, tmp_path)  # per-layer heads and widths save and load
 
 
+def test_keeping_fewer_layers_runs_the_kept_layers_weights(classifier):
+    plan = plan_pruning(scores(classifier), unit_importance(classifier.encoder), layers=1)
+    assert plan.layers == [0] and len(plan.heads) == 1
+    student = pruned_model(classifier, plan)
+    assert student.encoder.num_layers == 1
+    encoder = classifier.encoder  # embedding -> the first block -> pooler -> head, by hand
+    x = encoder.embedding(FEATURES["token_ids"], FEATURES["segment_ids"])
+    x = encoder.transformer_layers[0](x, padding_mask=FEATURES["padding_mask"])
+    expected = classifier.output_dense(encoder.pooler(x[:, 0, :]))
+    np.testing.assert_allclose(logits(student), expected, atol=1e-5)
+    assert plan_pruning(scores(classifier), unit_importance(encoder), layers=2).layers == [0, 1]
+
+
 def test_head_importance_is_the_loss_gradient_of_a_head_gate():
     """Michel et al.'s |dL/d xi_h|, checked by central differences (in float64)
     of a gate that scales head h's slice of the output projection."""
@@ -164,6 +177,7 @@ def test_prune_command_writes_a_smaller_run_that_recovers_evaluates_and_exports(
 @pytest.mark.parametrize(("flags", "message"), [
     (["--heads", "1.0"], "--heads is a share in [0, 1), got 1.0"),
     (["--ffn", "-0.1"], "--ffn is a share in [0, 1), got -0.1"),
+    (["--layers", "3"], "--layers 3: the encoder has 2 layers"),
 ])  # fmt: skip
 def test_prune_command_says_what_is_wrong(classify_run, tmp_path, capsys, flags, message):
     assert compress_main(["prune", str(classify_run), *flags, "--out", str(tmp_path / "p")]) == 2

@@ -1,7 +1,8 @@
 """`python -m fmkeras.compress prune RUN --heads F --ffn F --out DIR`:
 structured pruning of a finished classify (or distill) run.
 
-Scores every attention head by its gradient importance on training batches
+Keeps `--layers` evenly spaced layers (a teacher-initialised student, as
+DistilBERT's), scores every attention head by its gradient importance on training batches
 (Michel et al. 2019) and every feed-forward unit by magnitude
 (`fmkeras.compress.structured`), removes the share `--heads` of all heads
 and `--ffn` of each layer's units, and writes the smaller model as a
@@ -22,7 +23,9 @@ from fmkeras.errors import ConfigError
 EXAMPLES = """examples:
   python -m fmkeras.compress prune runs/sst2 --heads 0.4 --out runs/sst2-heads40
   python -m fmkeras.compress prune runs/sst2 --heads 0.4 --ffn 0.3 --recover-steps 300 \\
-      --out runs/sst2-pruned --set train.learning_rate=5e-5"""
+      --out runs/sst2-pruned --set train.learning_rate=5e-5
+  python -m fmkeras.compress prune runs/sst2 --layers 3 --recover-steps 1000 --out runs/student \\
+      --set task=distill --set distill.teacher=runs/sst2"""
 COMPRESSIBLE = ("classify", "distill")
 
 
@@ -37,6 +40,9 @@ def build_parser():
                        help="share of all attention heads to remove (least important first)")
     prune.add_argument("--ffn", type=float, default=0.0,
                        help="share of each layer's feed-forward units to remove")
+    prune.add_argument("--layers", type=int,
+                       help="keep this many layers, evenly spaced from the first to the last "
+                       "(default: all)")  # fmt: skip
     prune.add_argument("--out", required=True, help="the pruned run's directory")
     prune.add_argument("--batches", type=int, default=64,
                        help="training batches (of the run's batch size) scored for head importance")
@@ -125,10 +131,14 @@ def prune(args):
     predictor = load_run(source.root, tasks=COMPRESSIBLE)
     config = build_config(source.config)
     model = predictor.model
+    depth = model.encoder.num_layers
+    if args.layers is not None and not 1 <= args.layers <= depth:
+        raise ConfigError(f"--layers {args.layers}: the encoder has {depth} layers")
     started = time.time()
     head_scores = head_importance(model, scoring_batches(predictor, config, args.data_dir,
                                                          args.batches))  # fmt: skip
-    plan = plan_pruning(head_scores, unit_importance(model.encoder), args.heads, args.ffn)
+    plan = plan_pruning(head_scores, unit_importance(model.encoder), args.heads, args.ffn,
+                        args.layers)  # fmt: skip
     smaller = pruned_model(model, plan)
     details = {**plan.summary(model.encoder), "source": str(source.root),
                "heads_share": args.heads, "ffn_share": args.ffn,
@@ -136,7 +146,8 @@ def prune(args):
                "parameters_after": smaller.count_params(),
                "head_importance": [scores.tolist() for scores in head_scores],
                "importance_batches": args.batches}  # fmt: skip
-    log(f"pruned {details['heads_removed']} of {details['heads_total']} heads (per layer now "
+    log(f"kept layers {plan.layers} of {depth}; "
+        f"pruned {details['heads_removed']} of {details['heads_total']} heads (per layer now "
         f"{details['heads_per_layer']}) and {details['units_removed']:,} of "
         f"{details['units_total']:,} feed-forward units: {model.count_params():,} -> "
         f"{smaller.count_params():,} parameters ({time.time() - started:.0f} s)")  # fmt: skip

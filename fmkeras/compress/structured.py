@@ -13,6 +13,9 @@ feed-forward layers) that loads, trains, evaluates and exports like any.
 - Feed-forward unit importance: magnitude, `|W_in[:, j]| * |W_out[j, :]|`
   (the L2 norms of the unit's input column and output row); each layer
   keeps the same share of its units.
+- Whole layers: keeping `layers` of them, evenly spaced from the first to
+  the last (as DistilBERT initialises its student from every other layer
+  of its teacher).
 """
 
 import dataclasses
@@ -44,13 +47,15 @@ LAYER = re.compile(r"transformer_layer_(\d+)/")
 class PruningPlan:
     """What each layer keeps: sorted head and feed-forward unit indices."""
 
-    heads: list  # per layer: indices of the kept heads
-    units: list  # per layer: indices of the kept feed-forward units
+    layers: list  # indices of the kept layers
+    heads: list  # per kept layer: indices of the kept heads
+    units: list  # per kept layer: indices of the kept feed-forward units
 
     def summary(self, encoder):
         total_heads = sum(block.num_heads for block in encoder.transformer_layers)
         total_units = sum(block.intermediate_dim for block in encoder.transformer_layers)
         return {
+            "layers_kept": list(self.layers),
             "heads_per_layer": [len(kept) for kept in self.heads],
             "intermediate_dim_per_layer": [len(kept) for kept in self.units],
             "heads_removed": total_heads - sum(map(len, self.heads)),
@@ -88,10 +93,15 @@ def unit_importance(encoder):
     return scores
 
 
-def plan_pruning(head_scores, unit_scores, heads=0.0, ffn=0.0):
-    """A `PruningPlan` removing the share `heads` of all heads (least important
-    after per-layer L2 normalisation, at least one kept per layer) and the
-    share `ffn` of each layer's feed-forward units."""
+def plan_pruning(head_scores, unit_scores, heads=0.0, ffn=0.0, layers=None):
+    """A `PruningPlan` keeping `layers` evenly spaced layers (default all),
+    then removing the share `heads` of their heads (least important after
+    per-layer L2 normalisation, at least one kept per layer) and the share
+    `ffn` of each kept layer's feed-forward units."""
+    count = len(head_scores)
+    kept_layers = sorted({int(i) for i in np.linspace(0, count - 1, layers or count).round()})
+    head_scores = [head_scores[i] for i in kept_layers]
+    unit_scores = [unit_scores[i] for i in kept_layers]
     normalised = [score / (np.linalg.norm(score) or 1.0) for score in head_scores]
     ranked = sorted((score, layer, head) for layer, scores in enumerate(normalised)
                     for head, score in enumerate(scores))  # fmt: skip
@@ -107,7 +117,7 @@ def plan_pruning(head_scores, unit_scores, heads=0.0, ffn=0.0):
     for scores in unit_scores:
         keep = max(1, len(scores) - int(round(ffn * len(scores))))
         units.append(sorted(np.argsort(-scores, kind="stable")[:keep].tolist()))
-    return PruningPlan([sorted(layer) for layer in kept], units)
+    return PruningPlan(kept_layers, [sorted(layer) for layer in kept], units)
 
 
 def pruned_model(model, plan):
@@ -118,20 +128,22 @@ def pruned_model(model, plan):
     key_dim = blocks[0].self_attention_layer.key_dim
     smaller = Encoder.from_config({
         **encoder.get_config(),
+        "num_layers": len(plan.layers),
         "num_heads": [len(kept) for kept in plan.heads],
         "intermediate_dim": [len(kept) for kept in plan.units],
         "key_dim": key_dim,
     })  # fmt: skip
     copy = type(model)(**{**model.get_config(), "encoder": smaller})
-    if [w.path for w in copy.weights] != [w.path for w in model.weights]:
-        raise ValueError("the pruned copy's weights do not line up with the model's")
+    sources = {weight.path: weight for weight in model.weights}
     kept = {"heads": plan.heads, "units": plan.units}
-    for target, source in zip(copy.weights, model.weights, strict=True):
-        value = np.asarray(source)
+    for target in copy.weights:
+        layer = LAYER.search(target.path)  # new index -> the kept layer's weights
+        path = target.path if layer is None else LAYER.sub(
+            f"transformer_layer_{plan.layers[int(layer.group(1))]}/", target.path, count=1)
+        value = np.asarray(sources[path])
         rule = next((rule for end, rule in SLICES.items() if target.path.endswith(end)), None)
         if rule is not None:
             axis, what = rule
-            layer = int(LAYER.search(target.path).group(1))
-            value = np.take(value, kept[what][layer], axis=axis)
+            value = np.take(value, kept[what][int(layer.group(1))], axis=axis)
         target.assign(value)
     return copy
