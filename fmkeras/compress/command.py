@@ -166,9 +166,11 @@ def recover(args, source, pruned, details):
     from fmkeras.training.driver import train
 
     steps = args.recover_steps
+    cadence = build_config(source.config).train  # the source's cadence, capped at the steps
     overrides = [f"model.init={pruned.root}", f"train.steps={steps}",
-                 f"train.warmup_steps={steps // 10}", f"train.checkpoint_every={steps}",
-                 f"train.eval_every={steps}", *args.overrides]  # fmt: skip
+                 f"train.warmup_steps={steps // 10}",
+                 f"train.checkpoint_every={min(cadence.checkpoint_every, steps)}",
+                 f"train.eval_every={min(cadence.eval_every, steps)}", *args.overrides]  # fmt: skip
     config = build_config(source.config, overrides)
     log(f"recovery fine-tune: {steps} steps from {pruned.root}")
     run, metrics = train(config, args.out, args.data_dir, log=log)
