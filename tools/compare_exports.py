@@ -94,13 +94,12 @@ def labelled(run, path):
     return token_features(run, rows.inputs), np.array([run.labels.index(y) for y in rows.labels])
 
 
-def export_variants(run_dir, variants, out, calibration_file):
-    """`{variant: (call-maker, artifact path)}` of the run's exports in `out`."""
+def export_variants(run_dir, run, variants, out, calibration_file):
+    """`{variant: artifact path}` of the exports of `run` (loaded from `run_dir`) in `out`."""
     exported = {}
     if {"float32", "tflite-dynamic", "tflite-float32", "tflite-int8"} & set(variants):
         float_dir = export(run_dir, "float32", out)
         exported["float32"] = float_dir
-        run = load_run(run_dir)
         functions = run.serving_functions()
         for variant in [v for v in variants if v.startswith("tflite-")]:
             mode = variant.removeprefix("tflite-")
@@ -127,7 +126,7 @@ def measure(run_dir, variants, args, reference):
     singles = [rows(i, i + 1) for i in range(args.single_calls)]
     report = []
     with tempfile.TemporaryDirectory() as out:
-        for variant, path in export_variants(run_dir, variants, out, args.calibration).items():
+        for variant, path in export_variants(run_dir, run, variants, out, args.calibration).items():
             call = tflite_call(path, args.threads) if variant.startswith("tflite-") \
                 else saved_model_call(path)  # fmt: skip
             predicted = np.concatenate([call(batch) for batch in batches]).argmax(-1)

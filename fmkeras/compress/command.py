@@ -19,6 +19,7 @@ import time
 
 from fmkeras import cli
 from fmkeras.errors import ConfigError
+from fmkeras.train import log
 
 EXAMPLES = """examples:
   python -m fmkeras.compress prune runs/sst2 --heads 0.4 --out runs/sst2-heads40
@@ -54,10 +55,6 @@ def build_parser():
     prune.add_argument("--data-dir", help="data directory (default: data.dir, then "
                        "$FMKERAS_DATA_DIR)")  # fmt: skip
     return parser
-
-
-def log(message):
-    print(f"[fmkeras {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 def check_shares(args):
