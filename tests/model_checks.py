@@ -1,6 +1,7 @@
 """One check for every model: config round trip, `.keras` save/load with
-identical outputs, weight counts, and a training step (the model-level twin
-of `layer_checks.run_layer_checks`)."""
+identical outputs, weight counts, a bfloat16 copy (as `export --precision
+bfloat16` makes it), and a training step (the model-level twin of
+`layer_checks.run_layer_checks`)."""
 
 import json
 
@@ -8,6 +9,7 @@ import keras
 import numpy as np
 
 import fmkeras
+from fmkeras.training.precision import in_dtype_policy
 
 
 def _outputs(model, inputs):
@@ -45,6 +47,18 @@ def run_model_checks(model, inputs, tmp_path, expected_parameters=None):
         lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), _outputs(reloaded, inputs),
         expected,
     )
+
+    # A bfloat16 copy: 16-bit weights (but output layers built in float32), the
+    # same answers within bfloat16's precision.
+    half = in_dtype_policy(reloaded, "bfloat16")
+    assert half.count_params() == model.count_params()
+    sixteen_bit = sum(int(np.prod(w.shape)) for w in half.weights if w.dtype == "bfloat16")
+    assert sixteen_bit >= 0.9 * model.count_params()
+    keras.tree.map_structure(
+        lambda a, b: np.testing.assert_allclose(np.asarray(a, "float32"), b, rtol=0.05,
+                                                atol=0.05 * max(1.0, np.abs(b).max())),
+        _outputs(half, inputs), expected,
+    )  # fmt: skip
 
     # One training step moves every trainable weight that the outputs depend on.
     targets = keras.tree.map_structure(np.zeros_like, expected)

@@ -240,7 +240,8 @@ def test_fill_mask_export_ranks_pieces_for_every_mask(mlm_run, tmp_path):
 
 
 @pytest.mark.long_running
-def test_int8_and_tflite_variants_answer_like_the_float_model(classify_run, tmp_path, capsys):
+def test_quantized_and_bfloat16_variants_answer_like_the_float_model(classify_run, tmp_path,
+                                                                     capsys):
     out = str(tmp_path / "sm")
     assert export_main([str(classify_run), "--name", "f", "--out", out, "--tflite"]) == 0
     assert export_main([str(classify_run), "--name", "q", "--out", out, "--quantize", "int8"]) == 0
@@ -253,6 +254,23 @@ def test_int8_and_tflite_variants_answer_like_the_float_model(classify_run, tmp_
     np.testing.assert_allclose(quantized["probabilities"], expected, atol=0.05)
     stored = tf.train.load_checkpoint(str(tmp_path / "sm" / "q" / "1" / "variables" / "variables"))
     assert tf.int8 in stored.get_variable_to_dtype_map().values()
+
+    # bfloat16: 16-bit weights on disk, float32 outputs, the float model's answers.
+    assert export_main([str(classify_run), "--name", "h", "--out", out, "--precision",
+                        "bfloat16"]) == 0  # fmt: skip
+    assert export_main([str(classify_run), "--name", "y", "--out", out, "--precision",
+                        "bfloat16", "--tflite"]) == 2  # fmt: skip
+    assert "leave out --quantize and --tflite" in capsys.readouterr().err
+    half = tmp_path / "sm" / "h" / "1"
+    stored = tf.train.load_checkpoint(str(half / "variables" / "variables"))
+    dtypes = stored.get_variable_to_dtype_map()
+    assert list(dtypes.values()).count(tf.bfloat16) > len(dtypes) // 2
+    signature = tf.saved_model.load(str(half)).signatures["serving_default"]
+    assert signature.structured_outputs["probabilities"].dtype == tf.float32
+    answers = signature(texts=tf.constant(TEXTS))
+    np.testing.assert_allclose(answers["probabilities"].numpy(), expected, atol=0.05)
+    info = json.loads((half / "assets.extra" / "fmkeras.json").read_text(encoding="utf-8"))
+    assert info["precision"] == "bfloat16"
 
     from ai_edge_litert.interpreter import Interpreter
 

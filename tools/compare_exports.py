@@ -9,6 +9,7 @@ The first run (the reference, e.g. the teacher) is exported as every
 variant of `--variants`; the other runs (students, pruned models) as those
 of `--other-variants`:
 - `float32`: the SavedModel of `python -m fmkeras.export`;
+- `bfloat16`: `--precision bfloat16` (16-bit weights and compute);
 - `int8`: `--quantize int8` (Keras int8 Dense/EinsumDense kernels);
 - `tflite-dynamic`: `--tflite` (dynamic range: int8 weights, float activations);
 - `tflite-float32`: float32 TFLite (the interpreter's default XNNPACK delegate);
@@ -37,7 +38,7 @@ from fmkeras.export import export, write_tflite
 from fmkeras.tasks import load_run
 from fmkeras.text.labelled import encode_texts, read_tsv
 
-VARIANTS = ("float32", "int8", "tflite-dynamic", "tflite-float32", "tflite-int8")
+VARIANTS = ("float32", "bfloat16", "int8", "tflite-dynamic", "tflite-float32", "tflite-int8")
 
 
 def files_of(path):
@@ -110,6 +111,8 @@ def export_variants(run_dir, run, variants, out, calibration_file):
             path = Path(out) / f"{variant}.tflite"
             write_tflite(functions, path, mode, calibration)
             exported[variant] = path
+    if "bfloat16" in variants:
+        exported["bfloat16"] = export(run_dir, "bfloat16", out, precision="bfloat16")
     if "int8" in variants:
         exported["int8"] = export(run_dir, "int8", out, quantize="int8")
     return {variant: exported[variant] for variant in variants}

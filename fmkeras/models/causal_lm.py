@@ -114,6 +114,8 @@ class CausalLM(keras.Model):
             x = block(x, decoder_padding_mask=inputs["padding_mask"])
         logits = self.lm_head(self._normalized(x))  # (batch, seq, vocabulary)
         super().__init__(inputs=inputs, outputs=logits, dtype=dtype, **kwargs)
+        if dtype is not None:  # a functional model ignores `dtype` (keras-hub's Backbone does this)
+            self.dtype_policy = keras.dtype_policies.get(dtype)
 
         # === Config ===
         self.vocabulary_size = vocabulary_size

@@ -140,6 +140,8 @@ class Encoder(keras.Model):
             dtype=dtype,
             **kwargs,
         )
+        if dtype is not None:  # a functional model ignores `dtype` (keras-hub's Backbone does this)
+            self.dtype_policy = keras.dtype_policies.get(dtype)
 
         # === Config ===
         self.vocabulary_size = vocabulary_size

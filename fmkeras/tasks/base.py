@@ -172,8 +172,9 @@ class Task:
         return WordPieceTokenizer(vocabulary, lowercase=lowercase)
 
     @classmethod
-    def load(cls, run, info, **options):
-        """A `Predictor` for the finished run directory `run` (`RunDir`)."""
+    def load(cls, run, info, precision=None, **options):
+        """A `Predictor` for the finished run directory `run` (`RunDir`), its
+        model in the Keras dtype policy `precision` (default: as saved)."""
         raise NotImplementedError
 
 

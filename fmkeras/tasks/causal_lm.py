@@ -195,8 +195,8 @@ class CausalLMTask(LanguageModelTask):
                 if k != "samples"} | {"sample": validation["samples"]}  # fmt: skip
 
     @classmethod
-    def load(cls, run, info, generate=None, **options):
-        model = keras.saving.load_model(run.model)
+    def load(cls, run, info, generate=None, precision=None, **options):
+        model = run.load_model(precision)
         tokenizer = WordPieceTokenizer(run.vocab, lowercase=info["lowercase"])
         if generate is None:
             generate = GenerateConfig(**info.get("generate", {}))

@@ -128,11 +128,11 @@ class EncoderTask(Task):
         return {**validation, "skipped_rows": skipped, **extra}
 
     @classmethod
-    def load(cls, run, info, **options):
+    def load(cls, run, info, precision=None, **options):
         for path in (run.model, run.vocab):
             if not path.is_file():
                 raise ConfigError(f"{run.root} is not a finished run: {path.name} is missing")
-        model = keras.saving.load_model(run.model)
+        model = run.load_model(precision)
         tokenizer = WordPieceTokenizer(run.vocab, lowercase=info["lowercase"])
         return cls.predictor(model, info, tokenizer)
 

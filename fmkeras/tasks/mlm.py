@@ -126,8 +126,8 @@ class MaskedLMTask(LanguageModelTask):
         }
 
     @classmethod
-    def load(cls, run, info, top_k=5, **options):
-        model = keras.saving.load_model(run.model)
+    def load(cls, run, info, top_k=5, precision=None, **options):
+        model = run.load_model(precision)
         tokenizer = WordPieceTokenizer(run.vocab, lowercase=info["lowercase"])
         return MaskedLMPredictor(model, info, tokenizer, top_k)
 

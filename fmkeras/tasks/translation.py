@@ -247,9 +247,9 @@ class TranslateTask(Task):
         }
 
     @classmethod
-    def load(cls, run, info, decode=None, **options):
+    def load(cls, run, info, decode=None, precision=None, **options):
         decode = decode or DecodeConfig()
-        model = keras.saving.load_model(run.model)
+        model = run.load_model(precision)
         source = WordPieceTokenizer(run.vocab, lowercase=info["source_lowercase"])
         target = WordPieceTokenizer(run.target_vocab, lowercase=info["target_lowercase"])
         translate = TextTranslator(model, source, target, info["sequence_length"], decode)

@@ -4,7 +4,8 @@ Variables and optimizer state stay float32 under every policy; Keras's
 mixed policies compute matmuls and activations in 16 bits, and fmkeras's
 layers keep layer-norm statistics and the loss's softmax in float32.
 `mixed_float16` gets dynamic loss scaling from `Model.compile`
-(`auto_scale_loss`).
+(`auto_scale_loss`). `in_dtype_policy` rebuilds a finished model in another
+policy (exports in `bfloat16`).
 """
 
 from pathlib import Path
@@ -43,3 +44,30 @@ def resolve_precision(setting, strategy, cpu_flags=None):
     if flags:
         return "mixed_bfloat16", f"auto: the CPU has {', '.join(flags)}"
     return "float32", "auto: no bfloat16 matrix path on this CPU"
+
+
+def in_dtype_policy(model, policy):
+    """The Keras `model` with every layer computing in `policy` (e.g.
+    `bfloat16`: 16-bit weights and compute; fmkeras's layers still take
+    softmax and layer-norm statistics in float32): `model` itself where it
+    already does, else a copy with its weights."""
+    import keras
+
+    policies = set()
+
+    def rewrite(node):
+        if isinstance(node, dict):
+            if node.get("class_name") == "DTypePolicy":
+                policies.add(node["config"]["name"])
+                return keras.dtype_policies.serialize(keras.DTypePolicy(policy))
+            return {key: rewrite(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [rewrite(value) for value in node]
+        return node
+
+    config = rewrite(keras.saving.serialize_keras_object(model))
+    if policies <= {policy}:
+        return model
+    copy = keras.saving.deserialize_keras_object(config)
+    copy.set_weights(model.get_weights())
+    return copy

@@ -63,6 +63,18 @@ class RunDir:
     adapters = property(lambda self: self.root / "adapters.safetensors")
     metrics = property(lambda self: self.root / "metrics.json")
 
+    def load_model(self, precision=None):
+        """The final task model; `precision` (a Keras dtype policy such as
+        `bfloat16`) rebuilds it to compute in that policy."""
+        import keras
+
+        model = keras.saving.load_model(self.model)
+        if precision is None:
+            return model
+        from fmkeras.training.precision import in_dtype_policy
+
+        return in_dtype_policy(model, precision)
+
     def worker(self, index):
         """The directory a non-chief worker keeps its own backups in."""
         return RunDir(self.root / "workers" / f"worker-{index}")
