@@ -1,8 +1,10 @@
 """`train.precision`: the policy `auto` picks, and a bfloat16 run that trains,
 resumes exactly, reloads with float32 variables and exports float32 outputs
-(and writes the TensorBoard profile that `train.profile_steps` asks for)."""
+(and writes the TensorBoard profile that `train.profile_steps` asks for), and
+the cached matmul peak MFU is measured against."""
 
 import json
+import os
 import shutil
 
 import keras
@@ -13,8 +15,9 @@ from run_helpers import scalars, tiny_args
 
 import fmkeras
 from fmkeras.export import main as export_main
+from fmkeras.tasks import load_run
 from fmkeras.train import main
-from fmkeras.training.precision import resolve_precision
+from fmkeras.training.precision import in_dtype_policy, resolve_precision
 
 
 def test_auto_precision_follows_the_hardware():
@@ -51,8 +54,27 @@ def test_a_bfloat16_run_trains_resumes_reloads_and_exports_float32(tmp_path, sma
 
     model = fmkeras.load_model(run / "model.keras")
     assert {variable.dtype for variable in model.weights} == {"float32"}
+    assert model.encoder.dtype_policy.name == "mixed_bfloat16"  # it computes as it trained
+    exported = load_run(run, precision="float32").model  # what the default export serves
+    assert exported.encoder.dtype_policy.name == "float32"
+    assert in_dtype_policy(exported, "float32") is exported  # nothing to rebuild
     assert export_main([str(run), "--name", "mlm", "--out", str(tmp_path / "sm")]) == 0
     loaded = tf.saved_model.load(str(tmp_path / "sm" / "mlm" / "1"))
     outputs = loaded.signatures["serving_default"](texts=tf.constant(["the [MASK] of it"]))
     assert outputs["probabilities"].dtype == tf.float32
     assert np.all(np.isfinite(outputs["probabilities"].numpy()))
+
+
+def test_the_peak_is_cached_only_when_calibrated_on_an_idle_machine(tmp_path, monkeypatch):
+    from fmkeras.training import throughput
+
+    cache = tmp_path / "peaks.json"
+    monkeypatch.setattr(throughput, "measure_matmul_gflops", lambda **kwargs: 100.0)
+    monkeypatch.setattr(throughput, "load_average", lambda: 4.0 * (os.cpu_count() or 1))
+    gflops, origin = throughput.peak_gflops("bfloat16", cache=cache, rounds=1)
+    assert gflops == 100.0 and "not cached: the load average was" in origin
+    assert not cache.exists()
+    monkeypatch.setattr(throughput, "load_average", lambda: 0.0)
+    assert "calibrated now, cached" in throughput.peak_gflops("bfloat16", cache=cache, rounds=1)[1]
+    monkeypatch.setattr(throughput, "measure_matmul_gflops", lambda **kwargs: 1.0)
+    assert throughput.peak_gflops("bfloat16", cache=cache, rounds=1)[0] == 100.0  # from the cache

@@ -5,7 +5,8 @@ ceiling model-FLOPs utilisation (MFU) is measured against.
 training uses: the best of TensorFlow's graph mode and XLA (each reaches
 different kernels: on CPUs, oneDNN's bfloat16 path runs in graph mode only),
 calibrated once per machine, device and precision and cached, so a busy
-moment at the start of one run does not deflate every later MFU.
+moment at the start of one run does not deflate every later MFU (a
+calibration made while other work loads the cores is used but not cached).
 """
 
 import json
@@ -51,6 +52,17 @@ def device_name(device="/cpu:0"):
     return f"CPU x{os.cpu_count()}"
 
 
+BUSY_LOAD = 0.5  # load average per core above which other work shares the cores
+
+
+def load_average():
+    """The one-minute load average (0 where the system does not report one)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return 0.0
+
+
 def peak_gflops(dtype="float32", device="/cpu:0", cache=CACHE, rounds=3):
     """`(GFLOP/s, how it was obtained)`: the best matmul ceiling of `dtype` over
     graph mode and XLA and `rounds` measurements, cached per hardware."""
@@ -64,6 +76,10 @@ def peak_gflops(dtype="float32", device="/cpu:0", cache=CACHE, rounds=3):
         return known[key]["gflops"], f"calibrated {known[key]['date']}, cached in {cache}"
     gflops = max(measure_matmul_gflops(device=device, dtype=dtype, jit_compile=xla)
                  for xla in (False, True) for _ in range(rounds))  # fmt: skip
+    load = load_average()
+    if load > BUSY_LOAD * (os.cpu_count() or 1):
+        return gflops, (f"calibrated now, not cached: the load average was {load:.1f} on "
+                        f"{os.cpu_count()} cores, which deflates a ceiling")  # fmt: skip
     known[key] = {"gflops": gflops, "date": time.strftime("%Y-%m-%d")}
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
