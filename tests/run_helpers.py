@@ -27,9 +27,11 @@ def scalars(log_dir, tag):
 
 
 def train_args(task, recipe, settings, out):
-    """`fmkeras.train.main` arguments: a task, a recipe, `--set` overrides, `--out`."""
+    """`fmkeras.train.main` arguments: a task, a recipe, `--set` overrides, `--out`
+    (float32 unless `settings` say otherwise: recipes default to `auto`, and a
+    test's numbers should not depend on whether the CPU has bfloat16)."""
     args = [task, "--recipe", str(recipe), "--out", str(out)]
-    for key, value in settings.items():
+    for key, value in {"train.precision": "float32", **settings}.items():
         args += ["--set", f"{key}={value}"]
     return args
 
@@ -62,6 +64,7 @@ def tiny_args(vocab, steps=40, **extra):
         "train.log_every": 10,
         "train.steps_per_execution": 1,
         "train.peak_gflops": 100,
+        "train.precision": "float32",  # as in `train_args`
         **extra,
     }
     args = ["pretrain", "--recipe", str(PRETRAIN_RECIPE)]

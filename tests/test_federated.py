@@ -22,6 +22,7 @@ from fmkeras.federated.partition import partition_indices
 
 TINY = ("model.init=random", "model.size=tiny", "model.dropout=0", "data.max_lines=300",
         "train.batch_size=8", "train.learning_rate=1e-3", "train.jit_compile=false",
+        "train.precision=float32",
         "federated.clients=3", "federated.local_steps=3")  # fmt: skip
 
 

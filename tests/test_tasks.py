@@ -15,6 +15,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from run_helpers import train_args
 
 import fmkeras
 from fmkeras.config import applies_to, build_config, to_dict
@@ -262,10 +263,7 @@ def test_a_nan_loss_stops_every_task_with_its_last_good_backup(task, recipe, tmp
                 "data.vocab_size": 500, "train.batch_size": 8, "train.steps": 6,
                 "train.checkpoint_every": 2, "train.eval_every": 6, "train.warmup_steps": 0,
                 "train.learning_rate": 1e30, "train.jit_compile": "false"}  # fmt: skip
-    args = [task, "--recipe", recipe, "--out", str(tmp_path / "run")]
-    for key, value in settings.items():
-        args += ["--set", f"{key}={value}"]
-    assert train_main(args) == 2
+    assert train_main(train_args(task, recipe, settings, tmp_path / "run")) == 2
     err = capsys.readouterr().err
     assert re.search(r"loss became NaN or infinite at step \d; training stopped\. Last good "
                      r"backup: (none|\S+step-0000000\d)\.", err), err  # fmt: skip
