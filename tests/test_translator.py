@@ -25,6 +25,7 @@ from fmkeras.text.parallel import read_parallel
 from fmkeras.text.wordpiece import WordPieceTokenizer, learn_vocabulary, write_vocabulary
 from fmkeras.train import main
 from fmkeras.training.driver import resolve_files
+from fmkeras.training.precision import in_dtype_policy
 from fmkeras.training.run_dir import RunDir
 from fmkeras.translate import main as translate_main
 
@@ -100,6 +101,20 @@ def test_greedy_with_cache_and_xla_matches_uncached(model):
     beam_one, _ = beam_search(model.decode_step, model.initial_state(SOURCE, 8), 2, 8, START, END,
                               beam_width=1, length_penalty=0.0)  # fmt: skip
     np.testing.assert_array_equal(beam_one, expected)
+
+
+def test_a_bfloat16_copy_decodes_in_a_graph(model):
+    """`export --precision bfloat16`: the decoding caches follow the layers' dtype
+    (a float32 cache fed bfloat16 keys broke the graph's while loop)."""
+    half = in_dtype_policy(model, "bfloat16")
+
+    @tf.function
+    def decode(source):
+        state = half.initial_state(source, 8)
+        return beam_search(half.decode_step, state, 2, 8, START, END, beam_width=2)
+
+    tokens, _ = decode(tf.constant(SOURCE))
+    assert tokens.shape == (2, 8) and np.all((np.asarray(tokens) >= 0) & (np.asarray(tokens) < 25))
 
 
 def test_beam_search_finds_the_sequence_greedy_misses():

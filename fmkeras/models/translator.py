@@ -121,6 +121,7 @@ class Translator(keras.Model):
             x = self.decoder_final_layer_norm(x)
         logits = self.lm_head(x)  # (batch, target, vocabulary)
         super().__init__(inputs=inputs, outputs=logits, **kwargs)
+        self.dtype_policy = dtype  # the decoding caches follow the layers (see Encoder)
         # Translation loss does not reach the pooler: freeze it.
         encoder.pooler.trainable = False
 
