@@ -255,8 +255,10 @@ def test_run_directories_say_what_is_wrong_with_them(tmp_path):
         load_run(run.root, tasks=("translate",))
 
 
-@pytest.mark.parametrize("task, recipe", [("classify", "sst2"), ("tag", "conll2003"),
-                                          ("translate", "en_zh")])  # fmt: skip
+@pytest.mark.parametrize("task, recipe", [
+    ("classify", "sst2"), ("tag", "conll2003"),
+    pytest.param("translate", "en_zh", marks=pytest.mark.slow),  # ~24 s, the same driver path
+])  # fmt: skip
 def test_a_nan_loss_stops_every_task_with_its_last_good_backup(task, recipe, tmp_path, data_dir,
                                                                capsys):  # fmt: skip
     settings = {"model.size": "tiny", "model.init": "random", "data.max_lines": 200,
