@@ -74,7 +74,10 @@ def test_the_peak_is_cached_only_when_calibrated_on_an_idle_machine(tmp_path, mo
     gflops, origin = throughput.peak_gflops("bfloat16", cache=cache, rounds=1)
     assert gflops == 100.0 and "not cached: the load average was" in origin
     assert not cache.exists()
-    monkeypatch.setattr(throughput, "load_average", lambda: 0.0)
+    probed = []  # idle before the probe, loaded by the probe's own threads afterwards
+    monkeypatch.setattr(throughput, "measure_matmul_gflops",
+                        lambda **kwargs: probed.append(1) or 100.0)  # fmt: skip
+    monkeypatch.setattr(throughput, "load_average", lambda: 100.0 if probed else 0.0)
     assert "calibrated now, cached" in throughput.peak_gflops("bfloat16", cache=cache, rounds=1)[1]
     monkeypatch.setattr(throughput, "measure_matmul_gflops", lambda **kwargs: 1.0)
     assert throughput.peak_gflops("bfloat16", cache=cache, rounds=1)[0] == 100.0  # from the cache

@@ -52,7 +52,7 @@ def device_name(device="/cpu:0"):
     return f"CPU x{os.cpu_count()}"
 
 
-BUSY_LOAD = 0.5  # load average per core above which other work shares the cores
+BUSY_LOAD = 0.5  # load average per core (beyond this process) at which other work shares them
 
 
 def load_average():
@@ -74,10 +74,11 @@ def peak_gflops(dtype="float32", device="/cpu:0", cache=CACHE, rounds=3):
         known = {}
     if key in known:
         return known[key]["gflops"], f"calibrated {known[key]['date']}, cached in {cache}"
+    # Read before measuring: the probe's own threads would raise the load average.
+    load = load_average()
     gflops = max(measure_matmul_gflops(device=device, dtype=dtype, jit_compile=xla)
                  for xla in (False, True) for _ in range(rounds))  # fmt: skip
-    load = load_average()
-    if load > BUSY_LOAD * (os.cpu_count() or 1):
+    if load > BUSY_LOAD * (os.cpu_count() or 1) + 1:  # + 1: this process's own thread
         return gflops, (f"calibrated now, not cached: the load average was {load:.1f} on "
                         f"{os.cpu_count()} cores, which deflates a ceiling")  # fmt: skip
     known[key] = {"gflops": gflops, "date": time.strftime("%Y-%m-%d")}
