@@ -122,6 +122,14 @@ class DistillConfig:
     teacher: str | None = None  # a finished classify run directory (required)
     temperature: float = 2.0  # softens both distributions of the soft-target loss
     alpha: float = 0.5  # weight of the soft-target loss; 1 - alpha weighs the hard labels
+    # Intermediate-layer transfer (the student reads the teacher's vocabulary; the teacher
+    # runs beside it instead of cached logits): hidden-state MSE (TinyBERT; equal widths)
+    # and attention-probability KL (MiniLM) between paired blocks. 0: off.
+    hidden_weight: float = 0.0
+    attention_weight: float = 0.0
+    # The teacher block each student block learns from, "-" for none ("1,3,5"; "-,-,5" as
+    # MiniLM: the last only); default: uniform, the last blocks paired
+    layers: str | None = None
 
 
 @dataclasses.dataclass
@@ -435,6 +443,28 @@ def validate_generate(generate, prefix=""):
             raise ConfigError(f"{prefix}{name}={getattr(generate, name)} must be {wanted}")
 
 
+def distill_layer_pairs(text):
+    """`distill.layers` ("1,3,5": the teacher block each student block learns
+    from, "-" for none) as `[(student block, teacher block)]`."""
+    entries = [entry.strip() for entry in str(text).split(",")]
+    named = [entry for entry in entries if entry != "-"]
+    if not named or not all(entry.isdigit() for entry in named):
+        raise ConfigError(f"distill.layers must name the teacher block of each student block, "
+                          f"'-' for none, such as '1,3,5' or '-,-,5'; got {text!r}")  # fmt: skip
+    return [(student, int(entry)) for student, entry in enumerate(entries) if entry != "-"]
+
+
+def validate_distill(distill):
+    if distill.temperature <= 0 or not 0.0 <= distill.alpha <= 1.0:
+        raise ConfigError(f"distill.temperature must be positive and distill.alpha in [0, 1]; got "
+                          f"{distill.temperature}, {distill.alpha}")  # fmt: skip
+    for name in ("hidden_weight", "attention_weight"):
+        if getattr(distill, name) < 0:
+            raise ConfigError(f"distill.{name} must be 0 or more, got {getattr(distill, name)}")
+    if distill.layers is not None:
+        distill_layer_pairs(distill.layers)
+
+
 def validate_federated(config):
     """Checks the `federated.*` keys."""
     names = ("clients", "rounds", "min_clients", "local_steps", "alpha", "server_learning_rate",
@@ -504,9 +534,7 @@ def validate(config):
     if not 0.0 <= model.dropout < 1.0:
         raise ConfigError(f"model.dropout must be in [0, 1), got {model.dropout}")
     validate_generate(config.generate, "generate.")
-    if config.distill.temperature <= 0 or not 0.0 <= config.distill.alpha <= 1.0:
-        raise ConfigError(f"distill.temperature must be positive and distill.alpha in [0, 1]; got "
-                          f"{config.distill.temperature}, {config.distill.alpha}")  # fmt: skip
+    validate_distill(config.distill)
     validate_federated(config)
     validate_sparsity(config)
     if not 0.0 < data.mask_rate < 1.0:

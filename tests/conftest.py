@@ -7,6 +7,12 @@ REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("FMKERAS_DATA_DIR", REPO.parent / "shared" / "data")).resolve()
 HAVE_DATA = (DATA_DIR / "gutenberg_en" / "train.txt").is_file()
 
+# Tests run tiny models on every core at once (pytest-xdist, one worker per core): one
+# TensorFlow and oneDNN thread per worker, inherited by the processes the tests start, keeps
+# the workers from oversubscribing the cores. Set before anything imports TensorFlow.
+os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 def pytest_configure(config):
     if HAVE_DATA:

@@ -1,17 +1,25 @@
-"""Knowledge distillation: the loss, and a tiny teacher -> student run that
-evaluates, predicts and exports like any classify run."""
+"""Knowledge distillation: the losses, the `Distiller` model, and tiny
+teacher -> student runs (cached logits; intermediate layers) that evaluate,
+predict, resume and export like any classify run."""
 
 import json
+import shutil
 
 import keras
 import numpy as np
 import pytest
 from run_helpers import REPO, train_args, train_tiny_classifier
 
+from fmkeras.compress.command import main as compress_main
 from fmkeras.export import main as export_main
+from fmkeras.models import Classifier, Distiller, Encoder
+from fmkeras.models.distiller import attention_loss, hidden_state_loss, uniform_layer_pairs
 from fmkeras.tasks import load_run
 from fmkeras.tasks.distill import DistillationLoss
 from fmkeras.train import main as train_main
+
+IDS = np.array([[2, 5, 9, 7, 3, 0], [2, 8, 3, 0, 0, 0]], "int32")
+INPUTS = {"token_ids": IDS, "segment_ids": 0 * IDS, "padding_mask": (IDS > 0).astype("int32")}
 
 
 def test_distillation_loss_mixes_soft_and_hard_targets():
@@ -28,6 +36,69 @@ def test_distillation_loss_mixes_soft_and_hard_targets():
                 keras.ops.log_softmax(student / t).numpy())  # fmt: skip
     kl = (p * (np.log(p) - log_q)).sum(-1).mean() * t**2
     assert float(DistillationLoss(t, alpha=1.0)(y_true, student)) == pytest.approx(kl, rel=1e-5)
+
+
+def classifier(layers, hidden=16, heads=2, seed=0):
+    keras.utils.set_random_seed(seed)
+    encoder = Encoder(20, layers, heads, hidden, 32, dropout=0.0, max_sequence_length=8)
+    return Classifier(encoder, num_classes=2, dropout=0.0)
+
+
+def test_intermediate_losses_are_zero_for_identical_states_and_ignore_padding():
+    rng = np.random.default_rng(0)
+    mask = INPUTS["padding_mask"].astype("float32")
+    states = rng.normal(size=(2, 6, 4)).astype("float32")
+    assert float(hidden_state_loss(states, states, mask)) == 0.0
+    moved = states + 3.0 * (1 - mask)[..., None]  # differs at padding only
+    assert float(hidden_state_loss(states, moved, mask)) == 0.0
+    assert float(hidden_state_loss(states, states + 1.0, mask)) == pytest.approx(1.0)
+    scores = keras.ops.softmax(rng.normal(size=(2, 2, 6, 6)).astype("float32")).numpy()
+    assert float(attention_loss(scores, scores, mask)) == pytest.approx(0.0, abs=1e-6)
+    other = keras.ops.softmax(rng.normal(size=(2, 2, 6, 6)).astype("float32")).numpy()
+    p, q = scores[0, 1, 2], other[0, 1, 2]  # one real query of one head
+    kl = (p * (np.log(p) - np.log(q))).sum()
+    only = np.zeros((2, 6), "float32")
+    only[0, 2] = 1.0
+    assert float(attention_loss(scores[:, 1:], other[:, 1:], only)) == pytest.approx(kl, rel=1e-4)
+    # Different head counts compare the head-averaged maps.
+    averaged = scores.mean(1, keepdims=True)
+    assert float(attention_loss(scores, averaged, mask)) == pytest.approx(0.0, abs=1e-6)
+    assert uniform_layer_pairs(3, 6) == [(0, 1), (1, 3), (2, 5)]
+    assert uniform_layer_pairs(2, 2) == [(0, 0), (1, 1)]
+
+
+def test_a_distiller_adds_no_loss_for_a_copy_of_its_teacher_and_trains_only_the_student():
+    teacher = classifier(2)
+    copy = classifier(2, seed=1)
+    copy.set_weights(teacher.get_weights())
+    distiller = Distiller(copy, teacher, [(0, 0), (1, 1)], alpha=1.0, hidden_weight=1.0,
+                          attention_weight=1.0)  # fmt: skip
+    np.testing.assert_allclose(distiller(INPUTS), teacher(INPUTS), atol=1e-6)
+    distiller(INPUTS, training=True)
+    assert [float(loss) for loss in distiller.losses] == pytest.approx([0, 0, 0], abs=1e-5)
+    clone = Distiller.from_config(distiller.get_config())
+    assert (clone.layer_pairs, clone.alpha, clone.hidden_weight) == ([(0, 0), (1, 1)], 1.0, 1.0)
+
+    student = classifier(1, seed=2)
+    distiller = Distiller(student, teacher, uniform_layer_pairs(1, 2), alpha=0.5,
+                          hidden_weight=1.0, attention_weight=1.0)  # fmt: skip
+    hard = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    distiller.compile(optimizer=keras.optimizers.Adam(1e-2), loss=hard, loss_weights=0.5)
+    before = [w.copy() for w in teacher.get_weights()]
+    x = {key: np.repeat(value, 8, axis=0) for key, value in INPUTS.items()}
+    history = distiller.fit(x, np.array([0, 1] * 8), epochs=40, batch_size=16, verbose=0)
+    losses = history.history["loss"]
+    assert losses[-1] < 0.5 * losses[0]  # the student moves towards the teacher
+    for kept, now in zip(before, teacher.get_weights(), strict=True):
+        np.testing.assert_array_equal(kept, now)
+    assert len(distiller.trainable_weights) == len(student.trainable_weights)
+
+
+def test_a_distiller_refuses_layer_pairs_its_shapes_do_not_allow():
+    with pytest.raises(ValueError, match="equal hidden sizes; the student has 8, the teacher 16"):
+        Distiller(classifier(1, hidden=8), classifier(2), [(0, 1)], hidden_weight=1.0)
+    with pytest.raises(ValueError, match=r"the teacher has 2 blocks"):
+        Distiller(classifier(1), classifier(2), [(0, 2)], attention_weight=1.0)
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +132,60 @@ def test_a_student_learns_from_its_teacher_and_acts_as_a_classifier(teacher, tmp
     recipe = REPO / "trainers" / "sst2_distill.yaml"
     assert train_main(train_args("distill", recipe, settings, tmp_path / "bad")) == 2
     assert "has the labels ['0', '1'], but" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def one_block_student(teacher, tmp_path_factory):
+    """The teacher's first block and head: a student that reads its vocabulary."""
+    pruned = tmp_path_factory.mktemp("pruned") / "one-block"
+    assert compress_main(["prune", str(teacher), "--layers", "1", "--out", str(pruned)]) == 0
+    return pruned
+
+
+def test_a_student_learns_the_teachers_layers_and_resumes(teacher, one_block_student, tmp_path,
+                                                          capsys):  # fmt: skip
+    """Intermediate transfer: the run resumes, and saves a plain classifier."""
+    student = tmp_path / "student"
+    settings = {"data.max_lines": 200, "distill.teacher": teacher, "model.init": one_block_student,
+                "distill.hidden_weight": 1.0, "distill.attention_weight": 1.0,
+                "train.checkpoint_every": 2}  # fmt: skip
+    train_tiny_classifier("distill", "sst2_distill.yaml", student, **settings)  # 6 steps
+    out = capsys.readouterr().out
+    assert "runs beside the student (2 -> 1 blocks, student<-teacher 0<-1;" in out
+    assert "logits of" not in out  # no cached pass
+    first = json.loads((student / "metrics.json").read_text())
+    # A run killed after its step-4 backup resumes from it (the backup holds both models).
+    shutil.rmtree(student / "backup" / "step-00000006")
+    (student / "metrics.json").unlink()
+    train_tiny_classifier("distill", "sst2_distill.yaml", student, **settings)
+    metrics = json.loads((student / "metrics.json").read_text())
+    assert metrics["resumed_from_step"] == 4 and metrics["steps"] == 6
+    assert metrics["loss"] == pytest.approx(first["loss"], abs=1e-3)
+    info = json.loads((student / "task.json").read_text())["distill"]
+    assert (info["hidden_weight"], info["attention_weight"]) == (1.0, 1.0)
+    model = load_run(student).model  # a plain classifier (exports as the cached-logit run's)
+    assert isinstance(model, Classifier) and model.encoder.num_layers == 1
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"distill.hidden_weight": 1.0}, "need a student with the teacher's vocabulary"),
+    ({"distill.attention_weight": 1.0, "distill.layers": "1,1"},
+     "distill.layers=1,1 has 2 entries; the student has 1 blocks"),
+    ({"distill.attention_weight": 1.0, "distill.layers": "x"},
+     "distill.layers must name the teacher block of each student block"),
+    ({"distill.hidden_weight": -1}, "distill.hidden_weight must be 0 or more"),
+    ({"distill.hidden_weight": 1.0, "sparsity.target": 0.5}, "cannot be combined with"),
+])  # fmt: skip
+def test_intermediate_transfer_says_what_is_wrong(teacher, one_block_student, tmp_path, capsys,
+                                                  settings, message):  # fmt: skip
+    recipe = REPO / "trainers" / "sst2_distill.yaml"
+    init = {"model.init": one_block_student} if "distill.layers" in settings else \
+        {"model.init": "random", "model.size": "tiny", "data.vocab_size": 600}  # fmt: skip
+    args = {"distill.teacher": teacher, "data.max_lines": 200, "train.steps": 2, **init,
+            **settings}  # fmt: skip
+    assert train_main(train_args("distill", recipe, args, tmp_path / "run")) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
 
 
 def test_distill_needs_a_teacher(tmp_path, capsys, data_dir):

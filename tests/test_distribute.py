@@ -14,6 +14,8 @@ import pytest
 from run_helpers import REPO, run_cli, run_workers, scalars, tiny_args, wait_for
 from shard_data import examples, pipeline
 
+from fmkeras.train import main
+
 pytestmark = pytest.mark.usefixtures("data_dir")  # every test here reads the datasets
 
 
@@ -52,8 +54,7 @@ def assert_follows(run, reference, steps=None):
 
 @pytest.mark.long_running
 def test_mirrored_follows_the_one_device_trajectory_and_resumes(tmp_path, small_vocab):
-    one = run_cli(tiny_args(small_vocab, **EXACT) + ["--out", str(tmp_path / "one")])
-    assert one.returncode == 0, one.stderr
+    assert main(tiny_args(small_vocab, **EXACT) + ["--out", str(tmp_path / "one")]) == 0
 
     run = tmp_path / "mirrored"
     args = tiny_args(small_vocab, **MIRRORED) + ["--out", str(run)]
@@ -87,35 +88,34 @@ SHARDS = textwrap.dedent("""
     from fmkeras.distribute import create_strategy
     strategy = create_strategy(DistributeConfig(strategy="multi_worker"))
     from shard_data import pipeline
-    batches = iter(strategy.experimental_distribute_dataset(pipeline(*sys.argv[1:])))  # as `fit`
-    seen = []
-    for _ in range(8):
-        batch = [strategy.experimental_local_results(t)[0].numpy().tolist() for t in next(batches)]
-        seen.append(batch)
+    seen = {}
+    for kind in ("mlm", "labelled"):  # one pair of worker processes checks both pipelines
+        batches = iter(strategy.experimental_distribute_dataset(pipeline(kind, sys.argv[1])))
+        seen[kind] = [[strategy.experimental_local_results(t)[0].numpy().tolist()
+                       for t in next(batches)] for _ in range(8)]  # as `fit` reads them
     print(json.dumps(seen))
 """)
 
 
-@pytest.mark.parametrize("kind", ["mlm", "labelled"])
-def test_two_workers_split_every_global_batch(kind, tmp_path, small_vocab):
+def test_two_workers_split_every_global_batch(tmp_path, small_vocab):
     """Pretraining and fine-tuning pipelines: each step, worker 0 gets the first half of
     the single-process global batch and worker 1 the second; one pass covers the data once."""
-    results = run_workers(SHARDS, kind, small_vocab, cwd=REPO / "tests")
+    results = run_workers(SHARDS, small_vocab, cwd=REPO / "tests")
     for code, _, err in results:
         assert code == 0, err[-3000:]
     workers = [json.loads(out.strip().splitlines()[-1]) for _, out, _ in results]
-    single = [[t.numpy() for t in batch] for batch in pipeline(kind, small_vocab).take(8)]
-    joined_batches = []
-    for step, batch in enumerate(single):
-        joined = [
-            np.concatenate([np.array(w[step][part]) for w in workers]) for part in range(len(batch))
-        ]
-        for part, whole in zip(joined, batch, strict=True):
-            np.testing.assert_array_equal(part, whole)
-        joined_batches.append(joined)
-    seen = examples(kind, small_vocab, joined_batches)
-    for one_pass in (seen[:64], seen[64:]):  # 2 passes of 4 batches
-        assert sorted(one_pass) == list(range(64))
+    for kind in ("mlm", "labelled"):
+        single = [[t.numpy() for t in batch] for batch in pipeline(kind, small_vocab).take(8)]
+        joined_batches = []
+        for step, batch in enumerate(single):
+            joined = [np.concatenate([np.array(w[kind][step][part]) for w in workers])
+                      for part in range(len(batch))]  # fmt: skip
+            for part, whole in zip(joined, batch, strict=True):
+                np.testing.assert_array_equal(part, whole)
+            joined_batches.append(joined)
+        seen = examples(kind, small_vocab, joined_batches)
+        for one_pass in (seen[:64], seen[64:]):  # 2 passes of 4 batches
+            assert sorted(one_pass) == list(range(64)), kind
 
 
 @pytest.mark.long_running

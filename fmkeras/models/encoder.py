@@ -180,19 +180,46 @@ class Encoder(keras.Model):
         Returns the dict of `call`, which the same ids give.
         """
         x = self.embedding.embed_vectors(token_vectors, segment_ids)
-        scores = []
-        for block in self.transformer_layers:
-            if return_attention_scores:
-                x, layer_scores = block(x, padding_mask=padding_mask, return_attention_scores=True)
-                scores.append(layer_scores)
+        attention_layers = range(self.num_layers) if return_attention_scores else ()
+        outputs = self._run_blocks(x, padding_mask, False, attention_layers)
+        del outputs["hidden_states"]
+        if not return_attention_scores:
+            del outputs["attention_scores"]
+        return outputs
+
+    def call_with_layer_outputs(self, inputs, training=False, attention_layers=()):
+        """The outputs of `call` plus each block's, for intermediate-layer
+        distillation (`fmkeras.tasks.distill`).
+
+        Args:
+            inputs: the dict of `call`.
+            training: bool. Whether dropout is active.
+            attention_layers: indices of the blocks whose attention
+                probabilities to return (they take the explicit, unfused
+                attention path).
+
+        Returns the dict of `call` plus `hidden_states`, one `(batch, seq,
+        hidden)` output per block, and `attention_scores`, one entry per
+        block: `(batch, heads, seq, seq)` probabilities for `attention_layers`,
+        None for the others.
+        """
+        x = self.embedding(inputs["token_ids"], inputs["segment_ids"], training=training)
+        return self._run_blocks(x, inputs["padding_mask"], training, attention_layers)
+
+    def _run_blocks(self, x, padding_mask, training, attention_layers):
+        hidden_states, scores = [], []
+        for index, block in enumerate(self.transformer_layers):
+            if index in attention_layers:
+                x, layer_scores = block(x, padding_mask=padding_mask, training=training,
+                                        return_attention_scores=True)  # fmt: skip
             else:
-                x = block(x, padding_mask=padding_mask)
+                x, layer_scores = block(x, padding_mask=padding_mask, training=training), None
+            hidden_states.append(x)  # (batch, seq, hidden)
+            scores.append(layer_scores)  # (batch, heads, seq, seq) or None
         if self.final_layer_norm is not None:
             x = self.final_layer_norm(x)
-        outputs = {"sequence_output": x, "pooled_output": self.pooler(x[:, 0, :])}
-        if return_attention_scores:
-            outputs["attention_scores"] = scores
-        return outputs
+        return {"sequence_output": x, "pooled_output": self.pooler(x[:, 0, :]),
+                "hidden_states": hidden_states, "attention_scores": scores}  # fmt: skip
 
     def get_config(self):
         return {

@@ -9,8 +9,17 @@ the training set, logged with its time), and travel with the examples, so a
 step costs the student alone. The loss is `alpha * T^2 * KL(softmax(t / T)
 || softmax(s / T)) + (1 - alpha) * CE(label, s)` with teacher logits `t`,
 student logits `s` and temperature `T` (`distill.temperature`,
-`distill.alpha`). The finished run is a classify run in every other respect:
-evaluate, predict, explain and export treat it as one.
+`distill.alpha`).
+
+With `distill.hidden_weight` or `distill.attention_weight` above 0 the
+student also learns the teacher's intermediate layers (`models.Distiller`:
+hidden states as TinyBERT, attention probabilities as MiniLM, between the
+blocks `distill.layers` pairs). The student must then read the teacher's
+vocabulary (e.g. a student made by `fmkeras.compress prune --layers`), and
+the teacher runs beside it on every batch instead of cached logits.
+
+The finished run is a classify run in every other respect: evaluate,
+predict, explain and export treat it as one.
 """
 
 import time
@@ -21,12 +30,17 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from fmkeras.config import distill_layer_pairs
 from fmkeras.errors import ConfigError
+from fmkeras.models.distiller import Distiller, soft_target_loss, uniform_layer_pairs
 from fmkeras.tasks import load_run
 from fmkeras.tasks.classify import ClassifyTask
-from fmkeras.tasks.finetune import collect
+from fmkeras.tasks.finetune import EncoderTask, collect
 from fmkeras.tasks.registry import register_task
 from fmkeras.text.labelled import encode_inputs
+from fmkeras.training.run_dir import RunDir
+
+TEACHER_TASKS = ("classify", "distill")
 
 
 @keras.saving.register_keras_serializable(package="fmkeras")
@@ -49,10 +63,7 @@ class DistillationLoss(keras.losses.Loss):
     def call(self, y_true, y_pred):
         labels = ops.cast(y_true[:, 0], "int32")  # (batch,)
         y_pred = ops.cast(y_pred, "float32")  # (batch, classes)
-        temperature = self.temperature
-        teacher = ops.log_softmax(ops.cast(y_true[:, 1:], "float32") / temperature, axis=-1)
-        student = ops.log_softmax(y_pred / temperature, axis=-1)
-        soft = ops.sum(ops.exp(teacher) * (teacher - student), axis=-1) * temperature**2
+        soft = soft_target_loss(y_true[:, 1:], y_pred, self.temperature)
         hard = keras.losses.sparse_categorical_crossentropy(labels, y_pred, from_logits=True)
         return self.alpha * soft + (1.0 - self.alpha) * hard
 
@@ -77,20 +88,71 @@ class DistillTask(ClassifyTask):
             raise ConfigError("task=distill needs distill.teacher=RUN_DIR, a finished classify run")
         if not (Path(teacher) / "task.json").is_file():
             raise ConfigError(f"distill.teacher={teacher} is not a finished run (no task.json)")
+        if intermediate(config.distill) and config.sparsity.target:
+            raise ConfigError("sparsity.target cannot be combined with distill.hidden_weight or "
+                              "distill.attention_weight (the teacher's kernels would be pruned "
+                              "too)")  # fmt: skip
         super().check_config(config)
 
     def read_data(self):
         super().read_data()
         teacher = self.config.distill.teacher
-        self.teacher = load_run(teacher, tasks=("classify", "distill"))
-        if list(self.teacher.labels) != list(self.names):
-            raise ConfigError(f"distill.teacher={teacher} has the labels {self.teacher.labels}, "
+        info = RunDir(teacher).read_info()
+        if info["task"] not in TEACHER_TASKS:
+            raise ConfigError(f"distill.teacher={teacher} holds a {info['task']!r} run; the "
+                              f"teacher must be a classify run")  # fmt: skip
+        if list(info["labels"]) != list(self.names):
+            raise ConfigError(f"distill.teacher={teacher} has the labels {info['labels']}, "
                               f"but {self.config.data.train_file} has {self.names}")  # fmt: skip
 
     def build_model(self):
-        model = super().build_model()
-        self.teacher_logits = self.teacher_outputs()
+        """The student (a classifier); with intermediate transfer, the student
+        and the teacher in a `Distiller` (inside the strategy scope, in the run's
+        precision)."""
+        student = super().build_model()
+        distill = self.config.distill
+        policy = keras.mixed_precision.global_policy().name
+        self.teacher = load_run(distill.teacher, tasks=TEACHER_TASKS, precision=policy)
+        if not intermediate(distill):
+            self.teacher_logits = self.teacher_outputs()
+            return student
+        self.check_shared_vocabulary()
+        teacher = self.teacher.model
+        student_blocks, teacher_blocks = student.encoder.num_layers, teacher.encoder.num_layers
+        if distill.layers is None:
+            pairs = uniform_layer_pairs(student_blocks, teacher_blocks)
+        else:
+            pairs = distill_layer_pairs(distill.layers)
+            entries = len(distill.layers.split(","))
+            if entries != student_blocks:
+                raise ConfigError(f"distill.layers={distill.layers} has {entries} entries; the "
+                                  f"student has {student_blocks} blocks")  # fmt: skip
+        try:
+            model = Distiller(student, teacher, pairs, distill.temperature, distill.alpha,
+                              distill.hidden_weight, distill.attention_weight, name="distiller")
+        except ValueError as error:
+            raise ConfigError(f"distill: {error}") from None
+        described = ", ".join(f"{s}<-{t}" for s, t in pairs)
+        self.log(f"teacher {distill.teacher} runs beside the student ({teacher_blocks} -> "
+                 f"{student_blocks} blocks, student<-teacher {described}; hidden_weight "
+                 f"{distill.hidden_weight:g}, attention_weight "
+                 f"{distill.attention_weight:g})")  # fmt: skip
         return model
+
+    def check_shared_vocabulary(self):
+        """Intermediate transfer pairs token positions: one vocabulary."""
+        teacher = self.teacher.tokenizer
+        if teacher.vocabulary != self.tokenizer.vocabulary or \
+                teacher.lowercase != self.tokenizer.lowercase:
+            raise ConfigError(f"distill.hidden_weight/attention_weight need a student with the "
+                              f"teacher's vocabulary, but {self.run.vocab} differs from "
+                              f"{Path(self.config.distill.teacher) / 'vocab.txt'} (start the "
+                              f"student from the teacher, e.g. python -m fmkeras.compress prune "
+                              f"TEACHER --layers 3)")  # fmt: skip
+        positions = self.teacher.model.encoder.max_sequence_length
+        if self.config.data.sequence_length > positions:
+            raise ConfigError(f"data.sequence_length={self.config.data.sequence_length} exceeds "
+                              f"the teacher's {positions} positions")  # fmt: skip
 
     def teacher_outputs(self):
         """The teacher's logits `(examples, classes)` for the training rows."""
@@ -110,13 +172,18 @@ class DistillTask(ClassifyTask):
 
     def compile_args(self, model):
         distill = self.config.distill
+        if isinstance(model, Distiller):  # the soft and intermediate terms are the model's
+            return {**EncoderTask.compile_args(self, model), "loss_weights": 1.0 - distill.alpha}
         accuracy = keras.metrics.MeanMetricWrapper(label_accuracy, name="accuracy")
         return {"loss": DistillationLoss(distill.temperature, distill.alpha),
                 "weighted_metrics": [accuracy]}  # fmt: skip
 
     def train_dataset(self, step):
         """Batches whose targets are `[label, teacher logits...]` (the example
-        index travels through the shuffled, bucketed batches as the label)."""
+        index travels through the shuffled, bucketed batches as the label);
+        labels alone when the teacher runs beside the student."""
+        if intermediate(self.config.distill):
+            return super().train_dataset(step)
         indices = np.arange(len(self.train_labels), dtype=np.int32)
         batches = self.batches(self.train_ids, indices, shuffle=True,
                                seed=self.config.train.seed + step, repeat=True)  # fmt: skip
@@ -129,8 +196,23 @@ class DistillTask(ClassifyTask):
 
         return batches.map(targets)
 
+    def backup_hooks(self, model):
+        return super().backup_hooks(student_of(model))
+
+    def save(self, model):
+        super().save(student_of(model))
+
     def info(self):
         distill = self.config.distill
-        return {**super().info(), "distill": {"teacher": distill.teacher,
-                                              "temperature": distill.temperature,
-                                              "alpha": distill.alpha}}  # fmt: skip
+        keys = ("teacher", "temperature", "alpha", "hidden_weight", "attention_weight", "layers")
+        return {**super().info(), "distill": {key: getattr(distill, key) for key in keys}}
+
+
+def intermediate(distill):
+    """Whether `distill` transfers intermediate layers (the teacher runs on the fly)."""
+    return bool(distill.hidden_weight or distill.attention_weight)
+
+
+def student_of(model):
+    """The classifier a run saves: the student of a `Distiller`."""
+    return model.student if isinstance(model, Distiller) else model
