@@ -1,6 +1,7 @@
 """Small helpers shared by the layers: masks, activations, initializers."""
 
 import keras
+import numpy as np
 from keras import ops
 
 ACTIVATIONS = {
@@ -71,3 +72,8 @@ def with_dtype_policy(config):
     if isinstance(config.get("dtype"), dict):
         config["dtype"] = keras.dtype_policies.deserialize(config["dtype"])
     return config
+
+
+def count_weights(weights):
+    """The number of scalars in `weights` (e.g. `model.trainable_weights`)."""
+    return sum(int(np.prod(weight.shape)) for weight in weights)

@@ -15,6 +15,7 @@ from fmkeras.data import read_lines
 from fmkeras.decoding import NEG_INF, sample, sample_search
 from fmkeras.errors import ConfigError, DataError
 from fmkeras.flops import training_flops_per_token
+from fmkeras.layers.utils import count_weights
 from fmkeras.models import CausalLM
 from fmkeras.models.sizes import encoder_kwargs
 from fmkeras.signatures import generation_functions
@@ -171,8 +172,8 @@ class CausalLMTask(LanguageModelTask):
         return training_flops_per_token(self.arch, length, length, head_transform=False)
 
     def non_embedding_parameters(self):
-        return sum(int(np.prod(weight.shape)) for weight in self.generator.model.weights
-                   if not weight.path.startswith(("embedding/", "lm_head/")))  # fmt: skip
+        return count_weights(weight for weight in self.generator.model.weights
+                             if not weight.path.startswith(("embedding/", "lm_head/")))  # fmt: skip
 
     def evaluate(self, model):
         """Next-token `loss` and `accuracy` on the validation rows, and

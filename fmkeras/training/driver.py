@@ -14,6 +14,7 @@ from fmkeras import distribute
 from fmkeras.config import flat_config, profile_range
 from fmkeras.data import require_file, resolve_data_dir
 from fmkeras.errors import ConfigError
+from fmkeras.layers.utils import count_weights
 from fmkeras.tasks.registry import get_task
 from fmkeras.training import trainer
 from fmkeras.training.callbacks import Evaluator, Profiler, TrainingLogger
@@ -109,8 +110,10 @@ def _train(task, strategy, log):
     logger = TrainingLogger(run.logs, train.log_every, train.steps, print_fn=log,
                             gradient_norm=gradient_norm, **task.logger_settings(model))  # fmt: skip
     logger.write_run_info(flat_config(config))
-    log(f"model: {model.count_params():,} parameters; {strategy.num_replicas_in_sync} "
-        f"replica(s), XLA {'on' if xla else 'off'}; steps {start_step}..{train.steps}")  # fmt: skip
+    trainable = count_weights(model.trainable_weights)
+    log(f"model: {model.count_params():,} parameters ({trainable:,} trainable); "
+        f"{strategy.num_replicas_in_sync} replica(s), XLA {'on' if xla else 'off'}; steps "
+        f"{start_step}..{train.steps}")  # fmt: skip
     cadence = trainer.describe_cadence(train)
     if cadence:
         log(cadence)

@@ -22,6 +22,7 @@ import numpy as np
 from keras import ops
 
 from fmkeras.errors import DataError
+from fmkeras.layers.utils import count_weights
 from fmkeras.training.checkpoints import atomic_path
 from fmkeras.training.run_dir import RunDir
 
@@ -49,9 +50,7 @@ def enable_lora(model, encoder, rank, alpha, targets):
         variable.trainable = False
     for layer in adapted_layers(encoder, targets):
         layer.enable_lora(rank, lora_alpha=alpha)
-    trainable = sum(int(np.prod(v.shape)) for v in model.trainable_weights)
-    total = sum(int(np.prod(v.shape)) for v in model.weights)
-    return trainable, total
+    return count_weights(model.trainable_weights), count_weights(model.weights)
 
 
 def save_adapters(model, path, settings):
