@@ -443,15 +443,15 @@ def validate_generate(generate, prefix=""):
             raise ConfigError(f"{prefix}{name}={getattr(generate, name)} must be {wanted}")
 
 
-def distill_layer_pairs(text):
-    """`distill.layers` ("1,3,5": the teacher block each student block learns
-    from, "-" for none) as `[(student block, teacher block)]`."""
+def distill_teacher_blocks(text):
+    """`distill.layers` ("1,3,5" or "-,-,5") as the teacher block of each student
+    block, None where it names none."""
     entries = [entry.strip() for entry in str(text).split(",")]
     named = [entry for entry in entries if entry != "-"]
     if not named or not all(entry.isdigit() for entry in named):
         raise ConfigError(f"distill.layers must name the teacher block of each student block, "
                           f"'-' for none, such as '1,3,5' or '-,-,5'; got {text!r}")  # fmt: skip
-    return [(student, int(entry)) for student, entry in enumerate(entries) if entry != "-"]
+    return [None if entry == "-" else int(entry) for entry in entries]
 
 
 def validate_distill(distill):
@@ -462,7 +462,7 @@ def validate_distill(distill):
         if getattr(distill, name) < 0:
             raise ConfigError(f"distill.{name} must be 0 or more, got {getattr(distill, name)}")
     if distill.layers is not None:
-        distill_layer_pairs(distill.layers)
+        distill_teacher_blocks(distill.layers)
 
 
 def validate_federated(config):

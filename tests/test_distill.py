@@ -11,6 +11,7 @@ import pytest
 from run_helpers import REPO, train_args, train_tiny_classifier
 
 from fmkeras.compress.command import main as compress_main
+from fmkeras.config import distill_teacher_blocks
 from fmkeras.export import main as export_main
 from fmkeras.models import Classifier, Distiller, Encoder
 from fmkeras.models.distiller import attention_loss, hidden_state_loss, uniform_layer_pairs
@@ -65,6 +66,9 @@ def test_intermediate_losses_are_zero_for_identical_states_and_ignore_padding():
     assert float(attention_loss(scores, averaged, mask)) == pytest.approx(0.0, abs=1e-6)
     assert uniform_layer_pairs(3, 6) == [(0, 1), (1, 3), (2, 5)]
     assert uniform_layer_pairs(2, 2) == [(0, 0), (1, 1)]
+    assert distill_teacher_blocks("1, 3,5") == [1, 3, 5]
+    assert distill_teacher_blocks("-,-,5") == [None, None, 5]  # MiniLM: the last block only
+    assert distill_teacher_blocks(5) == [5]  # YAML reads a single block as an int
 
 
 def test_a_distiller_adds_no_loss_for_a_copy_of_its_teacher_and_trains_only_the_student():

@@ -30,7 +30,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from fmkeras.config import distill_layer_pairs
+from fmkeras.config import distill_teacher_blocks
 from fmkeras.errors import ConfigError
 from fmkeras.models.distiller import Distiller, soft_target_loss, uniform_layer_pairs
 from fmkeras.tasks import load_run
@@ -122,11 +122,11 @@ class DistillTask(ClassifyTask):
         if distill.layers is None:
             pairs = uniform_layer_pairs(student_blocks, teacher_blocks)
         else:
-            pairs = distill_layer_pairs(distill.layers)
-            entries = len(distill.layers.split(","))
-            if entries != student_blocks:
-                raise ConfigError(f"distill.layers={distill.layers} has {entries} entries; the "
-                                  f"student has {student_blocks} blocks")  # fmt: skip
+            blocks = distill_teacher_blocks(distill.layers)
+            if len(blocks) != student_blocks:
+                raise ConfigError(f"distill.layers={distill.layers} has {len(blocks)} entries; "
+                                  f"the student has {student_blocks} blocks")  # fmt: skip
+            pairs = [(s, t) for s, t in enumerate(blocks) if t is not None]
         try:
             model = Distiller(student, teacher, pairs, distill.temperature, distill.alpha,
                               distill.hidden_weight, distill.attention_weight, name="distiller")
