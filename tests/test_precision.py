@@ -1,11 +1,15 @@
 """`train.precision`: the policy `auto` picks, and a bfloat16 run that trains,
 resumes exactly, reloads with float32 variables and exports float32 outputs
-(and writes the TensorBoard profile that `train.profile_steps` asks for), and
-the cached matmul peak MFU is measured against."""
+(and writes the TensorBoard profile that `train.profile_steps` asks for, which
+`tools/profile_summary.py` breaks down), and the cached matmul peak MFU is
+measured against."""
 
 import json
 import os
+import pathlib
 import shutil
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -18,6 +22,12 @@ from fmkeras.export import main as export_main
 from fmkeras.tasks import load_run
 from fmkeras.train import main
 from fmkeras.training.precision import in_dtype_policy, resolve_precision
+
+
+def profile_summary(path):
+    tool = pathlib.Path(__file__).parents[1] / "tools" / "profile_summary.py"
+    return subprocess.run([sys.executable, str(tool), str(path)], capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
 
 
 def test_auto_precision_follows_the_hardware():
@@ -40,6 +50,14 @@ def test_a_bfloat16_run_trains_resumes_reloads_and_exports_float32(tmp_path, sma
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["precision"] == "mixed_bfloat16"
     assert list((run / "logs" / "profile").glob("plugins/profile/*/*.xplane.pb"))
+    summary = profile_summary(run / "logs" / "profile")
+    assert summary.returncode == 0, summary.stderr[-2000:]
+    assert "2 step(s)" in summary.stdout  # 12,14 from the run's config
+    assert "| matmul |" in summary.stdout and "_MklMatMul" in summary.stdout
+    assert "transformer_layer/feedforward_intermediate_dense (backward)" in summary.stdout
+    (tmp_path / "empty").mkdir()
+    missing = profile_summary(tmp_path / "empty")
+    assert missing.returncode != 0 and "no *.xplane.pb under" in missing.stderr
     losses = [value for _, value in scalars(run / "logs" / "train", "loss")]
     assert losses[-1] < losses[0]
     assert keras.mixed_precision.global_policy().name == "float32"  # restored after the run

@@ -1,6 +1,7 @@
 """The Keras + tf.distribute workarounds: the multi-worker ones are still
 needed where they patch and two local workers train in lockstep with them;
-the per-replica XLA step trains exactly like Keras's own."""
+the per-replica XLA step trains exactly like Keras's own; the attention
+projections' gradient is one 2-D matmul and equals stock EinsumDense's."""
 
 import inspect
 import json
@@ -11,10 +12,11 @@ import textwrap
 import keras
 import keras.src.backend.tensorflow.trainer as trainer
 import numpy as np
+import pytest
 import tensorflow as tf
 from run_helpers import run_workers
 
-from fmkeras.workarounds import compile_replica_steps_with_xla
+from fmkeras.workarounds import TrailingEinsumDense, compile_replica_steps_with_xla
 
 WORKER = textwrap.dedent("""
     import json, sys
@@ -123,3 +125,67 @@ def test_predict_on_batch_gives_one_row_per_input_under_mirrored():
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result == {"stock": 6, "fixed": True}
+
+
+PROJECTIONS = [  # (equation, output_shape, bias_axes, input shape): fmkeras's attention projections
+    ("btd,dnh->btnh", (None, 2, 3), "nh", (4, 5, 6)),
+    ("btnh,nhd->btd", (None, 6), "d", (4, 5, 2, 3)),
+]
+
+
+def kernel_gradient_ops(layer, inputs):
+    """Output, gradients (input, kernel, bias) and the op types of the traced gradient."""
+
+    @tf.function
+    def forward_backward(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x)
+            loss = tf.reduce_sum(y * tf.cos(y))
+        return y, tape.gradient(loss, [x, *layer.trainable_variables])
+
+    graph = forward_backward.get_concrete_function(tf.TensorSpec(inputs.shape)).graph
+    output, gradients = forward_backward(inputs)
+    return output, gradients, {op.type for op in graph.get_operations()}
+
+
+@pytest.mark.parametrize("equation,output_shape,bias_axes,shape", PROJECTIONS)
+def test_stock_einsum_dense_still_needs_the_workaround(equation, output_shape, bias_axes, shape):
+    # When this fails, Keras's TensorFlow einsum no longer broadcasts the kernel
+    # in a BatchMatMulV2 (keras#22823's problem): drop TrailingEinsumDense.
+    layer = keras.layers.EinsumDense(equation, output_shape, bias_axes=bias_axes)
+    *_, op_types = kernel_gradient_ops(layer, tf.ones(shape))
+    assert "BatchMatMulV2" in op_types
+
+
+@pytest.mark.parametrize("equation,output_shape,bias_axes,shape", PROJECTIONS)
+def test_trailing_einsum_dense_matches_einsum_dense_with_2d_matmuls(
+    equation, output_shape, bias_axes, shape
+):
+    inputs = tf.random.stateless_normal(shape, seed=(1, 2))
+    stock = keras.layers.EinsumDense(equation, output_shape, bias_axes=bias_axes)
+    fixed = TrailingEinsumDense(equation, output_shape, bias_axes=bias_axes)
+    stock.build(shape)
+    fixed.build(shape)
+    kernel = np.random.default_rng(0).normal(size=stock.kernel.shape).astype("float32")
+    bias = np.linspace(-1, 1, int(np.prod(stock.bias.shape)), dtype="float32")
+    for layer in (stock, fixed):
+        layer.set_weights([kernel, bias.reshape(stock.bias.shape)])
+    expected, expected_gradients, _ = kernel_gradient_ops(stock, inputs)
+    output, gradients, op_types = kernel_gradient_ops(fixed, inputs)
+    np.testing.assert_allclose(output, expected, rtol=1e-5, atol=1e-5)
+    for gradient, reference in zip(gradients, expected_gradients, strict=True):
+        np.testing.assert_allclose(gradient, reference, rtol=1e-4, atol=1e-4)
+    assert "BatchMatMulV2" not in op_types and "MatMul" in op_types
+    assert fixed.tensordot_axes == {"btd,dnh->btnh": 1, "btnh,nhd->btd": 2}[equation]
+
+
+def test_trailing_einsum_dense_keeps_lora_and_other_equations():
+    x = tf.random.stateless_normal((3, 4, 6), seed=(3, 4))
+    layer = TrailingEinsumDense("btd,dnh->btnh", (None, 2, 3), bias_axes="nh")
+    layer.build(x.shape)
+    before = layer(x)
+    layer.enable_lora(2, b_initializer="ones")  # the merged kernel changes the output
+    assert not np.allclose(layer(x), before)
+    transposed = TrailingEinsumDense("abc,dc->abd", (None, 5))  # not a trailing contraction
+    assert transposed.tensordot_axes is None and transposed(x).shape == (3, 4, 5)
