@@ -1,10 +1,11 @@
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from fmkeras.config import TrainConfig
 from fmkeras.training.optimizer import AdamW, WarmupDecay, create_optimizer
-from fmkeras.training.trainer import fit_phases
+from fmkeras.training.trainer import compile_model, fit_phases
 
 
 def rate(schedule, step):
@@ -69,3 +70,26 @@ def test_the_gradient_norm_is_measured_before_clipping_and_not_saved(tmp_path):
     model.compile(optimizer=optimizer, loss="mse")
     model.save(tmp_path / "m.keras")
     assert isinstance(keras.saving.load_model(tmp_path / "m.keras").optimizer, AdamW)
+
+
+@pytest.mark.parametrize("build_first", [True, False])
+def test_compile_model_builds_the_optimizer_so_the_step_is_traced_once(build_first):
+    # Keras alone (build_first=False) creates the optimizer's moments inside the
+    # first traced step, which tf.function then traces a second time; when that
+    # case traces once, Keras builds the optimizer itself: drop the build.
+    train = TrainConfig(steps=4, jit_compile="false")
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    strategy = tf.distribute.get_strategy()
+    with strategy.scope():
+        if build_first:
+            compile_model(model, strategy, train, lambda _: None, optimizer=create_optimizer(train),
+                          loss="mse")  # fmt: skip
+            assert model.optimizer.built
+        else:
+            model.compile(optimizer=create_optimizer(train), loss="mse")
+    traces = []  # Python runs the step once per trace
+    keras_step = model.train_step
+    model.train_step = lambda data: traces.append(1) or keras_step(data)
+    x = np.ones((8, 3), "float32")
+    model.fit(x, x[:, :2], batch_size=4, epochs=2, verbose=0)
+    assert len(traces) == (1 if build_first else 2)

@@ -71,7 +71,8 @@ def resolve_jit_compile(setting, strategy, compute_dtype="float32"):
 
 def compile_model(model, strategy, train, log, **compile_args):
     """`model.compile(**compile_args)` with XLA and `steps_per_execution` from
-    `train` (call it inside `strategy.scope()`); returns whether XLA is on. Under
+    `train` (call it inside `strategy.scope()`), and the optimizer built; returns
+    whether XLA is on. Under
     Mirrored and MultiWorkerMirrored strategies XLA compiles each replica's
     step (`workarounds.compile_replica_steps_with_xla`) and steps run one per
     execution: Keras's multi-step loop fails there with "You must feed a value
@@ -92,6 +93,12 @@ def compile_model(model, strategy, train, log, **compile_args):
     )
     if xla and mirrored:
         compile_replica_steps_with_xla(model)
+    # Outside a strategy scope Keras skips its symbolic build (`_maybe_symbolic_build`)
+    # and creates the optimizer's moments inside the first traced step, and a
+    # tf.function that creates variables is traced twice: built here, the step is
+    # traced once (a tiny 20-step MLM run: 12.8 -> 7.8 s).
+    if not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
     return xla
 
 
