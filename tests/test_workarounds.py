@@ -182,10 +182,15 @@ def test_trailing_einsum_dense_matches_einsum_dense_with_2d_matmuls(
 
 def test_trailing_einsum_dense_keeps_lora_and_other_equations():
     x = tf.random.stateless_normal((3, 4, 6), seed=(3, 4))
-    layer = TrailingEinsumDense("btd,dnh->btnh", (None, 2, 3), bias_axes="nh")
-    layer.build(x.shape)
-    before = layer(x)
-    layer.enable_lora(2, b_initializer="ones")  # the merged kernel changes the output
-    assert not np.allclose(layer(x), before)
+    layers = [cls("btd,dnh->btnh", (None, 2, 3), bias_axes="nh")
+              for cls in (keras.layers.EinsumDense, TrailingEinsumDense)]  # fmt: skip
+    for layer in layers:
+        layer.build(x.shape)
+        layer.enable_lora(2, b_initializer="ones")  # adapters that change the output
+    layers[1].set_weights(layers[0].get_weights())
+    stock, fixed = (layer(x) for layer in layers)
+    np.testing.assert_allclose(fixed, stock, rtol=1e-5, atol=1e-5)  # the adapters count
+    layers[1].lora_kernel_b.assign(tf.zeros_like(layers[1].lora_kernel_b))
+    assert not np.allclose(layers[1](x), stock, atol=1e-3)
     transposed = TrailingEinsumDense("abc,dc->abd", (None, 5))  # not a trailing contraction
     assert transposed.tensordot_axes is None and transposed(x).shape == (3, 4, 5)

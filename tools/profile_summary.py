@@ -18,9 +18,12 @@ import collections
 import pathlib
 import re
 import sys
+import types
 
-import yaml
 from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+from fmkeras.config import profile_range
+from fmkeras.training.run_dir import RunDir
 
 # Kinds of work by op type (after dropping oneDNN's `_Mkl`/`_MklNative` prefix).
 KINDS = (
@@ -51,8 +54,7 @@ KINDS = (
     ),
     ("input pipeline", r"IteratorGetNext.*|OptionalGetValue|.*Dataset.*"),
 )
-LOGGED_RANGE = re.compile(r"^(\d+)\s*,\s*(\d+)$")
-OP_EVENT = re.compile(r"[^\s:]+:[\w]+")  # `op/name:OpType`, as the executor records a kernel
+OP_EVENT = re.compile(r"[^\s:]+:\w+")  # `op/name:OpType`, as the executor records a kernel
 
 
 def find_xplane(path):
@@ -68,14 +70,15 @@ def find_xplane(path):
 
 
 def profiled_steps(xplane):
-    """END - START of `train.profile_steps` in the run's config.yaml, if found."""
+    """END - START of the run's `train.profile_steps` (its config.yaml above
+    `xplane`), or None."""
     for parent in xplane.parents:
-        config = parent / "config.yaml"
-        if config.is_file():
-            value = str((yaml.safe_load(config.read_text()) or {}).get("train", {})
-                        .get("profile_steps") or "")  # fmt: skip
-            match = LOGGED_RANGE.match(value)
-            return int(match[2]) - int(match[1]) if match else None
+        if (parent / "config.yaml").is_file():
+            train = RunDir(parent).read_config().get("train", {})
+            if not train.get("profile_steps"):
+                return None
+            start, end = profile_range(types.SimpleNamespace(**train))
+            return end - start
     return None
 
 
@@ -99,16 +102,15 @@ def op_self_times(xplane):
                 start = line.timestamp_ns * 1000 + event.offset_ps
                 ops.append((start, start + event.duration_ps, name))
             ops.sort(key=lambda op: (op[0], -op[1]))
-            open_ops = []  # (end, name) of the ops enclosing the current one
+            open_ops = []  # (end, (op name, op type)) of the ops enclosing the current one
             for start, end, name in ops:
                 while open_ops and open_ops[-1][0] <= start:
                     open_ops.pop()
-                op_name, op_type = name.rsplit(":", 1)
-                times[op_name, op_type] += end - start
+                op = tuple(name.rsplit(":", 1))
+                times[op] += end - start
                 if open_ops:
-                    parent = open_ops[-1][1].rsplit(":", 1)
-                    times[parent[0], parent[1]] -= end - start
-                open_ops.append((end, name))
+                    times[open_ops[-1][1]] -= end - start
+                open_ops.append((end, op))
                 first = start if first is None else min(first, start)
                 last = end if last is None else max(last, end)
     span = (last - first) if first is not None else 0

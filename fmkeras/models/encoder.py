@@ -195,8 +195,7 @@ class Encoder(keras.Model):
             inputs: the dict of `call`.
             training: bool. Whether dropout is active.
             attention_layers: indices of the blocks whose attention
-                probabilities to return (they take the explicit, unfused
-                attention path).
+                probabilities to return.
 
         Returns the dict of `call` plus `hidden_states`, one `(batch, seq,
         hidden)` output per block, and `attention_scores`, one entry per
