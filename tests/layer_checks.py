@@ -1,12 +1,15 @@
 """One check for every layer: config, `.keras` round trip, symbolic and eager
-calls, an XLA train step, and mixed precision (after keras-hub's run_layer_test)."""
+calls, an XLA train step, the fused element-wise path the training driver
+uses, and mixed precision (after keras-hub's run_layer_test)."""
 
 import json
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 import fmkeras
+from fmkeras.fused import fused_elementwise
 
 
 def _symbolic_inputs(inputs):
@@ -19,6 +22,22 @@ def _symbolic_inputs(inputs):
 def _functional(layer, inputs, call_kwargs):
     symbolic = _symbolic_inputs(inputs)
     return keras.Model(symbolic, layer(**symbolic, **call_kwargs))
+
+
+def _outputs_and_gradients(model, inputs):
+    """A graph-mode forward and backward pass: outputs and every weight's gradient."""
+
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            output = tf.cast(model(inputs), "float32")
+            probe = tf.sin(tf.reshape(tf.range(tf.size(output), dtype="float32"), tf.shape(output)))
+            loss = tf.reduce_sum(output * probe)
+        return output, tape.gradient(loss, model.trainable_weights)
+
+    output, gradients = step()
+    return [output.numpy()] + [None if g is None else tf.convert_to_tensor(g).numpy()
+                               for g in gradients]  # fmt: skip
 
 
 def run_layer_checks(
@@ -61,6 +80,17 @@ def run_layer_checks(
     model.save(path)
     reloaded = fmkeras.load_model(path)
     np.testing.assert_allclose(reloaded.predict(inputs, verbose=0), expected, atol=1e-6)
+
+    # Inside fused_elementwise() (the training driver's fit and evaluate) outputs
+    # and gradients are Keras's own.
+    stock = _outputs_and_gradients(model, inputs)
+    with fused_elementwise():
+        fused = _outputs_and_gradients(model, inputs)
+    for expected_value, fused_value in zip(stock, fused, strict=True):
+        if expected_value is None:
+            assert fused_value is None
+        else:
+            np.testing.assert_allclose(fused_value, expected_value, rtol=1e-4, atol=1e-5)
 
     # One XLA-compiled training step changes the weights.
     model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse", jit_compile=True)

@@ -5,11 +5,14 @@ and export)."""
 
 import json
 import shutil
+import subprocess
+import sys
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import REPO
 from model_checks import run_model_checks
 from run_helpers import train_tiny_classifier
 
@@ -251,3 +254,24 @@ def test_a_classify_run_continues_from_a_finished_run_with_its_head(classify_run
     before, after = load_run(classify_run).model, load_run(run).model
     np.testing.assert_allclose(after.get_layer("logits").kernel, before.get_layer("logits").kernel,
                                atol=1e-6)  # fmt: skip
+
+
+def test_the_compression_table_measures_a_bfloat16_trained_run_in_float32(tmp_path, data_dir):
+    # A run trained in mixed_bfloat16 loads computing in bfloat16, which the
+    # TFLite converter rejects ("'tf.AddV2' op is neither a custom op nor a flex
+    # op"); the table exports it in float32, as `fmkeras.export` does.
+    run = train_tiny_classifier("classify", "sst2.yaml", tmp_path / "bf16",
+                                **{"train.precision": "mixed_bfloat16"})  # fmt: skip
+    dev = tmp_path / "dev.tsv"
+    lines = (data_dir / "sst2" / "dev.tsv").read_text(encoding="utf-8").splitlines()
+    dev.write_text("\n".join(lines[:41]) + "\n", encoding="utf-8")
+    tool = REPO / "tools" / "compare_exports.py"
+    result = subprocess.run(
+        [sys.executable, str(tool), str(run), "--dev", str(dev), "--variants",
+         "float32,tflite-dynamic", "--single-calls", "2"],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["examples"] == 40
+    assert [row["variant"] for row in report["variants"]] == ["float32", "tflite-dynamic"]

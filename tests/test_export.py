@@ -45,6 +45,8 @@ def test_export_loads_like_tf_serving_with_the_same_outputs(classify_run, tmp_pa
                            text=True, timeout=300)  # fmt: skip
     assert shown.returncode == 0, shown.stderr[-2000:]
     assert "serving_default" in shown.stdout and "serve_token_ids" in shown.stdout
+    # Trained inside fmkeras.fused's context, exported with ordinary ops only.
+    assert b"_XlaMustCompile" not in (version / "saved_model.pb").read_bytes()
     # Every weight is stored once (keras#23553 stores them twice with `track(model)`).
     stored = tf.train.load_checkpoint(str(version / "variables" / "variables"))
     shapes = stored.get_variable_to_shape_map()

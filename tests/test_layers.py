@@ -5,6 +5,7 @@ import pytest
 from layer_checks import run_layer_checks
 
 from fmkeras.layers import (
+    LayerNormalization,
     MaskedLMHead,
     MultiHeadAttention,
     TextEmbedding,
@@ -16,6 +17,12 @@ RNG = np.random.default_rng(0)
 HIDDEN = np.asarray(RNG.normal(size=(2, 6, 16)), "float32")
 SOURCE = np.asarray(RNG.normal(size=(2, 5, 16)), "float32")
 PADDING = np.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], "int32")
+
+
+def test_layer_normalization_contract(tmp_path):
+    run_layer_checks(
+        LayerNormalization, dict(epsilon=1e-12), {"inputs": HIDDEN}, (2, 6, 16), tmp_path
+    )
 
 
 def test_multi_head_attention_contract(tmp_path):

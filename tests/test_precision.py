@@ -54,6 +54,7 @@ def test_a_bfloat16_run_trains_resumes_reloads_and_exports_float32(tmp_path, sma
     assert summary.returncode == 0, summary.stderr[-2000:]
     assert "2 step(s)" in summary.stdout  # 12,14 from the run's config
     assert "| matmul |" in summary.stdout and "_MklMatMul" in summary.stdout
+    assert "| XLA clusters (fmkeras.fused" in summary.stdout  # the driver's fit fuses
     assert "transformer_layer/feedforward_intermediate_dense (backward)" in summary.stdout
     (tmp_path / "empty").mkdir()
     missing = profile_summary(tmp_path / "empty")

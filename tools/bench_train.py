@@ -72,11 +72,17 @@ def run_keras3(impl, dims, xla, steps, warmup, dtype_policy):
 
     token_ids, positions, labels = synthetic_batch()
     model = keras3_model(impl, dims, dtype_policy)
-    optimizer = keras.optimizers.AdamW(1e-4, weight_decay=0.01, global_clipnorm=1.0)
+    if impl == "fmkeras":  # the driver's AdamW and loss: Keras's, fused inside fit
+        from fmkeras.training.losses import SparseCategoricalCrossentropy
+        from fmkeras.training.optimizer import AdamW
+    else:
+        AdamW = keras.optimizers.AdamW
+        SparseCategoricalCrossentropy = keras.losses.SparseCategoricalCrossentropy
+    optimizer = AdamW(1e-4, weight_decay=0.01, global_clipnorm=1.0)
     optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
     model.compile(
         optimizer=optimizer,
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        loss=SparseCategoricalCrossentropy(from_logits=True),
         jit_compile=xla,
     )
     inputs = {
@@ -86,7 +92,12 @@ def run_keras3(impl, dims, xla, steps, warmup, dtype_policy):
         "mask_positions": positions,
     }
     dataset = tf.data.Dataset.from_tensors((inputs, labels)).repeat()
-    return time_fit(model, dataset, steps, warmup, keras.callbacks.Callback)
+    if impl != "fmkeras":
+        return time_fit(model, dataset, steps, warmup, keras.callbacks.Callback)
+    from fmkeras.fused import fused_elementwise
+
+    with fused_elementwise():  # as fmkeras's training driver runs fit
+        return time_fit(model, dataset, steps, warmup, keras.callbacks.Callback)
 
 
 def run_model_garden(dims, xla, steps, warmup, dtype_policy):

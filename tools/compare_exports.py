@@ -119,7 +119,9 @@ def export_variants(run_dir, run, variants, out, calibration_file):
 
 
 def measure(run_dir, variants, args, reference):
-    run = load_run(run_dir)
+    # In float32 like `fmkeras.export`'s default: a run trained in mixed_bfloat16
+    # loads computing in bfloat16, which TFLite cannot convert.
+    run = load_run(run_dir, precision="float32")
     features, gold = labelled(run, args.dev)
 
     def rows(start, stop):

@@ -6,11 +6,12 @@ Reads the newest `*.xplane.pb` that `--set train.profile_steps=START,END` wrote
 (or the file given) with TensorFlow's own protobuf (no profiler plugin needed)
 and prints the self time of the TensorFlow ops executed in it: per op type, per
 kind of work (matmuls, casts, normalisation, softmax, element-wise, optimizer,
-gathers, ...) and per layer (the op name's scope), each as milliseconds per step
-and as a share of all op time. Op time is summed over the executor threads, so
-with two inter-op threads it can exceed the wall time; the shares are what to
-compare. The wall time per step is the profiled span divided by `--steps`
-(default: END - START of the run's `train.profile_steps`, when found).
+gathers, the XLA clusters of `fmkeras.fused`, ...) and per layer (the op name's
+scope), each as milliseconds per step and as a share of all op time. Op time is
+summed over the executor threads, so with two inter-op threads it can exceed the
+wall time; the shares are what to compare. The wall time per step is the
+profiled span divided by `--steps` (default: END - START of the run's
+`train.profile_steps`, when found).
 """
 
 import argparse
@@ -28,6 +29,7 @@ from fmkeras.training.run_dir import RunDir
 # Kinds of work by op type (after dropping oneDNN's `_Mkl`/`_MklNative` prefix).
 KINDS = (
     ("matmul", r"(Fused)?(Batch)?MatMul.*|Einsum|Conv.*"),
+    ("XLA clusters (fmkeras.fused: GELU, softmax, AdamW)", r"XlaRun"),
     ("cast", r"Cast"),
     (
         "optimizer update",
@@ -55,6 +57,10 @@ KINDS = (
     ("input pipeline", r"IteratorGetNext.*|OptionalGetValue|.*Dataset.*"),
 )
 OP_EVENT = re.compile(r"[^\s:]+:\w+")  # `op/name:OpType`, as the executor records a kernel
+# An XLA-compiled function inside a graph runs as an asynchronous kernel with
+# no op event of its own (its HLO fusions are recorded under arbitrary names).
+ASYNC_KERNEL = "ExecutorState::ProcessAsync::Start"
+XLA_CLUSTER = ("XLA clusters", "XlaRun")
 
 
 def find_xplane(path):
@@ -97,16 +103,19 @@ def op_self_times(xplane):
             ops = []
             for event in line.events:
                 name = plane.event_metadata[event.metadata_id].name
-                if not OP_EVENT.fullmatch(name):
+                if name == ASYNC_KERNEL:
+                    op = XLA_CLUSTER
+                elif OP_EVENT.fullmatch(name):
+                    op = tuple(name.rsplit(":", 1))
+                else:
                     continue  # a runtime event, not a TensorFlow op kernel
                 start = line.timestamp_ns * 1000 + event.offset_ps
-                ops.append((start, start + event.duration_ps, name))
+                ops.append((start, start + event.duration_ps, op))
             ops.sort(key=lambda op: (op[0], -op[1]))
             open_ops = []  # (end, (op name, op type)) of the ops enclosing the current one
-            for start, end, name in ops:
+            for start, end, op in ops:
                 while open_ops and open_ops[-1][0] <= start:
                     open_ops.pop()
-                op = tuple(name.rsplit(":", 1))
                 times[op] += end - start
                 if open_ops:
                     times[open_ops[-1][1]] -= end - start

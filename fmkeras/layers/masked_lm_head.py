@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from fmkeras.layers.layer_normalization import LayerNormalization
 from fmkeras.layers.utils import clone_initializer, get_activation
 
 
@@ -85,7 +86,7 @@ class MaskedLMHead(keras.layers.Layer):
                 name="transform_dense",
             )
             self.transform_dense.build((None, None, hidden_dim))
-            self.layer_norm = keras.layers.LayerNormalization(
+            self.layer_norm = LayerNormalization(
                 epsilon=self.layer_norm_epsilon,
                 dtype=self.dtype_policy,
                 name="transform_layer_norm",

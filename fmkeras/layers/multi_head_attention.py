@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from fmkeras import fused
 from fmkeras.layers.utils import causal_mask, clone_initializer
 from fmkeras.workarounds import TrailingEinsumDense
 
@@ -174,11 +175,10 @@ class MultiHeadAttention(keras.layers.Layer):
         query_heads = ops.multiply(query_heads, ops.cast(scale, query_heads.dtype))
         # (batch, heads, target, source)
         logits = ops.einsum("btnh,bsnh->bnts", query_heads, key_heads)
-        logits = ops.cast(logits, "float32")
         if mask is not None:
             mask = ops.expand_dims(ops.cast(mask, "bool"), axis=-3)
-            logits = ops.where(mask, logits, -1e9)
-        probabilities = ops.cast(ops.softmax(logits, axis=-1), self.compute_dtype)
+        # float32 softmax, cast to the compute dtype
+        probabilities = fused.masked_softmax(logits, mask, self.compute_dtype)
         dropped = self.dropout_layer(probabilities, training=training)
         output = ops.einsum("bnts,bsnh->btnh", dropped, value_heads)
         return output, probabilities

@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from fmkeras.layers.layer_normalization import LayerNormalization
 from fmkeras.layers.utils import clone_initializer
 
 
@@ -69,7 +70,7 @@ class TextEmbedding(keras.layers.Layer):
         self.position_embedding = table(self.max_sequence_length, "position_embedding")
         if self.num_segments:
             self.segment_embedding = table(self.num_segments, "segment_embedding")
-        self.layer_norm = keras.layers.LayerNormalization(
+        self.layer_norm = LayerNormalization(
             epsilon=self.layer_norm_epsilon, dtype=self.dtype_policy, name="embeddings_layer_norm"
         )
         self.layer_norm.build((*token_ids_shape, self.hidden_dim))

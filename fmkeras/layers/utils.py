@@ -4,8 +4,11 @@ import keras
 import numpy as np
 from keras import ops
 
+from fmkeras import fused
+from fmkeras.layers.layer_normalization import LayerNormalization
+
 ACTIVATIONS = {
-    "gelu": lambda x: keras.activations.gelu(x, approximate=False),
+    "gelu": fused.gelu,  # exact; one XLA cluster per pass inside fused.fused_elementwise()
     "gelu_approximate": lambda x: keras.activations.gelu(x, approximate=True),
     "relu": keras.activations.relu,
     "silu": keras.activations.silu,
@@ -59,7 +62,7 @@ def built_dense(parent, units, name, input_shape):
 
 def built_layer_norm(parent, name, input_shape):
     """A built `LayerNormalization` sublayer using `parent`'s epsilon and dtype policy."""
-    layer = keras.layers.LayerNormalization(
+    layer = LayerNormalization(
         epsilon=parent.layer_norm_epsilon, dtype=parent.dtype_policy, name=name
     )
     layer.build(input_shape)

@@ -26,6 +26,7 @@ from fmkeras.text.detokenizer import Detokenizer
 from fmkeras.text.mlm import causal_lm_dataset
 from fmkeras.text.wordpiece import WordPieceTokenizer
 from fmkeras.training import trainer
+from fmkeras.training.losses import SparseCategoricalCrossentropy
 
 
 def batches(sequences, name, batch_size, seed, **kwargs):
@@ -164,7 +165,7 @@ class CausalLMTask(LanguageModelTask):
         return model
 
     def compile_args(self, model):
-        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        loss = SparseCategoricalCrossentropy(from_logits=True)
         return {"loss": loss, "metrics": [keras.metrics.SparseCategoricalAccuracy("accuracy")]}
 
     def flops_per_token(self):

@@ -20,6 +20,7 @@ from fmkeras.tasks.registry import register_task
 from fmkeras.text.mlm import mlm_dataset
 from fmkeras.text.wordpiece import WordPieceTokenizer
 from fmkeras.training import trainer
+from fmkeras.training.losses import SparseCategoricalCrossentropy
 
 
 def batches(sequences, name, tokenizer, batch_size, predictions, seed, **kwargs):
@@ -34,9 +35,7 @@ def batches(sequences, name, tokenizer, batch_size, predictions, seed, **kwargs)
 
 
 def masked_lm_loss():
-    return keras.losses.SparseCategoricalCrossentropy(
-        from_logits=True, reduction="mean_with_sample_weight"
-    )
+    return SparseCategoricalCrossentropy(from_logits=True, reduction="mean_with_sample_weight")
 
 
 @register_task

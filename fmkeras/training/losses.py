@@ -3,6 +3,33 @@
 import keras
 from keras import ops
 
+from fmkeras import fused
+
+
+@keras.saving.register_keras_serializable(package="fmkeras")
+class SparseCategoricalCrossentropy(keras.losses.SparseCategoricalCrossentropy):
+    """Keras's sparse categorical cross-entropy (same arguments, config and
+    values); from logits, without `ignore_class`, inside
+    `fmkeras.fused.fused_elementwise()` (the training driver's `fit` and
+    `evaluate`) it is `fmkeras.fused.sparse_cross_entropy`: for a language
+    model's `(tokens, vocabulary)` logits, no float32 copy of them in either
+    pass.
+
+    Args:
+        **kwargs: `keras.losses.SparseCategoricalCrossentropy`'s.
+    """
+
+    def __init__(self, from_logits=False, ignore_class=None, **kwargs):
+        super().__init__(from_logits=from_logits, ignore_class=ignore_class, **kwargs)
+        self.fusable = from_logits and ignore_class is None
+
+    def call(self, y_true, y_pred):
+        if not (self.fusable and fused.enabled()):
+            return super().call(y_true, y_pred)
+        if len(y_true.shape) == len(y_pred.shape):  # (..., 1) labels
+            y_true = ops.squeeze(y_true, axis=-1)
+        return fused.sparse_cross_entropy(y_true, y_pred)
+
 
 @keras.saving.register_keras_serializable(package="fmkeras")
 class SmoothedSparseCrossEntropy(keras.losses.Loss):

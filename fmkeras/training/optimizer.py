@@ -4,7 +4,10 @@ gradient norm measured for the logs."""
 import math
 
 import keras
+import tensorflow as tf
 from keras import ops
+
+from fmkeras import fused
 
 NO_DECAY_NAMES = ["bias", "gamma", "beta"]  # LayerNorm scale/offset and all biases
 
@@ -80,6 +83,40 @@ class AdamW(keras.optimizers.AdamW):
         weights stay zero. Call it before the first step (the train function
         is traced with the masks in it); assign the masks at will."""
         object.__setattr__(self, "_masks", masks)  # kept out of the saved state
+
+    def update_step(self, gradient, variable, learning_rate):
+        """Keras's AdamW step. Inside `fused.fused_elementwise()` (the training
+        driver's `fit`) each variable's weight decay happens here instead of in
+        Keras's separate pass, and decay, moments and variable are one fused
+        function. A sparse (`IndexedSlices`) gradient, an embedding's, is made
+        dense first: Keras's Adam densifies it too (`gradient - m`), so every
+        row's moments decay as they do there. AMSGrad keeps Keras's update."""
+        if not fused.enabled():
+            return super().update_step(gradient, variable, learning_rate)
+        learning_rate = ops.cast(learning_rate, variable.dtype)
+        decay = ops.zeros((), variable.dtype)
+        if self.weight_decay is not None and self._use_weight_decay(variable):
+            decay = learning_rate * ops.cast(self.weight_decay, variable.dtype)
+        if self.amsgrad:
+            self.assign_sub(variable, variable * decay)
+            return super().update_step(gradient, variable, learning_rate)
+        index = self._get_variable_index(variable)
+        m, v = self._momentums[index], self._velocities[index]
+        step = ops.cast(self.iterations + 1, variable.dtype)
+        beta_1_power = ops.power(ops.cast(self.beta_1, variable.dtype), step)
+        beta_2_power = ops.power(ops.cast(self.beta_2, variable.dtype), step)
+        alpha = learning_rate * ops.sqrt(1 - beta_2_power) / (1 - beta_1_power)
+        values = [tf.convert_to_tensor(x) for x in (variable, m.value, v.value, gradient)]
+        new_m, new_v, new_variable = fused.adam_moments_and_variable(
+            *values, alpha, decay, self.beta_1, self.beta_2, self.epsilon
+        )
+        self.assign(m, new_m)
+        self.assign(v, new_v)
+        self.assign(variable, new_variable)
+
+    def _apply_weight_decay(self, variables):
+        if not fused.enabled():  # else update_step decays each variable
+            super()._apply_weight_decay(variables)
 
     def apply(self, grads, trainable_variables=None):
         metric = self.__dict__.get("_gradient_norm")

@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from fmkeras import distribute
 from fmkeras.errors import ConfigError, Stopped, TrainingError
+from fmkeras.fused import fused_elementwise
 from fmkeras.training.callbacks import StopOnNaN, StopOnSignal
 from fmkeras.training.checkpoints import (
     Backup,
@@ -79,7 +80,8 @@ def compile_model(model, strategy, train, log, **compile_args):
     for placeholder tensor" (keras#19246)."""
     compute_dtype = keras.mixed_precision.global_policy().compute_dtype
     xla, reason = resolve_jit_compile(train.jit_compile, strategy, compute_dtype)
-    log(f"XLA {'on' if xla else 'off'}: {reason}")
+    log(f"XLA {'on' if xla else 'off'}: {reason}; GELU, attention softmax, LM loss and AdamW "
+        "fused into small XLA functions in fit/evaluate (fmkeras.fused)")
     mirrored = isinstance(
         strategy, tf.distribute.MirroredStrategy | tf.distribute.MultiWorkerMirroredStrategy
     )
@@ -167,14 +169,15 @@ def fit(model, train_data, train, run, start_step, callbacks=(), **backup):
             # Keras runs whole executions: an epoch that is not a multiple of
             # steps_per_execution would overrun it, so such a phase runs fewer per call.
             set_steps_per_execution(model, math.gcd(steps_per_epoch, compiled_steps))
-            model.fit(
-                train_data(first_step),
-                epochs=epochs,
-                steps_per_epoch=steps_per_epoch,
-                callbacks=[stop_on_nan, stop_on_signal, *callbacks, saver],
-                shuffle=False,  # datasets order themselves
-                verbose=0,
-            )
+            with fused_elementwise():
+                model.fit(
+                    train_data(first_step),
+                    epochs=epochs,
+                    steps_per_epoch=steps_per_epoch,
+                    callbacks=[stop_on_nan, stop_on_signal, *callbacks, saver],
+                    shuffle=False,  # datasets order themselves
+                    verbose=0,
+                )
             if stop_on_nan.bad_step is not None:
                 last, _ = latest_backup(run.backups)
                 raise TrainingError(
@@ -198,7 +201,7 @@ def evaluate(model, dataset, return_dict=False):
     of data" when the batches do not fill the last multi-step execution
     (`steps_per_execution` > 1); here that is expected, and every batch is
     still counted."""
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), fused_elementwise():
         warnings.filterwarnings("ignore", message="Your input ran out of data")
         return model.evaluate(dataset, verbose=0, return_dict=return_dict)
 
