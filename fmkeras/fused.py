@@ -136,19 +136,11 @@ def adam_moments_and_variable(variable, m, v, gradient, alpha, decay, beta_1, be
     toward the gradient and its square, and the variable, first decayed by
     `variable * decay` (AdamW's `learning_rate * weight_decay`, or 0), steps by
     `alpha * m / (sqrt(v) + epsilon)` (`alpha`: the bias-corrected learning
-    rate). Inside `fused_elementwise()` on TensorFlow this is one XLA cluster
-    per variable shape (Keras's Adam runs about ten full-size kernels per
-    variable)."""
-    if _ENABLED:
-        return _tensorflow_adam()(variable, m, v, gradient, alpha, decay, beta_1, beta_2, epsilon)
-    return _adam(keras.ops, variable, m, v, gradient, alpha, decay, beta_1, beta_2, epsilon)
-
-
-def _adam(ops, variable, m, v, gradient, alpha, decay, beta_1, beta_2, epsilon):
-    gradient = ops.cast(gradient, variable.dtype)
-    m = m + (gradient - m) * (1.0 - beta_1)
-    v = v + (ops.square(gradient) - v) * (1.0 - beta_2)
-    return m, v, variable - variable * decay - m * alpha / (ops.sqrt(v) + epsilon)
+    rate): one XLA cluster per variable shape, where Keras's Adam runs about
+    ten full-size kernels per variable. TensorFlow only
+    (`fmkeras.training.optimizer.AdamW.update_step` calls it inside
+    `fused_elementwise()`)."""
+    return _tensorflow_adam()(variable, m, v, gradient, alpha, decay, beta_1, beta_2, epsilon)
 
 
 @functools.cache
@@ -157,7 +149,10 @@ def _tensorflow_adam():
 
     @tf.function(jit_compile=True, autograph=False)
     def fused_adam(variable, m, v, gradient, alpha, decay, beta_1, beta_2, epsilon):
-        return _adam(tf, variable, m, v, gradient, alpha, decay, beta_1, beta_2, epsilon)
+        gradient = tf.cast(gradient, variable.dtype)
+        m = m + (gradient - m) * (1.0 - beta_1)
+        v = v + (tf.square(gradient) - v) * (1.0 - beta_2)
+        return m, v, variable - variable * decay - m * alpha / (tf.sqrt(v) + epsilon)
 
     return fused_adam
 

@@ -90,7 +90,8 @@ def test_layer_normalization_keeps_keras_for_other_axes_and_no_offset():
     for kwargs in (dict(axis=1), dict(center=False)):
         layer = LayerNormalization(**kwargs)
         expected = keras.layers.LayerNormalization(**kwargs)
-        layer.build(x.shape), expected.build(x.shape)
+        layer.build(x.shape)
+        expected.build(x.shape)
         with fused.fused_elementwise():
             np.testing.assert_allclose(layer(x), expected(x), atol=1e-6)
 

@@ -28,7 +28,7 @@ class LayerNormalization(keras.layers.LayerNormalization):
     def call(self, inputs):
         rank = len(inputs.shape)
         last_axis_only = self.axis in (-1, rank - 1, [-1], [rank - 1])
-        if fused.enabled() and last_axis_only and self.center and self.scale:
-            if not self.rms_scaling:
-                return fused.layer_norm(inputs, self.gamma, self.beta, self.epsilon)
+        plain = self.center and self.scale and not self.rms_scaling
+        if fused.enabled() and last_axis_only and plain:
+            return fused.layer_norm(inputs, self.gamma, self.beta, self.epsilon)
         return super().call(inputs)
