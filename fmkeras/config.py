@@ -190,6 +190,8 @@ class TrainConfig:
     decay: Literal["linear", "cosine", "constant"] = "linear"
     weight_decay: float = 0.01
     clip_norm: float = 1.0
+    # AdamW updates only the embedding rows a batch looks up (TF Addons' LazyAdam)
+    lazy_embeddings: bool = False
     # float32 | mixed_bfloat16 | mixed_float16 (with loss scaling) | auto: bfloat16 where
     # the hardware has a bf16 matrix path, else float32
     precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"] = "float32"

@@ -131,30 +131,36 @@ def layer_norm(x, gamma, beta, epsilon):
     return _tensorflow_layer_norm(float(epsilon))(x, gamma, beta)
 
 
-def adam_moments_and_variable(variable, m, v, gradient, alpha, decay, beta_1, beta_2, epsilon):
+def adam_moments_and_variable(variable, m, v, gradient, alpha, decay, beta_1, beta_2, epsilon,
+                              jit_compile=True):  # fmt: skip
     """One AdamW update as new `(m, v, variable)` values: `m` and `v` move
     toward the gradient and its square, and the variable, first decayed by
     `variable * decay` (AdamW's `learning_rate * weight_decay`, or 0), steps by
     `alpha * m / (sqrt(v) + epsilon)` (`alpha`: the bias-corrected learning
     rate): one XLA cluster per variable shape, where Keras's Adam runs about
-    ten full-size kernels per variable. TensorFlow only
+    ten full-size kernels per variable; `jit_compile=False` runs the same
+    arithmetic as plain ops, for shapes that change every step (a lazy
+    embedding update's rows). TensorFlow only
     (`fmkeras.training.optimizer.AdamW.update_step` calls it inside
     `fused_elementwise()`)."""
-    return _tensorflow_adam()(variable, m, v, gradient, alpha, decay, beta_1, beta_2, epsilon)
+    update = _tensorflow_adam() if jit_compile else _adam_arithmetic
+    return update(variable, m, v, gradient, alpha, decay, beta_1, beta_2, epsilon)
+
+
+def _adam_arithmetic(variable, m, v, gradient, alpha, decay, beta_1, beta_2, epsilon):
+    import tensorflow as tf
+
+    gradient = tf.cast(gradient, variable.dtype)
+    m = m + (gradient - m) * (1.0 - beta_1)
+    v = v + (tf.square(gradient) - v) * (1.0 - beta_2)
+    return m, v, variable - variable * decay - m * alpha / (tf.sqrt(v) + epsilon)
 
 
 @functools.cache
 def _tensorflow_adam():
     import tensorflow as tf
 
-    @tf.function(jit_compile=True, autograph=False)
-    def fused_adam(variable, m, v, gradient, alpha, decay, beta_1, beta_2, epsilon):
-        gradient = tf.cast(gradient, variable.dtype)
-        m = m + (gradient - m) * (1.0 - beta_1)
-        v = v + (tf.square(gradient) - v) * (1.0 - beta_2)
-        return m, v, variable - variable * decay - m * alpha / (tf.sqrt(v) + epsilon)
-
-    return fused_adam
+    return tf.function(_adam_arithmetic, jit_compile=True, autograph=False)
 
 
 @functools.cache

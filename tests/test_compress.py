@@ -195,8 +195,11 @@ def test_scheduled_sparsity_follows_the_cubic_schedule():
     np.testing.assert_array_equal(mask, [[0, 1], [1, 0]])
 
 
+# keep_best: the better validation of this seed is step 6's, before the target
+# sparsity; the kept model must be one pruned to the target.
 SPARSE = {"sparsity.target": 0.6, "sparsity.every": 2, "sparsity.end_step": 8,
-          "train.steps": 12, "train.checkpoint_every": 6}  # fmt: skip
+          "train.steps": 12, "train.checkpoint_every": 6,
+          "train.keep_best": "accuracy"}  # fmt: skip
 
 
 def kernel_values(model):

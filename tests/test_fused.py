@@ -96,18 +96,22 @@ def test_layer_normalization_keeps_keras_for_other_axes_and_no_offset():
             np.testing.assert_allclose(layer(x), expected(x), atol=1e-6)
 
 
-def adamw_weights_after_fit(fused_updates, amsgrad=False):
-    """Weights after 4 steps of fmkeras's AdamW (decay with exclusions, clipping)
-    on a model with a sparse (embedding) and dense gradients, or with AMSGrad."""
+def adamw_weights_after_fit(fused_updates, amsgrad=False, optimizer_class=AdamW):
+    """Weights after 4 steps of an AdamW (decay with exclusions, clipping) on a
+    model with a sparse (embedding) and dense gradients, or with AMSGrad."""
     keras.utils.set_random_seed(0)
     model = keras.Sequential([
         keras.Input((5,), dtype="int32"), keras.layers.Embedding(50, 8),
         keras.layers.Dense(8, activation="gelu"), LayerNormalization(), keras.layers.Dense(3),
     ])  # fmt: skip
-    optimizer = AdamW(learning_rate=0.05, weight_decay=0.1, global_clipnorm=1.0, amsgrad=amsgrad)
+    optimizer = optimizer_class(learning_rate=0.05, weight_decay=0.1, global_clipnorm=1.0,
+                                amsgrad=amsgrad)  # fmt: skip
     optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
     model.compile(optimizer=optimizer, loss="mse")
-    x = np.random.default_rng(1).integers(0, 50, (16, 5)).astype("int32")
+    # No id twice in a batch: Keras's clipping squares a repeated row's values
+    # one by one, fmkeras's the row's summed gradient (the gradient's true norm).
+    rng = np.random.default_rng(1)
+    x = np.stack([rng.permutation(50)[:20] for _ in range(4)]).reshape(16, 5).astype("int32")
     y = np.ones((16, 5, 3), "float32")
     with fused.fused_elementwise(enabled=fused_updates):
         model.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0)
@@ -116,10 +120,15 @@ def adamw_weights_after_fit(fused_updates, amsgrad=False):
 
 @pytest.mark.parametrize("amsgrad", [False, True])
 def test_fused_adamw_updates_like_keras(amsgrad):
-    stock = adamw_weights_after_fit(False, amsgrad)
-    fused_run = adamw_weights_after_fit(True, amsgrad)
-    for (name, expected), (_, got) in zip(stock, fused_run, strict=True):
-        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6, err_msg=name)
+    """fmkeras's AdamW (sparse clipping, decay per variable) inside and
+    outside the fused context follows Keras's own AdamW."""
+    stock = adamw_weights_after_fit(False, amsgrad, keras.optimizers.AdamW)
+    for fused_updates in (False, True):
+        weights = adamw_weights_after_fit(fused_updates, amsgrad)
+        for (name, expected), (_, got) in zip(stock, weights, strict=True):
+            # atol: the norm sums in another order, and Adam's step divides by
+            # sqrt(v) of near-zero gradients (each step moves weights by ~0.05)
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=5e-5, err_msg=name)
 
 
 @pytest.mark.parametrize("label_shape", [(4, 6), (4, 6, 1)])

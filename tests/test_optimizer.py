@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from fmkeras import fused
 from fmkeras.config import TrainConfig
 from fmkeras.training.optimizer import AdamW, WarmupDecay, create_optimizer
 from fmkeras.training.trainer import compile_model, fit_phases
@@ -93,3 +94,52 @@ def test_compile_model_builds_the_optimizer_so_the_step_is_traced_once(build_fir
     x = np.ones((8, 3), "float32")
     model.fit(x, x[:, :2], batch_size=4, epochs=2, verbose=0)
     assert len(traces) == (1 if build_first else 2)
+
+
+def sparse_gradient():
+    """Rows 1 and 3 of a (6, 2) embedding, row 3 twice (as two lookups give it)."""
+    values = tf.constant([[0.3, -0.4], [1.0, 2.0], [-2.0, 2.0]])
+    return tf.IndexedSlices(values, tf.constant([3, 1, 3]), tf.constant([6, 2]))
+
+
+@pytest.mark.parametrize("fused_updates", [False, True])
+def test_lazy_embeddings_update_only_the_rows_a_batch_used(fused_updates):
+    """`train.lazy_embeddings`: Adam and weight decay move the looked-up rows
+    exactly as a dense step would (repeated rows summed); the other rows and
+    their moments stay as they were. Without it every row decays."""
+    start = np.arange(12, dtype="float32").reshape(6, 2) / 10
+    steps = {}
+    for lazy in (False, True):
+        variable = keras.Variable(start, name="embeddings")
+        train = TrainConfig(steps=10, learning_rate=0.1, warmup_steps=0, weight_decay=0.5,
+                            clip_norm=0.0, lazy_embeddings=lazy)  # fmt: skip
+        optimizer = create_optimizer(train)
+        with fused.fused_elementwise(enabled=fused_updates):
+            optimizer.apply_gradients([(sparse_gradient(), variable)])
+        steps[lazy] = variable.numpy(), optimizer.variables[1].numpy()  # weights, momentum
+    (dense, dense_m), (lazy, lazy_m) = steps[False], steps[True]
+    used = [1, 3]
+    np.testing.assert_allclose(lazy[used], dense[used], rtol=1e-6)
+    np.testing.assert_allclose(lazy_m[used], dense_m[used], rtol=1e-6)
+    np.testing.assert_allclose(lazy_m[used], 0.1 * np.array([[1.0, 2.0], [-1.7, 1.6]]), rtol=1e-6)
+    unused = [0, 2, 4, 5]
+    np.testing.assert_array_equal(lazy[unused], start[unused])
+    assert np.all(np.abs(dense[unused]) < np.abs(start[unused]) + 1e-9)  # decayed
+    assert not np.allclose(dense[unused][1:], start[unused][1:])
+
+
+def test_sparse_gradients_are_measured_and_clipped_without_densifying():
+    """The logged norm and global-norm clipping of an embedding's gradient
+    equal the dense gradient's (repeated rows summed first)."""
+    dense_gradient = tf.convert_to_tensor(sparse_gradient()).numpy()
+    extra = np.array([[3.0]], "float32")
+    norm = np.sqrt(np.sum(np.square(dense_gradient)) + 9.0)
+    for gradient in (sparse_gradient(), dense_gradient):
+        optimizer = create_optimizer(TrainConfig(steps=10, clip_norm=1.0))
+        metric = keras.metrics.Mean()
+        optimizer.measure_gradient_norm(metric)
+        variables = [keras.Variable(np.zeros(shape, "float32")) for shape in ((6, 2), (1, 1))]
+        optimizer.apply([gradient, extra], variables)
+        assert float(metric.result()) == pytest.approx(norm, rel=1e-6)
+        momentum = optimizer.variables[1].numpy()  # 0.1 * the clipped gradient
+        np.testing.assert_allclose(momentum, 0.1 * dense_gradient / norm, rtol=1e-5)

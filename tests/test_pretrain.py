@@ -31,8 +31,10 @@ pytestmark = pytest.mark.usefixtures("data_dir")  # every test here reads the da
 @pytest.mark.long_running
 def test_pretraining_writes_a_complete_run(tmp_path, small_vocab, capsys):
     run = tmp_path / "run"
-    # 50 steps, backups every 20 and 4 steps per call: the last epoch (10 steps) runs 2 per call.
-    args = tiny_args(small_vocab, steps=50, **{"train.steps_per_execution": 4})
+    # 50 steps, backups every 20, validation every 10 and 4 steps per call: epochs of 10
+    # steps (run 2 per call) end at every backup and validation.
+    args = tiny_args(small_vocab, steps=50, **{"train.steps_per_execution": 4,
+                                              "train.eval_every": 10})  # fmt: skip
     args += ["--out", str(run)]
     assert main(args) == 0
     for name in ("config.yaml", "vocab.txt", "model.keras", "encoder.keras", "metrics.json",
@@ -53,7 +55,7 @@ def test_pretraining_writes_a_complete_run(tmp_path, small_vocab, capsys):
     for tag in train_tags:
         assert scalars(run / "logs" / "train", tag), f"no train/{tag} in TensorBoard"
     validation = scalars(run / "logs" / "validation", "loss")
-    assert [step for step, _ in validation] == [20, 40, 50]
+    assert [step for step, _ in validation] == [10, 20, 30, 40, 50]
     assert validation[-1][1] < validation[0][1]  # the loss goes down
     learning_rates = [v for _, v in scalars(run / "logs" / "train", "learning_rate")]
     assert max(learning_rates) <= 1e-3 + 1e-9

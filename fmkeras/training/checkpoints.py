@@ -20,6 +20,7 @@ from pathlib import Path
 import keras
 
 from fmkeras.errors import ConfigError, TrainingError
+from fmkeras.training.callbacks import optimizer_step
 
 STATE_FILE = "state.json"
 WEIGHTS_FILE = "state.weights.h5"
@@ -176,14 +177,17 @@ class BestKeeper:
         metric: a validation metric name (`accuracy`, `f1`, `bleu`, `loss`, ...).
         directory: where the best backup lives.
         write_extra: as for `Backup` (e.g. LoRA adapters).
+        from_step: validations before this step are not candidates (e.g. before
+            gradual pruning reaches its target sparsity).
     """
 
     LOWER_IS_BETTER = ("loss", "perplexity")
 
-    def __init__(self, metric, directory, write_extra=None):
+    def __init__(self, metric, directory, write_extra=None, from_step=0):
         self.metric = metric
         self.directory = Path(directory)
         self.write_extra = write_extra
+        self.from_step = from_step
         state = read_state(self.directory)
         if state and state.get("metric") != metric:  # kept for another metric: start over
             state = None
@@ -201,28 +205,32 @@ class BestKeeper:
         if not isinstance(value, float):
             known = ", ".join(k for k, v in metrics.items() if isinstance(v, float))
             raise ConfigError(f"train.keep_best={self.metric!r}: validation reports {known}")
-        if self.improves(value):
+        if step >= self.from_step and self.improves(value):
             write_backup(model, self.directory, {"step": step, "metric": self.metric,
                                                  "value": value}, self.write_extra)  # fmt: skip
             self.step, self.value = step, value
 
 
 class Backup(keras.callbacks.Callback):
-    """Saves a backup at the end of every Keras epoch (`trainer.fit_phases` makes
-    an epoch end every `train.checkpoint_every` steps and at the last step),
+    """Saves a backup at the end of each Keras epoch that ends on a multiple of
+    `every` or at `final_step` (`trainer.fit_phases` makes epochs end there),
     named by the optimizer step, unless training was stopped (a NaN loss);
     keeps the newest `keep` (`train.keep_backups`).
 
     Args:
         directory: where `step-*` backups go.
+        every: steps between backups (`train.checkpoint_every`).
+        final_step: the run's last step, always backed up.
         keep: how many backups to keep.
         write_extra: optional `fn(directory)` that adds files to each backup
             (e.g. LoRA adapters) before it is renamed into place.
     """
 
-    def __init__(self, directory, keep=2, write_extra=None):
+    def __init__(self, directory, every, final_step, keep=2, write_extra=None):
         super().__init__()
         self.directory = Path(directory)
+        self.every = every
+        self.final_step = final_step
         self.keep = keep
         self.write_extra = write_extra
 
@@ -231,12 +239,15 @@ class Backup(keras.callbacks.Callback):
             shutil.rmtree(partial, ignore_errors=True)
 
     def on_epoch_end(self, epoch, logs=None):
-        if not self.model.stop_training:  # e.g. NaN loss: keep the last good backup
+        if self.model.stop_training:  # e.g. NaN loss: keep the last good backup
+            return
+        step = optimizer_step(self.model)
+        if step % self.every == 0 or step >= self.final_step:
             self.save()
 
     def save(self):
         """Backs up the model at its current step; returns the backup's path."""
-        step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        step = optimizer_step(self.model)
         final = self.directory / f"step-{step:08d}"
         write_backup(self.model, final, {"step": step}, self.write_extra)
         for old in sorted(self.directory.glob("step-*"))[: -self.keep]:

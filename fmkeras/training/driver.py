@@ -117,7 +117,14 @@ def _train(task, strategy, log):
     cadence = trainer.describe_cadence(train)
     if cadence:
         log(cadence)
-    keeper = BestKeeper(train.keep_best, run.best, write_extra) if train.keep_best else None
+    keeper = None
+    if train.keep_best:
+        # A pruned run keeps a model only once its sparsity has reached the target.
+        from_step = pruning.end_step if pruning else 0
+        keeper = BestKeeper(train.keep_best, run.best, write_extra, from_step)
+        if from_step:
+            log(f"keep_best: {train.keep_best} from step {from_step} on, where sparsity.target "
+                "is reached")
     evaluator = Evaluator(task.evaluate, logger, train.eval_every, train.steps,
                           on_validation=keeper.update if keeper else None)  # fmt: skip
     callbacks = [logger, evaluator] + ([pruning] if pruning else [])

@@ -1,5 +1,6 @@
-"""AdamW with warmup + decay, no weight decay on LayerNorm and bias, and the
-gradient norm measured for the logs."""
+"""AdamW with warmup + decay, no weight decay on LayerNorm and bias, the
+gradient norm measured for the logs, and embedding gradients kept sparse
+(optionally updated lazily, row by row)."""
 
 import math
 
@@ -53,7 +54,26 @@ class AdamW(keras.optimizers.AdamW):
     saved state is AdamW's: the metric is kept out of the optimizer's tracked
     variables, so backups of runs made before stay loadable. Under
     multi-device strategies the norm is each replica's, averaged.
+
+    An embedding's gradient (`tf.IndexedSlices`: the rows a batch looked up)
+    stays sparse through the norm and global-norm clipping, which Keras would
+    make a dense `(vocabulary, dim)` tensor each; its repeated rows are summed
+    first, so the norm is the gradient's (Keras and `tf.linalg.global_norm`
+    square a repeated row's pieces one by one, which misstates it). With `lazy_embeddings=True`
+    AdamW then updates only those rows, their moments and their weight decay
+    (TF Addons' `LazyAdam`); the other rows wait unchanged until a batch uses
+    them. Otherwise the gradient is made dense for the update, as in Keras.
     """
+
+    def __init__(self, *args, lazy_embeddings=False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lazy_embeddings = lazy_embeddings
+
+    def get_config(self):
+        config = super().get_config()
+        if self.lazy_embeddings:  # else a stock AdamW config, loadable without fmkeras
+            config["lazy_embeddings"] = True
+        return config
 
     def measure_gradient_norm(self, metric):
         # object.__setattr__: Keras's attribute tracking would add the metric's
@@ -85,27 +105,24 @@ class AdamW(keras.optimizers.AdamW):
         object.__setattr__(self, "_masks", masks)  # kept out of the saved state
 
     def update_step(self, gradient, variable, learning_rate):
-        """Keras's AdamW step. Inside `fused.fused_elementwise()` (the training
-        driver's `fit`) each variable's weight decay happens here instead of in
-        Keras's separate pass, and decay, moments and variable are one fused
-        function. A sparse (`IndexedSlices`) gradient, an embedding's, is made
-        dense first: Keras's Adam densifies it too (`gradient - m`), so every
-        row's moments decay as they do there. AMSGrad keeps Keras's update."""
-        if not fused.enabled():
-            return super().update_step(gradient, variable, learning_rate)
+        """Keras's AdamW step, with each variable's weight decay done here
+        rather than in Keras's separate pass over all variables (the same
+        arithmetic: Adam's step does not read the variable). Inside
+        `fused.fused_elementwise()` (the training driver's `fit`) decay,
+        moments and variable are one fused function. A sparse gradient is
+        made dense first, as Keras's Adam does (`gradient - m`), so every
+        row's moments decay, unless `lazy_embeddings` is set. AMSGrad keeps
+        Keras's update."""
+        if isinstance(gradient, tf.IndexedSlices):
+            if self.lazy_embeddings and not self.amsgrad:
+                return self._lazy_update_step(gradient, variable, learning_rate)
+            gradient = tf.convert_to_tensor(gradient)
         learning_rate = ops.cast(learning_rate, variable.dtype)
-        decay = ops.zeros((), variable.dtype)
-        if self.weight_decay is not None and self._use_weight_decay(variable):
-            decay = learning_rate * ops.cast(self.weight_decay, variable.dtype)
-        if self.amsgrad:
+        decay = self._decay_rate(variable, learning_rate)
+        if self.amsgrad or not fused.enabled():
             self.assign_sub(variable, variable * decay)
             return super().update_step(gradient, variable, learning_rate)
-        index = self._get_variable_index(variable)
-        m, v = self._momentums[index], self._velocities[index]
-        step = ops.cast(self.iterations + 1, variable.dtype)
-        beta_1_power = ops.power(ops.cast(self.beta_1, variable.dtype), step)
-        beta_2_power = ops.power(ops.cast(self.beta_2, variable.dtype), step)
-        alpha = learning_rate * ops.sqrt(1 - beta_2_power) / (1 - beta_1_power)
+        m, v, alpha = self._moments_and_step_size(variable, learning_rate)
         values = [tf.convert_to_tensor(x) for x in (variable, m.value, v.value, gradient)]
         new_m, new_v, new_variable = fused.adam_moments_and_variable(
             *values, alpha, decay, self.beta_1, self.beta_2, self.epsilon
@@ -114,15 +131,58 @@ class AdamW(keras.optimizers.AdamW):
         self.assign(v, new_v)
         self.assign(variable, new_variable)
 
+    def _decay_rate(self, variable, learning_rate):
+        """AdamW's `learning_rate * weight_decay`, 0 for excluded variables."""
+        if self.weight_decay is None or not self._use_weight_decay(variable):
+            return ops.zeros((), variable.dtype)
+        return learning_rate * ops.cast(self.weight_decay, variable.dtype)
+
+    def _moments_and_step_size(self, variable, learning_rate):
+        """The variable's `(m, v)` slots and Adam's bias-corrected step size."""
+        index = self._get_variable_index(variable)
+        step = ops.cast(self.iterations + 1, variable.dtype)
+        beta_1_power = ops.power(ops.cast(self.beta_1, variable.dtype), step)
+        beta_2_power = ops.power(ops.cast(self.beta_2, variable.dtype), step)
+        alpha = learning_rate * ops.sqrt(1 - beta_2_power) / (1 - beta_1_power)
+        return self._momentums[index], self._velocities[index], alpha
+
+    def _lazy_update_step(self, gradient, variable, learning_rate):
+        """AdamW on the rows of a sparse gradient only: the dense step's
+        arithmetic on `(rows, dim)` slices gathered from the variable and its
+        moments and scattered back (not XLA: the row count changes every step,
+        which would recompile each time)."""
+        gradient = deduplicated(gradient)  # replicas' slices arrive concatenated
+        rows = gradient.indices
+        learning_rate = ops.cast(learning_rate, variable.dtype)
+        m, v, alpha = self._moments_and_step_size(variable, learning_rate)
+        decay = self._decay_rate(variable, learning_rate)
+        old = [tf.gather(x, rows) for x in (variable, m.value, v.value)]  # (rows, dim) each
+        betas_and_epsilon = (self.beta_1, self.beta_2, self.epsilon)
+        new_m, new_v, new_variable = fused.adam_moments_and_variable(
+            *old, gradient.values, alpha, decay, *betas_and_epsilon, jit_compile=False
+        )
+        self.assign(m, tf.IndexedSlices(new_m, rows))
+        self.assign(v, tf.IndexedSlices(new_v, rows))
+        self.assign(variable, tf.IndexedSlices(new_variable, rows))
+
     def _apply_weight_decay(self, variables):
-        if not fused.enabled():  # else update_step decays each variable
-            super()._apply_weight_decay(variables)
+        """Nothing: `update_step` decays each variable (a lazy one row by row)."""
+
+    def _clip_gradients(self, grads):
+        """Keras's clipping, but global-norm clipping scales a sparse
+        gradient's values instead of making it dense."""
+        if self.clipnorm or not self.global_clipnorm:
+            return super()._clip_gradients(grads)
+        norm = global_norm(grads)
+        scale = self.global_clipnorm * ops.minimum(1.0 / norm, 1.0 / self.global_clipnorm)
+        scale += norm - norm  # NaN when the norm is not finite, as in Keras
+        return [scaled(g, scale) for g in grads]
 
     def apply(self, grads, trainable_variables=None):
+        grads = [deduplicated(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
         metric = self.__dict__.get("_gradient_norm")
         if metric is not None:
-            squares = [ops.sum(ops.square(ops.cast(g, "float32"))) for g in grads if g is not None]
-            metric.update_state(ops.sqrt(ops.sum(ops.stack(squares))))
+            metric.update_state(global_norm(grads))
         proximal = self.__dict__.get("_proximal")
         if proximal is not None:
             anchors, mu = proximal
@@ -139,6 +199,30 @@ class AdamW(keras.optimizers.AdamW):
         return result
 
 
+def deduplicated(gradient):
+    """A sparse gradient with each row once (repeated rows' values summed)."""
+    rows, position = tf.unique(gradient.indices)
+    values = tf.math.unsorted_segment_sum(gradient.values, position, tf.shape(rows)[0])
+    return tf.IndexedSlices(values, rows, gradient.dense_shape)
+
+
+def global_norm(grads):
+    """The float32 norm of all gradients together; sparse ones (deduplicated)
+    through their values, without a dense copy."""
+    values = [g.values if isinstance(g, tf.IndexedSlices) else g for g in grads if g is not None]
+    squares = [ops.sum(ops.square(ops.cast(x, "float32"))) for x in values]
+    return ops.sqrt(ops.sum(ops.stack(squares)))
+
+
+def scaled(gradient, scale):
+    if gradient is None:
+        return None
+    if isinstance(gradient, tf.IndexedSlices):
+        values = gradient.values * ops.cast(scale, gradient.values.dtype)
+        return tf.IndexedSlices(values, gradient.indices, gradient.dense_shape)
+    return gradient * ops.cast(scale, gradient.dtype)
+
+
 def create_optimizer(train_config):
     """AdamW from a `TrainConfig`: schedule, weight-decay exclusions, clipping."""
     warmup = train_config.warmup_steps
@@ -153,6 +237,7 @@ def create_optimizer(train_config):
         beta_2=0.999,
         epsilon=1e-6,
         global_clipnorm=train_config.clip_norm or None,
+        lazy_embeddings=train_config.lazy_embeddings,
     )
     optimizer.exclude_from_weight_decay(var_names=NO_DECAY_NAMES)
     return optimizer

@@ -26,10 +26,10 @@ from fmkeras.workarounds import compile_replica_steps_with_xla
 
 def fit_phases(start, steps, every):
     """`[(first_step, steps_per_epoch, epochs)]`: the Keras `fit` calls that take
-    a run from step `start` to `steps` with a backup every `every` steps (each
-    Keras epoch ends in one) and one at `steps`. A run whose length is not a
-    multiple of `every` ends with a shorter epoch; a run resumed between
-    multiples first catches up to the next one."""
+    a run from step `start` to `steps` with a Keras epoch ending every `every`
+    steps (where backups and validation can happen) and at `steps`. A run whose
+    length is not a multiple of `every` ends with a shorter epoch; a run resumed
+    between multiples first catches up to the next one."""
     phases, step = [], start
     if step % every and step < steps:
         catch_up = min(steps, (step // every + 1) * every)
@@ -159,13 +159,16 @@ def fit(model, train_data, train, run, start_step, callbacks=(), **backup):
     terminated cluster resumes from its newest common backup instead.
     """
     stop_on_nan = StopOnNaN()
-    saver = Backup(run.backups, keep=train.keep_backups, **backup)
+    saver = Backup(run.backups, train.checkpoint_every, train.steps, keep=train.keep_backups,
+                   **backup)  # fmt: skip
+    # Epochs end at every backup and every validation (`Evaluator`).
+    epoch_every = math.gcd(train.checkpoint_every, train.eval_every)
     compiled_steps = model.steps_per_execution
     multi_worker = distribute.is_multi_worker(model.distribute_strategy)
     stop_on_signal = StopOnSignal(signals=() if multi_worker else (signal.SIGTERM,))
     with stop_on_signal:
         for first_step, steps_per_epoch, epochs in fit_phases(start_step, train.steps,
-                                                              train.checkpoint_every):  # fmt: skip
+                                                              epoch_every):  # fmt: skip
             # Keras runs whole executions: an epoch that is not a multiple of
             # steps_per_execution would overrun it, so such a phase runs fewer per call.
             set_steps_per_execution(model, math.gcd(steps_per_epoch, compiled_steps))
