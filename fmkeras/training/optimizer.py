@@ -215,6 +215,7 @@ def global_norm(grads):
 
 
 def scaled(gradient, scale):
+    """`gradient * scale`; a sparse gradient through its values (stays sparse)."""
     if gradient is None:
         return None
     if isinstance(gradient, tf.IndexedSlices):
