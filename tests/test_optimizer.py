@@ -139,6 +139,9 @@ def test_sparse_gradients_are_measured_and_clipped_without_densifying():
         metric = keras.metrics.Mean()
         optimizer.measure_gradient_norm(metric)
         variables = [keras.Variable(np.zeros(shape, "float32")) for shape in ((6, 2), (1, 1))]
+        clipped, _ = optimizer._clip_gradients([gradient, extra])
+        sparse = isinstance(gradient, tf.IndexedSlices)
+        assert isinstance(clipped, tf.IndexedSlices) == sparse  # a sparse gradient stays sparse
         optimizer.apply([gradient, extra], variables)
         assert float(metric.result()) == pytest.approx(norm, rel=1e-6)
         momentum = optimizer.variables[1].numpy()  # 0.1 * the clipped gradient
