@@ -130,6 +130,9 @@ class DistillConfig:
     # The teacher block each student block learns from, "-" for none ("1,3,5"; "-,-,5" as
     # MiniLM: the last only); default: uniform, the last blocks paired
     layers: str | None = None
+    # Perturbed copies of each training text (words dropped or replaced, n-grams kept: Tang
+    # et al. 2019), labelled by the teacher's cached logits; 0: the training set as it is
+    augment: int = 0
 
 
 @dataclasses.dataclass
@@ -460,7 +463,7 @@ def validate_distill(distill):
     if distill.temperature <= 0 or not 0.0 <= distill.alpha <= 1.0:
         raise ConfigError(f"distill.temperature must be positive and distill.alpha in [0, 1]; got "
                           f"{distill.temperature}, {distill.alpha}")  # fmt: skip
-    for name in ("hidden_weight", "attention_weight"):
+    for name in ("hidden_weight", "attention_weight", "augment"):
         if getattr(distill, name) < 0:
             raise ConfigError(f"distill.{name} must be 0 or more, got {getattr(distill, name)}")
     if distill.layers is not None:

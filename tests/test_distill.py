@@ -3,6 +3,7 @@ teacher -> student runs (cached logits; intermediate layers) that evaluate,
 predict, resume and export like any classify run."""
 
 import json
+import re
 import shutil
 
 import keras
@@ -17,6 +18,7 @@ from fmkeras.models import Classifier, Distiller, Encoder
 from fmkeras.models.distiller import attention_loss, hidden_state_loss, uniform_layer_pairs
 from fmkeras.tasks import load_run
 from fmkeras.tasks.distill import DistillationLoss
+from fmkeras.text.augment import augment_texts
 from fmkeras.train import main as train_main
 
 IDS = np.array([[2, 5, 9, 7, 3, 0], [2, 8, 3, 0, 0, 0]], "int32")
@@ -37,6 +39,30 @@ def test_distillation_loss_mixes_soft_and_hard_targets():
                 keras.ops.log_softmax(student / t).numpy())  # fmt: skip
     kl = (p * (np.log(p) - log_q)).sum(-1).mean() * t**2
     assert float(DistillationLoss(t, alpha=1.0)(y_true, student)) == pytest.approx(kl, rel=1e-5)
+
+
+def test_augmented_copies_are_distinct_perturbations_of_their_texts():
+    texts = ["a fine , moving film", "dull", "the plot is thin but the cast is great fun"]
+    new, source = augment_texts(texts, copies=4, seed=0)
+    assert (new, source) == augment_texts(texts, copies=4, seed=0)  # the seed decides
+    assert new != augment_texts(texts, copies=4, seed=1)[0]
+    assert source == sorted(source) and set(source) <= {0, 1, 2}  # in text order
+    for index in set(source):
+        copies = [text for text, i in zip(new, source, strict=True) if i == index]
+        assert len(copies) == len(set(copies)) <= 4 and texts[index] not in copies
+    words = {word for text in texts for word in text.split()}
+    # Replacement only: every word is kept in place or swapped for a training word.
+    replaced, source = augment_texts(texts, 3, 0, drop_rate=0.0, replace_rate=0.5,
+                                     ngram_rate=0.0)  # fmt: skip
+    for text, index in zip(replaced, source, strict=True):
+        assert len(text.split()) == len(texts[index].split()) and set(text.split()) <= words
+    # n-gram sampling only: a contiguous run of at most 5 of the text's words.
+    grams, source = augment_texts(texts, 3, 0, drop_rate=0.0, replace_rate=0.0, ngram_rate=1.0)
+    for text, index in zip(grams, source, strict=True):
+        assert f" {text} " in f" {texts[index]} " and len(text.split()) <= 5
+    assert augment_texts(texts, 3, 0, drop_rate=1.0) == ([], [])  # empty copies are dropped
+    pairs, _ = augment_texts([("a b c d", "e f g h")], 2, 0, ngram_rate=1.0)
+    assert pairs and all(isinstance(pair, tuple) and len(pair) == 2 for pair in pairs)
 
 
 def classifier(layers, hidden=16, heads=2, seed=0):
@@ -113,10 +139,13 @@ def teacher(classify_run):
 def test_a_student_learns_from_its_teacher_and_acts_as_a_classifier(teacher, tmp_path, capsys,
                                                                      data_dir):  # fmt: skip
     student = tmp_path / "student"
-    settings = {"data.max_lines": 400, "data.vocab_size": 600, "distill.teacher": teacher}
+    settings = {"data.max_lines": 400, "data.vocab_size": 600, "distill.teacher": teacher,
+                "distill.augment": 1}  # fmt: skip
     train_tiny_classifier("distill", "sst2_distill.yaml", student, **settings)
     out = capsys.readouterr().out
-    assert "logits of 400 training examples" in out
+    copies = int(re.search(r"distill.augment=1: ([\d,]+) perturbed copies of", out).group(1))
+    assert 300 < copies <= 400  # most short texts have a distinct copy
+    assert f"logits of 400 training examples and {copies} copies" in out
     metrics = json.loads((student / "metrics.json").read_text())
     assert metrics["task"] == "distill" and 0.0 <= metrics["accuracy"] <= 1.0
     info = json.loads((student / "task.json").read_text())
@@ -179,6 +208,9 @@ def test_a_student_learns_the_teachers_layers_and_resumes(teacher, one_block_stu
      "distill.layers must name the teacher block of each student block"),
     ({"distill.hidden_weight": -1}, "distill.hidden_weight must be 0 or more"),
     ({"distill.hidden_weight": 1.0, "sparsity.target": 0.5}, "cannot be combined with"),
+    ({"distill.hidden_weight": 1.0, "distill.augment": 2},
+     "distill.augment labels its copies with cached teacher logits"),
+    ({"distill.augment": -1}, "distill.augment must be 0 or more"),
 ])  # fmt: skip
 def test_intermediate_transfer_says_what_is_wrong(teacher, one_block_student, tmp_path, capsys,
                                                   settings, message):  # fmt: skip
