@@ -141,7 +141,11 @@ SERVE_CHECK = textwrap.dedent("""
     records = [record.numpy() for record in tf.data.TFRecordDataset(warmup_file)]
     loaded = tf.saved_model.load(path)
     eager = loaded.signatures["serving_default"](**{k: tf.constant(v) for k, v in inputs.items()})
-    with tf.compat.v1.Session(graph=tf.Graph()) as session:  # TF Serving's C++ path
+    # TF Serving's C++ path, without Grappler's graph rewrites: they keep the outputs
+    # and cost ~8 s per load here (the restore runs them over every function).
+    config = tf.compat.v1.ConfigProto()
+    config.graph_options.rewrite_options.disable_meta_optimizer = True
+    with tf.compat.v1.Session(graph=tf.Graph(), config=config) as session:
         meta = tf.compat.v1.saved_model.loader.load(session, ["serve"], path)
         signature = meta.signature_def["serving_default"]
         fetches = {k: v.name for k, v in signature.outputs.items()}

@@ -121,7 +121,9 @@ def test_two_workers_split_every_global_batch(tmp_path, small_vocab):
             assert sorted(one_pass) == list(range(64)), kind
 
 
-@pytest.mark.long_running
+# Two 2-worker training runs (~65 s). The default run keeps the parts: test_launch's failing
+# worker stops the others, test_pretrain's faults resume, and two workers split each batch above.
+@pytest.mark.slow
 def test_a_killed_worker_stops_the_cluster_and_the_relaunch_resumes(tmp_path, small_vocab):
     run, log = tmp_path / "run", tmp_path / "launch.log"
     settings = {"data.sequence_length": 32, "train.eval_every": 100, "train.jit_compile": "false"}
