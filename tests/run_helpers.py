@@ -57,6 +57,24 @@ def train_tiny_classifier(task, recipe, out, **extra):
     return out
 
 
+def built_task(recipe, settings, out):
+    """The task of `recipe` with `--set` `settings` (a dict) in run directory
+    `out`, in-process and untrained: `(task, model)` after `read_data` and
+    `build_model`, for tests of what a task builds (its log goes to stdout)."""
+    from fmkeras.config import build_config
+    from fmkeras.tasks.registry import get_task
+    from fmkeras.training.driver import resolve_files
+    from fmkeras.training.run_dir import RunDir
+
+    config = build_config(recipe, [f"{key}={value}" for key, value in settings.items()])
+    task_class = get_task(config.task)
+    run = RunDir(out)
+    run.prepare(config)
+    task = task_class(config, run, resolve_files(task_class, config, None, print), print)
+    task.read_data()
+    return task, task.build_model()
+
+
 def tiny_args(vocab, steps=40, **extra):
     """`python -m fmkeras.train` arguments of a tiny pretraining run (keys with dots)."""
     settings = {

@@ -9,24 +9,21 @@ import pytest
 import tensorflow as tf
 from conftest import REPO
 from model_checks import run_model_checks
-from run_helpers import scalars, serve_in_fresh_process, train_args
+from run_helpers import built_task, scalars, serve_in_fresh_process, train_args
 
 import fmkeras
-from fmkeras.config import DecodeConfig, build_config
+from fmkeras.config import DecodeConfig
 from fmkeras.decoding import beam_search, greedy_search
 from fmkeras.errors import DataError
 from fmkeras.evaluate import main as evaluate_main
 from fmkeras.export import main as export_main
 from fmkeras.models import Encoder, Translator
 from fmkeras.tasks import load_run
-from fmkeras.tasks.registry import get_task
 from fmkeras.text.detokenizer import Detokenizer
 from fmkeras.text.parallel import read_parallel
 from fmkeras.text.wordpiece import WordPieceTokenizer, learn_vocabulary, write_vocabulary
 from fmkeras.train import main
-from fmkeras.training.driver import resolve_files
 from fmkeras.training.precision import in_dtype_policy
-from fmkeras.training.run_dir import RunDir
 from fmkeras.translate import main as translate_main
 
 PAD, START, END = 0, 1, 2
@@ -240,17 +237,11 @@ def test_translate_end_to_end(tmp_path, data_dir, capsys):
 def test_shared_vocabulary_is_learned_from_both_sides(tmp_path, data_dir):
     """The task builds one vocabulary for both sides and a model of its size
     (no training: the end-to-end test trains)."""
-    overrides = ["model.size=tiny", "data.shared_vocabulary=true", "data.max_lines=300",
-                 "data.vocab_size=800", "data.sequence_length=32"]  # fmt: skip
-    config = build_config(REPO / "trainers" / "en_de.yaml", overrides)
-    task_class = get_task("translate")
-    run = RunDir(tmp_path / "shared")
-    run.prepare(config)
-    task = task_class(config, run, resolve_files(task_class, config, None, print), print)
-    task.read_data()
-    model = task.build_model()
-    vocabulary = run.vocab.read_text(encoding="utf-8").split()
-    assert run.target_vocab.read_text(encoding="utf-8").split() == vocabulary
+    settings = {"model.size": "tiny", "data.shared_vocabulary": "true", "data.max_lines": 300,
+                "data.vocab_size": 800, "data.sequence_length": 32}  # fmt: skip
+    task, model = built_task(REPO / "trainers" / "en_de.yaml", settings, tmp_path / "shared")
+    vocabulary = task.run.vocab.read_text(encoding="utf-8").split()
+    assert task.run.target_vocab.read_text(encoding="utf-8").split() == vocabulary
     assert {"the", "ein", "und"} <= set(vocabulary)  # English and German words
     assert model.target_vocabulary_size == len(vocabulary)
 

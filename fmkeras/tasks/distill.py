@@ -94,15 +94,14 @@ class DistillTask(ClassifyTask):
                               "distill.attention_weight (the teacher's kernels would be pruned "
                               "too)")  # fmt: skip
         if intermediate(config.distill) and config.distill.augment:
-            raise ConfigError("distill.augment labels its copies with cached teacher logits; it "
-                              "cannot be combined with distill.hidden_weight or "
-                              "distill.attention_weight (the teacher runs beside the "
-                              "student)")  # fmt: skip
+            raise ConfigError("distill.augment labels its copies with cached teacher logits, "
+                              "which intermediate transfer does not use: set distill.augment=0 "
+                              "or distill.hidden_weight and distill.attention_weight to "
+                              "0")  # fmt: skip
         super().check_config(config)
 
     def read_data(self):
         super().read_data()
-        self.augmented = self.augment_rows()
         teacher = self.config.distill.teacher
         info = RunDir(teacher).read_info()
         if info["task"] not in TEACHER_TASKS:
@@ -111,6 +110,7 @@ class DistillTask(ClassifyTask):
         if list(info["labels"]) != list(self.names):
             raise ConfigError(f"distill.teacher={teacher} has the labels {info['labels']}, "
                               f"but {self.config.data.train_file} has {self.names}")  # fmt: skip
+        self.augmented = self.augment_rows()
 
     def build_model(self):
         """The student (a classifier); with intermediate transfer, the student
@@ -122,6 +122,9 @@ class DistillTask(ClassifyTask):
         self.teacher = load_run(distill.teacher, tasks=TEACHER_TASKS, precision=policy)
         if not intermediate(distill):
             self.teacher_logits = self.teacher_outputs()
+            # A copy's hard label is the teacher's answer: a perturbation may change the label.
+            copies = slice(len(self.train_labels) - self.augmented, None)
+            self.train_labels[copies] = self.teacher_logits[copies].argmax(-1)
             return student
         self.check_shared_vocabulary()
         teacher = self.teacher.model
@@ -178,7 +181,8 @@ class DistillTask(ClassifyTask):
                               f"the teacher's {positions} positions")  # fmt: skip
 
     def teacher_outputs(self):
-        """The teacher's logits `(examples, classes)` for the training rows."""
+        """The teacher's logits `(examples, classes)` for the training rows
+        (augmented copies included)."""
         started = time.time()
         teacher = self.teacher
         ids = encode_inputs(teacher.tokenizer, self.train_rows.inputs,
@@ -194,8 +198,6 @@ class DistillTask(ClassifyTask):
         self.log(f"teacher {self.config.distill.teacher}: logits of {originals:,} training "
                  f"examples{copies} in {time.time() - started:.0f} s (agrees with {agree:.1%} "
                  f"of the labels)")  # fmt: skip
-        # A copy's hard label is the teacher's answer: a perturbation may change the label.
-        self.train_labels[originals:] = logits[originals:].argmax(-1)
         return logits
 
     def compile_args(self, model):
