@@ -1,4 +1,5 @@
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,26 @@ HAVE_DATA = (DATA_DIR / "gutenberg_en" / "train.txt").is_file()
 # the workers from oversubscribing the cores. Set before anything imports TensorFlow.
 os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def built_once(tmp_path_factory, name, build):
+    """The directory `name`, filled by `build(directory)` once per test session:
+    under pytest-xdist the first worker to ask builds it and the others wait
+    for it and reuse it (pytest-xdist's recipe for session fixtures), so a
+    run the tests only read is trained once, not once per worker."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's directory, shared by its workers
+    directory, done = root / name, root / f"{name}.built"
+    with FileLock(f"{directory}.lock"):
+        if not done.exists():
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir()
+            build(directory)
+            done.touch()
+    return directory
 
 
 def pytest_configure(config):
@@ -40,9 +61,11 @@ def small_vocab(tmp_path_factory, gutenberg_lines):
     """A WordPiece vocabulary learned once from a slice of the corpus."""
     from fmkeras.text.wordpiece import learn_vocabulary, write_vocabulary
 
-    path = tmp_path_factory.mktemp("vocab") / "vocab.txt"
-    write_vocabulary(learn_vocabulary(gutenberg_lines, 2000, log=lambda _: None), path)
-    return path
+    def build(directory):
+        pieces = learn_vocabulary(gutenberg_lines, 2000, log=lambda _: None)
+        write_vocabulary(pieces, directory / "vocab.txt")
+
+    return built_once(tmp_path_factory, "vocab", build) / "vocab.txt"
 
 
 @pytest.fixture(scope="session")
@@ -53,10 +76,12 @@ def mlm_run(tmp_path_factory, small_vocab):
 
     from fmkeras.train import main
 
-    run = tmp_path_factory.mktemp("mlm") / "run"
-    settings = {"train.checkpoint_every": 10, "train.eval_every": 10}
-    assert main(tiny_args(small_vocab, steps=20, **settings) + ["--out", str(run)]) == 0
-    return run
+    def build(directory):
+        settings = {"train.checkpoint_every": 10, "train.eval_every": 10}
+        args = tiny_args(small_vocab, steps=20, **settings) + ["--out", str(directory / "run")]
+        assert main(args) == 0
+
+    return built_once(tmp_path_factory, "mlm", build) / "run"
 
 
 @pytest.fixture(scope="session")
@@ -65,7 +90,10 @@ def classify_run(tmp_path_factory, data_dir):
     that export, prune or continue it; copy it before changing it."""
     from run_helpers import train_tiny_classifier
 
-    return train_tiny_classifier("classify", "sst2.yaml", tmp_path_factory.mktemp("c") / "sst2")
+    def build(directory):
+        train_tiny_classifier("classify", "sst2.yaml", directory / "sst2")
+
+    return built_once(tmp_path_factory, "classify", build) / "sst2"
 
 
 @pytest.fixture(scope="session")

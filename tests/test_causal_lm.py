@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import built_once
 from model_checks import run_model_checks
 from run_helpers import REPO, request_json, scalars, serve_in_fresh_process, train_args
 
@@ -75,17 +76,21 @@ def test_top_k_and_top_p_keep_the_likeliest_tokens():
 
 
 def test_sampling_follows_the_distribution_and_the_seed():
+    """Rows of one call draw independently: 3,000 copies of a row are 3,000 draws."""
     logits = tf.constant([[2.0, 1.0, 0.0, -1.0]])
-    draws = [int(sample(logits, index, temperature=1.0, seed=5)[0]) for index in range(3000)]
+    rows = tf.tile(logits, [3000, 1])
+    draws = sample(rows, 7, temperature=1.0, seed=5).numpy()
     frequencies = np.bincount(draws, minlength=4) / len(draws)
     np.testing.assert_allclose(frequencies, tf.nn.softmax(logits)[0], atol=0.03)
-    cold = [int(sample(logits, index, temperature=0.25, seed=5)[0]) for index in range(500)]
-    assert np.mean(np.array(cold) == 0) > 0.95  # a low temperature sharpens
-    assert all(int(sample(logits, i, temperature=0.0)[0]) == 0 for i in range(5))  # greedy
-    again = [int(sample(logits, index, temperature=1.0, seed=5)[0]) for index in range(3000)]
-    assert draws == again
-    top_two = [int(sample(logits, index, temperature=1.0, top_k=2, seed=5)[0])
-               for index in range(2000)]  # fmt: skip
+    cold = sample(rows[:500], 7, temperature=0.25, seed=5).numpy()
+    assert np.mean(cold == 0) > 0.95  # a low temperature sharpens
+    assert sample(rows[:5], 7, temperature=0.0).numpy().tolist() == [0] * 5  # greedy
+    assert sample(rows, 7, temperature=1.0, seed=5).numpy().tolist() == draws.tolist()
+    for other in ({"index": 8, "seed": 5}, {"index": 7, "seed": 6}):  # either moves the noise
+        assert np.mean(sample(rows, temperature=1.0, **other).numpy() != draws) > 0.3
+    one_row = [int(sample(logits, index, seed=5)[0]) for index in range(40)]  # a generation's draws
+    assert len(set(one_row)) > 1
+    top_two = sample(rows[:2000], 7, temperature=1.0, top_k=2, seed=5).numpy()
     frequencies = np.bincount(top_two, minlength=4) / len(top_two)
     np.testing.assert_allclose(frequencies, [np.e / (np.e + 1), 1 / (np.e + 1), 0, 0], atol=0.03)
 
@@ -119,14 +124,16 @@ def test_batched_prompts_of_different_lengths_generate_as_alone(model):
 
 @pytest.fixture(scope="module")
 def causal_run(tmp_path_factory, data_dir):
-    run = tmp_path_factory.mktemp("causal") / "run"
     settings = {"model.size": "tiny", "data.max_lines": 1500, "data.vocab_size": 1000,
                 "train.steps": 40, "train.batch_size": 16, "train.learning_rate": 3e-3,
                 "train.log_every": 10, "train.eval_every": 20, "train.checkpoint_every": 20,
                 "train.eval_steps": 4, "train.steps_per_execution": 1,
                 "generate.max_new_tokens": 8}  # fmt: skip
-    assert train_main(train_args("causal_lm", RECIPE, settings, run)) == 0
-    return run
+
+    def build(directory):
+        assert train_main(train_args("causal_lm", RECIPE, settings, directory / "run")) == 0
+
+    return built_once(tmp_path_factory, "causal", build) / "run"
 
 
 def test_causal_lm_trains_and_reports_perplexity_and_samples(causal_run):

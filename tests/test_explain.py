@@ -121,18 +121,20 @@ def test_perturbations_keep_cls_and_sep_and_split_the_tokens():
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, data_dir):
-    """`runs(task)`: a tiny classify, tag or translate run (a few steps; greedy,
-    short final translation evaluations), trained on first use."""
+def runs(tmp_path_factory, classify_run):
+    """`runs(task)`: a tiny classify (the session's), tag or translate run (a
+    few steps; greedy, short final translation evaluations), trained on first use."""
     root = tmp_path_factory.mktemp("explain")
     settings = {"model.size": "tiny", "model.init": "random", "data.max_lines": 300,
                 "data.vocab_size": 600, "train.batch_size": 16, "train.steps": 4,
                 "train.checkpoint_every": 4, "train.eval_every": 4,
                 "train.jit_compile": "false", "decode.beam_width": 1,
                 "decode.max_length": 8}  # fmt: skip
-    recipes = {"classify": "sst2", "tag": "conll2003", "translate": "en_de"}
+    recipes = {"tag": "conll2003", "translate": "en_de"}
 
     def run(task):
+        if task == "classify":
+            return classify_run
         if not (root / task / "task.json").is_file():
             args = train_args(task, REPO / "trainers" / f"{recipes[task]}.yaml", settings,
                               root / task)  # fmt: skip
