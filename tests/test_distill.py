@@ -16,7 +16,7 @@ from fmkeras.export import main as export_main
 from fmkeras.models import Classifier, Distiller, Encoder
 from fmkeras.models.distiller import attention_loss, hidden_state_loss, uniform_layer_pairs
 from fmkeras.tasks import load_run
-from fmkeras.tasks.distill import DistillationLoss
+from fmkeras.tasks.distill import DistillationLoss, cached_logits
 from fmkeras.text.augment import augment_texts
 from fmkeras.train import main as train_main
 
@@ -138,12 +138,22 @@ def teacher(classify_run):
 def test_a_student_learns_from_its_teacher_and_acts_as_a_classifier(teacher, tmp_path, capsys,
                                                                      data_dir):  # fmt: skip
     student = tmp_path / "student"
-    settings = {"data.max_lines": 400, "data.vocab_size": 600, "distill.teacher": teacher}
+    settings = {"data.max_lines": 400, "data.vocab_size": 600, "distill.teacher": teacher,
+                "train.checkpoint_every": 3}  # fmt: skip
     train_tiny_classifier("distill", "sst2_distill.yaml", student, **settings)
     out = capsys.readouterr().out
     assert "logits of 400 training examples in" in out
     metrics = json.loads((student / "metrics.json").read_text())
     assert metrics["task"] == "distill" and 0.0 <= metrics["accuracy"] <= 1.0
+    # Resumed (from step 3), the run reads the teacher's logits it kept and ends as before.
+    shutil.rmtree(student / "backup" / "step-00000006")
+    (student / "metrics.json").unlink()
+    train_tiny_classifier("distill", "sst2_distill.yaml", student, **settings)
+    out = capsys.readouterr().out
+    assert f"logits of 400 training examples from {student / 'teacher_logits.npz'}" in out
+    resumed = json.loads((student / "metrics.json").read_text())
+    assert resumed["resumed_from_step"] == 3
+    assert resumed["loss"] == pytest.approx(metrics["loss"], abs=1e-4)
     info = json.loads((student / "task.json").read_text())
     assert info["distill"]["teacher"] == str(teacher) and info["labels"] == ["0", "1"]
     found = load_run(student).predict(["a gorgeous film", "dull"])
@@ -161,6 +171,16 @@ def test_a_student_learns_from_its_teacher_and_acts_as_a_classifier(teacher, tmp
     recipe = REPO / "trainers" / "sst2_distill.yaml"
     assert train_main(train_args("distill", recipe, settings, tmp_path / "bad")) == 2
     assert "has the labels ['0', '1'], but" in capsys.readouterr().err
+
+
+def test_kept_teacher_logits_are_used_only_for_the_same_teacher_and_rows(tmp_path):
+    path, logits = tmp_path / "teacher_logits.npz", np.arange(6, dtype=np.float32).reshape(3, 2)
+    assert cached_logits(path, "abc") is None  # none kept yet
+    np.savez(path, logits=logits, fingerprint="abc")
+    np.testing.assert_array_equal(cached_logits(path, "abc"), logits)
+    assert cached_logits(path, "another teacher or other rows") is None
+    path.write_bytes(b"PK\x03\x04 cut short")
+    assert cached_logits(path, "abc") is None  # unreadable: computed again
 
 
 def test_augmented_copies_join_the_training_set_labelled_by_the_teacher(teacher, tmp_path,

@@ -5,8 +5,9 @@ The student is any `classify` starting point (a fresh tiny or mini encoder
 with its own vocabulary, a pretraining run, a checkpoint); the teacher keeps
 its own vocabulary and sequence length. The teacher's logits for every
 training example are computed once, before training (one forward pass over
-the training set, logged with its time), and travel with the examples, so a
-step costs the student alone. The loss is `alpha * T^2 * KL(softmax(t / T)
+the training set, logged with its time; kept in the run directory, so a
+resumed run reads them), and travel with the examples, so a step costs the
+student alone. The loss is `alpha * T^2 * KL(softmax(t / T)
 || softmax(s / T)) + (1 - alpha) * CE(label, s)` with teacher logits `t`,
 student logits `s` and temperature `T` (`distill.temperature`,
 `distill.alpha`).
@@ -22,7 +23,9 @@ The finished run is a classify run in every other respect: evaluate,
 predict, explain and export treat it as one.
 """
 
+import hashlib
 import time
+import zipfile
 from pathlib import Path
 
 import keras
@@ -39,9 +42,11 @@ from fmkeras.tasks.finetune import EncoderTask, collect
 from fmkeras.tasks.registry import register_task
 from fmkeras.text.augment import augment_texts
 from fmkeras.text.labelled import encode_inputs
+from fmkeras.training.checkpoints import atomic_path
 from fmkeras.training.run_dir import RunDir
 
 TEACHER_TASKS = ("classify", "distill")
+TEACHER_LOGITS = "teacher_logits.npz"  # in the student's run directory
 
 
 @keras.saving.register_keras_serializable(package="fmkeras")
@@ -182,8 +187,29 @@ class DistillTask(ClassifyTask):
 
     def teacher_outputs(self):
         """The teacher's logits `(examples, classes)` for the training rows
-        (augmented copies included)."""
+        (augmented copies included), computed once per run: they stay in the
+        run directory (`teacher_logits.npz`, with a fingerprint of the teacher,
+        its precision and the rows), so a resumed run reads them instead of
+        running the teacher again."""
         started = time.time()
+        cache = self.run.root / TEACHER_LOGITS
+        fingerprint = self.teacher_fingerprint()
+        logits = cached_logits(cache, fingerprint)
+        if logits is None:
+            logits = self.run_teacher()
+            with atomic_path(cache) as temporary:
+                np.savez(temporary, logits=logits, fingerprint=fingerprint)
+            source = f"in {time.time() - started:.0f} s"
+        else:
+            source = f"from {cache} (computed when the run started)"
+        originals = len(logits) - self.augmented
+        agree = float((logits[:originals].argmax(-1) == self.train_labels[:originals]).mean())
+        copies = f" and {self.augmented:,} copies" if self.augmented else ""
+        self.log(f"teacher {self.config.distill.teacher}: logits of {originals:,} training "
+                 f"examples{copies} {source} (agrees with {agree:.1%} of the labels)")  # fmt: skip
+        return logits
+
+    def run_teacher(self):
         teacher = self.teacher
         ids = encode_inputs(teacher.tokenizer, self.train_rows.inputs,
                             teacher.info["sequence_length"])  # fmt: skip
@@ -192,13 +218,17 @@ class DistillTask(ClassifyTask):
         # Batches of 256: 1.3x the examples/s of 64 (MiniLM, bfloat16, AMX host).
         for output, index in collect(teacher.model, teacher.batches(ids, order, 256)):
             logits[int(index)] = output
-        originals = len(order) - self.augmented
-        agree = float((logits[:originals].argmax(-1) == self.train_labels[:originals]).mean())
-        copies = f" and {self.augmented:,} copies" if self.augmented else ""
-        self.log(f"teacher {self.config.distill.teacher}: logits of {originals:,} training "
-                 f"examples{copies} in {time.time() - started:.0f} s (agrees with {agree:.1%} "
-                 f"of the labels)")  # fmt: skip
         return logits
+
+    def teacher_fingerprint(self):
+        """Changes with the teacher's saved model, the compute precision and
+        the training rows (texts and order)."""
+        model = RunDir(self.config.distill.teacher).model.resolve()
+        stat, policy = model.stat(), keras.mixed_precision.global_policy().name
+        digest = hashlib.sha256(f"{model} {stat.st_size} {stat.st_mtime_ns} {policy}".encode())
+        for text in self.train_rows.inputs:
+            digest.update(repr(text).encode())
+        return digest.hexdigest()
 
     def compile_args(self, model):
         distill = self.config.distill
@@ -236,6 +266,17 @@ class DistillTask(ClassifyTask):
         distill = self.config.distill
         keys = ("teacher", "temperature", "alpha", "hidden_weight", "attention_weight", "layers")
         return {**super().info(), "distill": {key: getattr(distill, key) for key in keys}}
+
+
+def cached_logits(path, fingerprint):
+    """The logits saved at `path` if their fingerprint is `fingerprint`, else None."""
+    try:
+        with np.load(path) as saved:
+            if str(saved["fingerprint"]) == fingerprint:
+                return saved["logits"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # none, or unreadable
+        pass
+    return None
 
 
 def intermediate(distill):
