@@ -122,15 +122,15 @@ def export(run_dir, name, out="saved_models", version=None, overwrite=False, *,
     if precision != "float32" and (quantize or tflite):
         raise ConfigError(f"--precision {precision} exports the unquantized model; leave out "
                           "--quantize and --tflite")  # fmt: skip
+    version = version or next_version(base)
+    target = base / str(version)
+    if target.exists() and not overwrite:  # said before the run is loaded
+        raise ConfigError(f"{target} exists; pass --overwrite or another --version")
     predictor = load_run(run_dir, decode=decode, top_k=top_k, precision=precision)
     try:
         base.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise ConfigError(f"cannot create the export directory {base}: {error.strerror}") from None
-    version = version or next_version(base)
-    target = base / str(version)
-    if target.exists() and not overwrite:
-        raise ConfigError(f"{target} exists; pass --overwrite or another --version")
     if quantize:
         quantize_model(predictor.model, quantize)
     functions = predictor.serving_functions()

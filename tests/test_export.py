@@ -73,12 +73,14 @@ def test_a_killed_export_leaves_no_version_a_server_could_see(classify_run, tmp_
     assert ModelVersions(base).versions() == [1]
 
 
-def test_versions_are_never_overwritten_silently(classify_run, tmp_path, capsys):
+def test_versions_are_never_overwritten_silently(classify_run, tmp_path, capsys, monkeypatch):
     out = str(tmp_path / "saved_models")
     assert export_main([str(classify_run), "--name", "m", "--out", out]) == 0
     assert export_main([str(classify_run), "--name", "m", "--out", out]) == 0
     assert sorted(p.name for p in (tmp_path / "saved_models" / "m").iterdir()) == ["1", "2"]
-    assert export_main([str(classify_run), "--name", "m", "--out", out, "--version", "1"]) == 2
+    with monkeypatch.context() as patched:  # refused before the run is loaded
+        patched.setattr("fmkeras.tasks.load_run", lambda *a, **k: pytest.fail("loaded"))
+        assert export_main([str(classify_run), "--name", "m", "--out", out, "--version", "1"]) == 2
     assert "exists; pass --overwrite" in capsys.readouterr().err
     assert export_main([str(classify_run), "--name", "m", "--out", out, "--version", "1",
                         "--overwrite"]) == 0  # fmt: skip
