@@ -14,6 +14,9 @@ Inside `fused_elementwise()`, on TensorFlow:
 - `gelu`: forward and backward one XLA cluster each (the backward recomputes
   the Gaussian CDF instead of storing it), in float32, cast back;
 - `masked_softmax`: the attention's mask + float32 softmax, and its gradient;
+- `dropout`: the mask drawn from a counter-based hash of the layer's seed
+  (no stored mask: the backward cluster draws it again), forward and backward
+  one cluster each, 3-4x faster than TensorFlow's Philox-based dropout here;
 - `sparse_cross_entropy`: a language model's loss over `(tokens, vocabulary)`
   logits and its gradient, without a float32 copy of the logits;
 - `adam_moments_and_variable`: AdamW's decay, moments and step per variable;
@@ -70,7 +73,11 @@ def _tensorflow_gelu():
     import tensorflow as tf
 
     def normal_cdf(x):
-        return 0.5 * tf.math.erfc(-x * _INV_SQRT_2)
+        # XLA's CPU erf is one rational polynomial; its erfc adds an exp and
+        # selects: 9.0 against 14.2 ms for this forward + backward on 4,096 x
+        # 2,048 bfloat16. Phi(x) for x < -5 (below 3e-7) loses its relative
+        # precision this way, not its absolute one, which is all GELU keeps.
+        return 0.5 + 0.5 * tf.math.erf(x * _INV_SQRT_2)
 
     @tf.function(jit_compile=True, autograph=False)
     def forward(x):
@@ -88,6 +95,26 @@ def _tensorflow_gelu():
         return forward(x), lambda upstream: backward(x, upstream)
 
     return fused_gelu
+
+
+def dropout(x, rate, seed_generator):
+    """Inverted dropout: each element kept with probability `1 - rate` and
+    scaled by `1 / (1 - rate)`, with a fresh seed from `seed_generator` (a
+    `keras.random.SeedGenerator`) per call, as `keras.random.dropout`.
+
+    Inside `fused_elementwise()` on TensorFlow the mask is not TensorFlow's
+    Philox stream (its CPU kernel made the dropouts 12 % of a BERT-Mini MLM
+    step's op time) but a counter-based hash, as JAX's `unsafe_rbg` keys
+    trade cryptographic strength for speed in dropout: each element's 32 bits
+    are `lowbias32(lowbias32(index ^ key))` (Wellons's integer hash; the key
+    hashes the two seed words), compared with `rate * 2**32`. Forward and
+    backward are one XLA cluster each and the backward draws the mask again
+    from the seed, so no mask is stored: 3-4x faster than TensorFlow's
+    dropout, forward and backward, on `(32, 8, 128, 128)` bfloat16 attention
+    probabilities. Each seed gives one fixed mask, so runs resume exactly."""
+    if _ENABLED:
+        return _tensorflow_dropout(float(rate))(x, seed_generator.next())
+    return keras.random.dropout(x, rate, seed=seed_generator)
 
 
 def masked_softmax(logits, mask, dtype):
@@ -161,6 +188,40 @@ def _tensorflow_adam():
     import tensorflow as tf
 
     return tf.function(_adam_arithmetic, jit_compile=True, autograph=False)
+
+
+def _lowbias32(h):
+    """Chris Wellons's 32-bit integer hash (`uint32` tensor in, out)."""
+    import tensorflow as tf
+
+    def shift_xor(h, bits):
+        return tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, tf.constant(bits, "uint32")))
+
+    h = shift_xor(h, 16) * tf.constant(0x7FEB352D, "uint32")
+    h = shift_xor(h, 15) * tf.constant(0x846CA68B, "uint32")
+    return shift_xor(h, 16)
+
+
+@functools.cache
+def _tensorflow_dropout(rate):
+    import tensorflow as tf
+
+    threshold = min(round(rate * 2**32), 2**32 - 1)
+
+    @tf.function(jit_compile=True, autograph=False)
+    def apply_mask(x, seed):
+        seed = tf.cast(seed, "uint32")
+        key = _lowbias32(tf.bitwise.bitwise_xor(seed[0], _lowbias32(seed[1])))
+        index = tf.bitcast(tf.reshape(tf.range(tf.size(x)), tf.shape(x)), "uint32")
+        bits = _lowbias32(_lowbias32(tf.bitwise.bitwise_xor(index, key)))
+        keep = bits >= tf.constant(threshold, "uint32")
+        return tf.cast(tf.where(keep, tf.cast(x, "float32") / (1.0 - rate), 0.0), x.dtype)
+
+    @tf.custom_gradient
+    def fused_dropout(x, seed):
+        return apply_mask(x, seed), lambda upstream: (apply_mask(upstream, seed), None)
+
+    return fused_dropout
 
 
 @functools.cache

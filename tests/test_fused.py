@@ -1,6 +1,7 @@
 """`fmkeras.fused`: inside `fused_elementwise()` GELU, attention softmax, layer
 norm and AdamW compute what Keras computes (float32 to rounding, bfloat16
-within its precision), through XLA clusters that exports never contain."""
+within its precision), dropout draws an equivalent mask, all through XLA
+clusters that exports never contain."""
 
 import keras
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from fmkeras import fused
-from fmkeras.layers import LayerNormalization
+from fmkeras.layers import Dropout, LayerNormalization
 from fmkeras.training.losses import SparseCategoricalCrossentropy
 from fmkeras.training.optimizer import AdamW
 
@@ -132,16 +133,62 @@ def test_fused_adamw_updates_like_keras(amsgrad):
 
 
 @pytest.mark.parametrize("label_shape", [(4, 6), (4, 6, 1)])
-def test_the_loss_equals_keras_with_sample_weights(label_shape):
+def test_the_loss_equals_keras_with_sample_weights(label_shape, monkeypatch):
     logits = tf.constant(RNG.normal(size=(4, 6, 50)), "bfloat16")
     labels = tf.constant(LABELS.reshape(label_shape))
     weights = tf.constant(RNG.random((4, 6)) > 0.3, "float32")
     kwargs = dict(from_logits=True, reduction="mean_with_sample_weight")
     expected = keras.losses.SparseCategoricalCrossentropy(**kwargs)(labels, logits, weights)
     loss = SparseCategoricalCrossentropy(**kwargs)
+    read = []  # the dtype the fused loss reads: the logits', not Keras's float32 copy
+    fused_loss = fused.sparse_cross_entropy
+    monkeypatch.setattr(fused, "sparse_cross_entropy",
+                        lambda y, x: read.append(x.dtype) or fused_loss(y, x))  # fmt: skip
     with fused.fused_elementwise():
         got = tf.function(loss)(labels, logits, weights)
+    assert read == [tf.bfloat16]
     np.testing.assert_allclose(float(got), float(expected), rtol=1e-5)
     assert loss.fusable and not SparseCategoricalCrossentropy(ignore_class=0).fusable
     revived = SparseCategoricalCrossentropy.from_config(loss.get_config())
     assert revived.get_config() == loss.get_config()
+
+
+def dropout_value_and_gradient(seed_generator, x, rate=0.25):
+    return value_and_gradient(lambda t: fused.dropout(t, rate, seed_generator), x, "float32")
+
+
+def test_fused_dropout_keeps_one_mask_per_seed_forward_and_backward():
+    """Inside the context: a Bernoulli(1 - rate) mask, scaled by 1/(1 - rate),
+    the same in the gradient as in the output, fresh for every call, and the
+    same again from the same seed state (what exact resume needs)."""
+    rate, x = 0.25, 1 + RNG.random((64, 4, 32, 32)).astype("float32")  # no zeros
+    with fused.fused_elementwise():
+        first = dropout_value_and_gradient(keras.random.SeedGenerator(7), x, rate)
+        generator = keras.random.SeedGenerator(7)
+        again = dropout_value_and_gradient(generator, x, rate)
+        second = dropout_value_and_gradient(generator, x, rate)
+    output, gradient = first
+    kept = output != 0
+    n = kept.size
+    assert abs(kept.mean() - (1 - rate)) < 5 * np.sqrt(rate * (1 - rate) / n)
+    np.testing.assert_allclose(output[kept], x[kept] / (1 - rate), rtol=1e-6)
+    probe = np.sin(np.arange(n, dtype="float32")).reshape(x.shape)  # value_and_gradient's
+    np.testing.assert_allclose(gradient, probe * kept / (1 - rate), atol=1e-6)  # same mask
+    np.testing.assert_array_equal(again[0], output)
+    other = second[0] != 0
+    assert (other != kept).any()
+    assert abs(np.corrcoef(kept.ravel(), other.ravel())[0, 1]) < 5 / np.sqrt(n)
+    assert abs(np.corrcoef(kept.ravel()[:-1], kept.ravel()[1:])[0, 1]) < 5 / np.sqrt(n)
+
+
+def test_dropout_layer_is_keras_outside_the_context_and_xla_inside():
+    x = tf.constant(RNG.normal(size=(4, 8, 16)), "float32")
+    layer, stock = Dropout(0.3, seed=3), keras.layers.Dropout(0.3, seed=3)
+    np.testing.assert_array_equal(layer(x, training=True), stock(x, training=True))
+    np.testing.assert_array_equal(layer(x, training=False), x)
+    spec = tf.TensorSpec((None, 8, 16), "bfloat16")
+    assert xla_functions(lambda t: layer(t, training=True), spec) == []
+    with fused.fused_elementwise():
+        assert xla_functions(lambda t: layer(t, training=True), spec)
+        assert xla_functions(lambda t: layer(t, training=False), spec) == []
+        np.testing.assert_array_equal(layer(x, training=False), x)

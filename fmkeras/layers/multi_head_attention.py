@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from fmkeras import fused
+from fmkeras.layers.dropout import Dropout
 from fmkeras.layers.utils import causal_mask, clone_initializer
 from fmkeras.workarounds import TrailingEinsumDense
 
@@ -108,7 +109,7 @@ class MultiHeadAttention(keras.layers.Layer):
             "btnh,nhd->btd", (None, output_dim), "d", "attention_output"
         )
         self.output_dense.build((*query_shape[:-1], heads, value_dim))
-        self.dropout_layer = keras.layers.Dropout(
+        self.dropout_layer = Dropout(
             self.dropout, dtype=self.dtype_policy, name="attention_dropout"
         )
         self.built = True

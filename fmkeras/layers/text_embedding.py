@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from fmkeras.layers.dropout import Dropout
 from fmkeras.layers.layer_normalization import LayerNormalization
 from fmkeras.layers.utils import clone_initializer
 
@@ -74,7 +75,7 @@ class TextEmbedding(keras.layers.Layer):
             epsilon=self.layer_norm_epsilon, dtype=self.dtype_policy, name="embeddings_layer_norm"
         )
         self.layer_norm.build((*token_ids_shape, self.hidden_dim))
-        self.dropout_layer = keras.layers.Dropout(
+        self.dropout_layer = Dropout(
             self.dropout, dtype=self.dtype_policy, name="embeddings_dropout"
         )
         self.built = True

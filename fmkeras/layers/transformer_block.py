@@ -2,6 +2,7 @@
 
 import keras
 
+from fmkeras.layers.dropout import Dropout
 from fmkeras.layers.multi_head_attention import MultiHeadAttention
 from fmkeras.layers.utils import built_dense, built_layer_norm, clone_initializer, get_activation
 
@@ -83,7 +84,7 @@ class TransformerBlock(keras.layers.Layer):
         self.feedforward_layer_norm = built_layer_norm(self, "feedforward_layer_norm", shape)
 
     def _dropout(self, name):
-        return keras.layers.Dropout(self.dropout, dtype=self.dtype_policy, name=name)
+        return Dropout(self.dropout, dtype=self.dtype_policy, name=name)
 
     def _feedforward(self, x):
         x = get_activation(self.activation)(self.feedforward_intermediate_dense(x))

@@ -80,8 +80,8 @@ def compile_model(model, strategy, train, log, **compile_args):
     for placeholder tensor" (keras#19246)."""
     compute_dtype = keras.mixed_precision.global_policy().compute_dtype
     xla, reason = resolve_jit_compile(train.jit_compile, strategy, compute_dtype)
-    log(f"XLA {'on' if xla else 'off'}: {reason}; GELU, attention softmax, LM loss and AdamW "
-        "fused into small XLA functions in fit/evaluate (fmkeras.fused)")
+    log(f"XLA {'on' if xla else 'off'}: {reason}; GELU, attention softmax, dropout, LM loss "
+        "and AdamW fused into small XLA functions in fit/evaluate (fmkeras.fused)")
     mirrored = isinstance(
         strategy, tf.distribute.MirroredStrategy | tf.distribute.MultiWorkerMirroredStrategy
     )
