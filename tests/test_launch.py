@@ -9,22 +9,32 @@ import time
 
 from fmkeras.launch import launch, worker_command
 
+# Worker 1 fails only once worker 0 has printed and ignores SIGTERM (the file
+# argv[1] says so), so a loaded machine cannot kill worker 0 mid-print.
 WORKER = textwrap.dedent("""
-    import json, os, signal, sys, time
+    import json, os, pathlib, signal, sys, time
     config = json.loads(os.environ["TF_CONFIG"])
     index = config["task"]["index"]
+    ready = pathlib.Path(sys.argv[1])
+    if index == 1:
+        deadline = time.time() + 60
+        while not ready.exists() and time.time() < deadline:
+            time.sleep(0.05)
+    else:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as TensorFlow does in multi-worker mode
     print("workers", len(config["cluster"]["worker"]), "index", index, flush=True)
     if index == 1:
         sys.exit(3)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as TensorFlow does in multi-worker mode
+    ready.touch()
     time.sleep(600)
 """)
 
 
-def test_a_failing_worker_stops_the_others():
+def test_a_failing_worker_stops_the_others(tmp_path):
     output = io.StringIO()
     started = time.time()
-    code = launch([sys.executable, "-c", WORKER], workers=2, output=output, grace=1)
+    worker = [sys.executable, "-c", WORKER, str(tmp_path / "ready")]
+    code = launch(worker, workers=2, output=output, grace=1)
     assert code == 3
     assert time.time() - started < 60  # the SIGTERM-deaf worker was killed, not waited for
     text = output.getvalue()
