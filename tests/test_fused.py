@@ -192,3 +192,6 @@ def test_dropout_layer_is_keras_outside_the_context_and_xla_inside():
         assert xla_functions(lambda t: layer(t, training=True), spec)
         assert xla_functions(lambda t: layer(t, training=False), spec) == []
         np.testing.assert_array_equal(layer(x, training=False), x)
+        inside_xla = tf.function(lambda t: layer(t, training=True), jit_compile=True)
+        dropped = np.asarray(inside_xla(tf.ones((4, 8, 16))))  # train.jit_compile: true
+    assert set(np.unique(dropped)) == {0.0, np.float32(1 / 0.7)}
