@@ -26,6 +26,6 @@ class Dropout(keras.layers.Dropout):
     """
 
     def call(self, inputs, training=False):
-        if training and 0 < self.rate < 1 and self.noise_shape is None and fused.enabled():
-            return fused.dropout(inputs, self.rate, self.seed_generator)
+        if training and 0 < self.rate < 1 and self.noise_shape is None:
+            return fused.dropout(inputs, self.rate, self.seed_generator)  # Keras's outside
         return super().call(inputs, training=training)
