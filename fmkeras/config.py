@@ -119,7 +119,8 @@ class GenerateConfig:
 class DistillConfig:
     """Knowledge distillation (`task: distill`): a student learns from a teacher run."""
 
-    teacher: str | None = None  # a finished classify run directory (required)
+    # a finished classify run directory (required); "RUN1,RUN2,...": an ensemble (mean logits)
+    teacher: str | None = None
     temperature: float = 2.0  # softens both distributions of the soft-target loss
     alpha: float = 0.5  # weight of the soft-target loss; 1 - alpha weighs the hard labels
     # Intermediate-layer transfer (the student reads the teacher's vocabulary; the teacher

@@ -207,6 +207,25 @@ def one_block_student(teacher, tmp_path_factory):
     return pruned
 
 
+def test_an_ensemble_of_teachers_gives_the_mean_of_their_logits(teacher, one_block_student,
+                                                                 tmp_path, capsys):  # fmt: skip
+    settings = {"model.init": "random", "model.size": "tiny", "data.max_lines": 200,
+                "data.vocab_size": 600}  # fmt: skip
+    alone = []
+    for name, run in (("first", teacher), ("second", one_block_student)):
+        task, _ = built_task(REPO / "trainers" / "sst2_distill.yaml",
+                             {**settings, "distill.teacher": run}, tmp_path / name)  # fmt: skip
+        alone.append(task.teacher_logits)
+    assert np.abs(alone[0] - alone[1]).max() > 1e-3  # two different teachers
+    capsys.readouterr()
+    both = f"{teacher}, {one_block_student}"
+    task, _ = built_task(REPO / "trainers" / "sst2_distill.yaml",
+                         {**settings, "distill.teacher": both}, tmp_path / "ensemble")  # fmt: skip
+    np.testing.assert_allclose(task.teacher_logits, (alone[0] + alone[1]) / 2, atol=1e-5)
+    assert f"teacher ensemble of 2 ({teacher}, {one_block_student}; mean logits)" in \
+        capsys.readouterr().out  # fmt: skip
+
+
 def test_a_student_learns_the_teachers_layers_and_resumes(teacher, one_block_student, tmp_path,
                                                           capsys):  # fmt: skip
     """Intermediate transfer: the run resumes, and saves a plain classifier."""
@@ -243,6 +262,8 @@ def test_a_student_learns_the_teachers_layers_and_resumes(teacher, one_block_stu
     ({"distill.hidden_weight": 1.0, "distill.augment": 2},
      "which intermediate transfer does not use: set distill.augment=0 or"),
     ({"distill.augment": -1}, "distill.augment must be 0 or more"),
+    ({"distill.hidden_weight": 1.0, "distill.teacher": "TEACHER,TEACHER"},
+     "pair the student's blocks with one teacher's, but distill.teacher names 2 runs"),
 ])  # fmt: skip
 def test_intermediate_transfer_says_what_is_wrong(teacher, one_block_student, tmp_path, capsys,
                                                   settings, message):  # fmt: skip
@@ -251,6 +272,7 @@ def test_intermediate_transfer_says_what_is_wrong(teacher, one_block_student, tm
         {"model.init": "random", "model.size": "tiny", "data.vocab_size": 600}  # fmt: skip
     args = {"distill.teacher": teacher, "data.max_lines": 200, "train.steps": 2, **init,
             **settings}  # fmt: skip
+    args["distill.teacher"] = str(args["distill.teacher"]).replace("TEACHER", str(teacher))
     assert train_main(train_args("distill", recipe, args, tmp_path / "run")) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
@@ -263,3 +285,6 @@ def test_distill_needs_a_teacher(tmp_path, capsys, data_dir):
     settings = {"distill.teacher": tmp_path / "nothing"}
     assert train_main(train_args("distill", recipe, settings, tmp_path)) == 2
     assert "nothing is not a finished run (no task.json)" in capsys.readouterr().err
+    settings = {"distill.teacher": f"{REPO / 'trainers'},{tmp_path / 'nothing'}"}  # a list
+    assert train_main(train_args("distill", recipe, settings, tmp_path)) == 2
+    assert f"distill.teacher: {REPO / 'trainers'} is not a finished run" in capsys.readouterr().err

@@ -12,6 +12,11 @@ student alone. The loss is `alpha * T^2 * KL(softmax(t / T)
 student logits `s` and temperature `T` (`distill.temperature`,
 `distill.alpha`).
 
+`distill.teacher` may name several runs ("RUN1,RUN2,..."): an ensemble. Their
+logits are averaged, so at every temperature the soft targets are the
+normalised geometric mean of the teachers' softened distributions. Each
+teacher runs once, one at a time, over the training rows.
+
 With `distill.hidden_weight` or `distill.attention_weight` above 0 the
 student also learns the teacher's intermediate layers (`models.Distiller`:
 hidden states as TinyBERT, attention probabilities as MiniLM, between the
@@ -89,11 +94,17 @@ class DistillTask(ClassifyTask):
 
     @classmethod
     def check_config(cls, config):
-        teacher = config.distill.teacher
-        if not teacher:
+        if not config.distill.teacher:
             raise ConfigError("task=distill needs distill.teacher=RUN_DIR, a finished classify run")
-        if not (Path(teacher) / "task.json").is_file():
-            raise ConfigError(f"distill.teacher={teacher} is not a finished run (no task.json)")
+        teachers = teacher_runs(config.distill)
+        for teacher in teachers:
+            if not (Path(teacher) / "task.json").is_file():
+                raise ConfigError(f"distill.teacher: {teacher} is not a finished run (no "
+                                  f"task.json)")  # fmt: skip
+        if intermediate(config.distill) and len(teachers) > 1:
+            raise ConfigError(f"distill.hidden_weight/attention_weight pair the student's blocks "
+                              f"with one teacher's, but distill.teacher names {len(teachers)} "
+                              f"runs: name one, or set both weights to 0")  # fmt: skip
         if intermediate(config.distill) and config.sparsity.target:
             raise ConfigError("sparsity.target cannot be combined with distill.hidden_weight or "
                               "distill.attention_weight (the teacher's kernels would be pruned "
@@ -107,14 +118,15 @@ class DistillTask(ClassifyTask):
 
     def read_data(self):
         super().read_data()
-        teacher = self.config.distill.teacher
-        info = RunDir(teacher).read_info()
-        if info["task"] not in TEACHER_TASKS:
-            raise ConfigError(f"distill.teacher={teacher} holds a {info['task']!r} run; the "
-                              f"teacher must be a classify run")  # fmt: skip
-        if list(info["labels"]) != list(self.names):
-            raise ConfigError(f"distill.teacher={teacher} has the labels {info['labels']}, "
-                              f"but {self.config.data.train_file} has {self.names}")  # fmt: skip
+        for teacher in teacher_runs(self.config.distill):
+            info = RunDir(teacher).read_info()
+            if info["task"] not in TEACHER_TASKS:
+                raise ConfigError(f"distill.teacher: {teacher} holds a {info['task']!r} run; "
+                                  f"the teacher must be a classify run")  # fmt: skip
+            if list(info["labels"]) != list(self.names):
+                raise ConfigError(f"distill.teacher: {teacher} has the labels "
+                                  f"{info['labels']}, but {self.config.data.train_file} has "
+                                  f"{self.names}")  # fmt: skip
         self.augmented = self.augment_rows()
 
     def build_model(self):
@@ -123,14 +135,13 @@ class DistillTask(ClassifyTask):
         precision)."""
         student = super().build_model()
         distill = self.config.distill
-        policy = keras.mixed_precision.global_policy().name
-        self.teacher = load_run(distill.teacher, tasks=TEACHER_TASKS, precision=policy)
         if not intermediate(distill):
             self.teacher_logits = self.teacher_outputs()
             # A copy's hard label is the teacher's answer: a perturbation may change the label.
             copies = slice(len(self.train_labels) - self.augmented, None)
             self.train_labels[copies] = self.teacher_logits[copies].argmax(-1)
             return student
+        self.teacher = load_teacher(distill.teacher)
         self.check_shared_vocabulary()
         teacher = self.teacher.model
         student_blocks, teacher_blocks = student.encoder.num_layers, teacher.encoder.num_layers
@@ -205,27 +216,36 @@ class DistillTask(ClassifyTask):
         originals = len(logits) - self.augmented
         agree = float((logits[:originals].argmax(-1) == self.train_labels[:originals]).mean())
         copies = f" and {self.augmented:,} copies" if self.augmented else ""
-        self.log(f"teacher {self.config.distill.teacher}: logits of {originals:,} training "
-                 f"examples{copies} {source} (agrees with {agree:.1%} of the labels)")  # fmt: skip
+        teachers = teacher_runs(self.config.distill)
+        named = teachers[0] if len(teachers) == 1 else \
+            f"ensemble of {len(teachers)} ({', '.join(teachers)}; mean logits)"  # fmt: skip
+        self.log(f"teacher {named}: logits of {originals:,} training examples{copies} {source} "
+                 f"(agrees with {agree:.1%} of the labels)")  # fmt: skip
         return logits
 
     def run_teacher(self):
-        teacher = self.teacher
-        ids = encode_inputs(teacher.tokenizer, self.train_rows.inputs,
-                            teacher.info["sequence_length"])  # fmt: skip
+        """The mean of the teachers' logits; one teacher in memory at a time."""
+        teachers = teacher_runs(self.config.distill)
+        logits = np.zeros((len(self.train_rows), len(self.names)), np.float32)
         order = np.arange(len(self.train_rows), dtype=np.int32)  # batches reorder by length
-        logits = np.zeros((len(order), len(self.names)), np.float32)
-        # Batches of 256: 1.3x the examples/s of 64 (MiniLM, bfloat16, AMX host).
-        for output, index in collect(teacher.model, teacher.batches(ids, order, 256)):
-            logits[int(index)] = output
+        for run in teachers:
+            teacher = load_teacher(run)
+            ids = encode_inputs(teacher.tokenizer, self.train_rows.inputs,
+                                teacher.info["sequence_length"])  # fmt: skip
+            # Batches of 256: 1.3x the examples/s of 64 (MiniLM, bfloat16, AMX host).
+            for output, index in collect(teacher.model, teacher.batches(ids, order, 256)):
+                logits[int(index)] += output / len(teachers)
         return logits
 
     def teacher_fingerprint(self):
-        """Changes with the teacher's saved model, the compute precision and
+        """Changes with the teachers' saved models, the compute precision and
         the training rows (texts and order)."""
-        model = RunDir(self.config.distill.teacher).model.resolve()
-        stat, policy = model.stat(), keras.mixed_precision.global_policy().name
-        digest = hashlib.sha256(f"{model} {stat.st_size} {stat.st_mtime_ns} {policy}".encode())
+        policy = keras.mixed_precision.global_policy().name
+        digest = hashlib.sha256(policy.encode())
+        for run in teacher_runs(self.config.distill):
+            model = RunDir(run).model.resolve()
+            stat = model.stat()
+            digest.update(f"{model} {stat.st_size} {stat.st_mtime_ns}".encode())
         for text in self.train_rows.inputs:
             digest.update(repr(text).encode())
         return digest.hexdigest()
@@ -266,6 +286,17 @@ class DistillTask(ClassifyTask):
         distill = self.config.distill
         keys = ("teacher", "temperature", "alpha", "hidden_weight", "attention_weight", "layers")
         return {**super().info(), "distill": {key: getattr(distill, key) for key in keys}}
+
+
+def teacher_runs(distill):
+    """The run directories `distill.teacher` names ("RUN" or "RUN1,RUN2,...")."""
+    return [run.strip() for run in str(distill.teacher).split(",") if run.strip()]
+
+
+def load_teacher(run):
+    """A teacher `Predictor` in the run's compute precision."""
+    policy = keras.mixed_precision.global_policy().name
+    return load_run(run, tasks=TEACHER_TASKS, precision=policy)
 
 
 def cached_logits(path, fingerprint):
