@@ -211,17 +211,20 @@ def test_an_ensemble_of_teachers_gives_the_mean_of_their_logits(teacher, one_blo
                                                                  tmp_path, capsys):  # fmt: skip
     settings = {"model.init": "random", "model.size": "tiny", "data.max_lines": 200,
                 "data.vocab_size": 600}  # fmt: skip
-    alone = []
+    alone, fingerprints = [], set()
     for name, run in (("first", teacher), ("second", one_block_student)):
         task, _ = built_task(REPO / "trainers" / "sst2_distill.yaml",
                              {**settings, "distill.teacher": run}, tmp_path / name)  # fmt: skip
         alone.append(task.teacher_logits)
+        fingerprints.add(task.teacher_fingerprint())
     assert np.abs(alone[0] - alone[1]).max() > 1e-3  # two different teachers
     capsys.readouterr()
     both = f"{teacher}, {one_block_student}"
     task, _ = built_task(REPO / "trainers" / "sst2_distill.yaml",
                          {**settings, "distill.teacher": both}, tmp_path / "ensemble")  # fmt: skip
     np.testing.assert_allclose(task.teacher_logits, (alone[0] + alone[1]) / 2, atol=1e-5)
+    fingerprints.add(task.teacher_fingerprint())
+    assert len(fingerprints) == 3  # kept logits are reused only for the same teachers
     assert f"teacher ensemble of 2 ({teacher}, {one_block_student}; mean logits)" in \
         capsys.readouterr().out  # fmt: skip
 
