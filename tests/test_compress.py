@@ -270,11 +270,17 @@ def test_the_compression_table_measures_a_bfloat16_trained_run_in_float32(tmp_pa
     dev.write_text("\n".join(lines[:41]) + "\n", encoding="utf-8")
     tool = REPO / "tools" / "compare_exports.py"
     result = subprocess.run(
-        [sys.executable, str(tool), str(run), "--dev", str(dev), "--variants",
-         "float32,tflite-dynamic", "--single-calls", "2"],
+        [sys.executable, str(tool), str(run), str(run), "--dev", str(dev), "--variants",
+         "float32,tflite-dynamic", "--single-calls", "2", "--rounds", "2"],
         capture_output=True, text=True, timeout=600, cwd=REPO,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["examples"] == 40
-    assert [row["variant"] for row in report["variants"]] == ["float32", "tflite-dynamic"]
+    # The run again as another run: its own exports, the reference's predictions.
+    variants = [row["variant"] for row in report["variants"]]
+    assert variants == ["float32", "tflite-dynamic", "float32"]
+    assert report["variants"][2]["differing_from_reference"] == 0
+    for row in report["variants"]:  # timed in two interleaved rounds, the best one reported
+        assert len(row["ms_batch_1_rounds"]) == len(row["ms_batch_32_rounds"]) == 2
+        assert row["ms_batch_1"] == min(row["ms_batch_1_rounds"]) > 0

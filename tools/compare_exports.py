@@ -19,8 +19,12 @@ For each: parameters (of the Keras model), size on disk and gzipped (zeros
 of unstructured pruning compress; dense shapes do not shrink), accuracy on
 `--dev` and predictions that differ from the reference float32, and the
 median milliseconds per call of the token-id signature at batch 1 and 32
-(rows padded to the run's sequence length). Latency is measured on whatever
-else the machine is doing: run it on an idle machine.
+(rows padded to the run's sequence length). Every variant is exported and
+scored first, then timed in `--rounds` interleaved rounds (a round times
+every variant once) and its best round counts: a slow spell of the host
+touches all variants alike, so the ratios within one invocation hold.
+Latency is measured on whatever else the machine is doing: run it on an
+idle machine.
 """
 
 import argparse
@@ -118,7 +122,9 @@ def export_variants(run_dir, run, variants, out, calibration_file):
     return {variant: exported[variant] for variant in variants}
 
 
-def measure(run_dir, variants, args, reference):
+def measure(run_dir, variants, args, reference, out):
+    """`[(entry, call, singles, batches)]` of the variants of `run_dir`, exported
+    into `out` and scored on `--dev`; `time_rounds` adds their latency."""
     # In float32 like `fmkeras.export`'s default: a run trained in mixed_bfloat16
     # loads computing in bfloat16, which TFLite cannot convert.
     run = load_run(run_dir, precision="float32")
@@ -129,29 +135,38 @@ def measure(run_dir, variants, args, reference):
 
     batches = [rows(i, i + 32) for i in range(0, len(gold), 32)]
     singles = [rows(i, i + 1) for i in range(args.single_calls)]
-    report = []
-    with tempfile.TemporaryDirectory() as out:
-        for variant, path in export_variants(run_dir, run, variants, out, args.calibration).items():
-            call = tflite_call(path, args.threads) if variant.startswith("tflite-") \
-                else saved_model_call(path)  # fmt: skip
-            predicted = np.concatenate([call(batch) for batch in batches]).argmax(-1)
-            if reference.get("predictions") is None:
-                reference["predictions"] = predicted
-            size, gzipped = sizes(path)
-            entry = {
-                "run": str(run_dir),
-                "variant": variant,
-                "parameters": int(run.model.count_params()),
-                "megabytes": round(size / 1e6, 1),
-                "gzip_megabytes": round(gzipped / 1e6, 1),
-                "accuracy": round(float((predicted == gold).mean()), 4),
-                "differing_from_reference": int((predicted != reference["predictions"]).sum()),
-                "ms_batch_1": median_ms(call, singles),
-                "ms_batch_32": median_ms(call, batches),
-            }
-            print(json.dumps(entry), flush=True)
-            report.append(entry)
-    return report
+    measured = []
+    for variant, path in export_variants(run_dir, run, variants, out, args.calibration).items():
+        call = tflite_call(path, args.threads) if variant.startswith("tflite-") \
+            else saved_model_call(path)  # fmt: skip
+        predicted = np.concatenate([call(batch) for batch in batches]).argmax(-1)
+        if reference.get("predictions") is None:
+            reference["predictions"] = predicted
+        size, gzipped = sizes(path)
+        entry = {
+            "run": str(run_dir),
+            "variant": variant,
+            "parameters": int(run.model.count_params()),
+            "megabytes": round(size / 1e6, 1),
+            "gzip_megabytes": round(gzipped / 1e6, 1),
+            "accuracy": round(float((predicted == gold).mean()), 4),
+            "differing_from_reference": int((predicted != reference["predictions"]).sum()),
+        }
+        measured.append((entry, call, singles, batches))
+    return measured
+
+
+def time_rounds(measured, rounds):
+    """Latency of every variant in `rounds` interleaved rounds (a round times
+    every variant once, so a slow spell of the host touches all of them); each
+    entry gets its best round's median and the medians of all rounds."""
+    for _ in range(rounds):
+        for entry, call, singles, batches in measured:
+            entry.setdefault("ms_batch_1_rounds", []).append(median_ms(call, singles))
+            entry.setdefault("ms_batch_32_rounds", []).append(median_ms(call, batches))
+    for entry, *_ in measured:
+        entry["ms_batch_1"] = min(entry["ms_batch_1_rounds"])
+        entry["ms_batch_32"] = min(entry["ms_batch_32_rounds"])
 
 
 def markdown(report):
@@ -183,16 +198,23 @@ def main():
     parser.add_argument("--other-variants", type=variant_list, default=["float32"],
                         help="variants of the other runs")  # fmt: skip
     parser.add_argument("--single-calls", type=int, default=200, help="batch-1 calls timed")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved timing rounds of all variants (best counts)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=2, help="TFLite interpreter threads")
     parser.add_argument("--markdown", help="also write the table here")
     args = parser.parse_args()
     if "tflite-int8" in args.variants + args.other_variants and not args.calibration:
         parser.error("tflite-int8 needs --calibration (a training file)")
 
-    reference, report = {}, []
-    for index, run_dir in enumerate(args.runs):
-        variants = args.variants if index == 0 else args.other_variants
-        report += measure(run_dir, variants, args, reference)
+    reference, measured = {}, []
+    with tempfile.TemporaryDirectory() as out:
+        for index, run_dir in enumerate(args.runs):
+            variants = args.variants if index == 0 else args.other_variants
+            measured += measure(run_dir, variants, args, reference, Path(out) / str(index))
+        time_rounds(measured, args.rounds)
+    report = [entry for entry, *_ in measured]
+    for entry in report:
+        print(json.dumps(entry), flush=True)
     if args.markdown:
         Path(args.markdown).write_text(markdown(report), encoding="utf-8")
     print(json.dumps({"examples": len(reference["predictions"]), "variants": report}))
