@@ -259,6 +259,7 @@ def test_a_classify_run_continues_from_a_finished_run_with_its_head(classify_run
                                atol=1e-6)  # fmt: skip
 
 
+@pytest.mark.long_running  # ~30 s: trains a run, then the tool exports and times two
 def test_the_compression_table_measures_a_bfloat16_trained_run_in_float32(tmp_path, data_dir):
     # A run trained in mixed_bfloat16 loads computing in bfloat16, which the
     # TFLite converter rejects ("'tf.AddV2' op is neither a custom op nor a flex
