@@ -3,6 +3,7 @@ models that equal the original with those heads and units zeroed) and
 gradual magnitude pruning (masks that stay zero through training, resume
 and export)."""
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -285,3 +286,16 @@ def test_the_compression_table_measures_a_bfloat16_trained_run_in_float32(tmp_pa
     for row in report["variants"]:  # timed in two interleaved rounds, the best one reported
         assert len(row["ms_batch_1_rounds"]) == len(row["ms_batch_32_rounds"]) == 2
         assert row["ms_batch_1"] == min(row["ms_batch_1_rounds"]) > 0
+
+
+def test_the_compression_table_refuses_zero_timing_rounds(tmp_path, monkeypatch, capsys):
+    path = REPO / "tools" / "compare_exports.py"
+    spec = importlib.util.spec_from_file_location("compare_exports", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    monkeypatch.setattr(sys, "argv", ["compare_exports.py", str(tmp_path), "--dev", "dev.tsv",
+                                      "--variants", "float32", "--rounds", "0"])  # fmt: skip
+    with pytest.raises(SystemExit) as exited:
+        tool.main()
+    assert exited.value.code == 2
+    assert "--rounds and --single-calls must be 1 or more, got 0 and 200" in capsys.readouterr().err

@@ -205,6 +205,9 @@ def main():
     args = parser.parse_args()
     if "tflite-int8" in args.variants + args.other_variants and not args.calibration:
         parser.error("tflite-int8 needs --calibration (a training file)")
+    if args.rounds < 1 or args.single_calls < 1:
+        parser.error(f"--rounds and --single-calls must be 1 or more, got {args.rounds} and "
+                     f"{args.single_calls}")  # fmt: skip
 
     reference, measured = {}, []
     with tempfile.TemporaryDirectory() as out:
