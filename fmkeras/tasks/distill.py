@@ -118,7 +118,8 @@ class DistillTask(ClassifyTask):
 
     def read_data(self):
         super().read_data()
-        for teacher in teacher_runs(self.config.distill):
+        self.teachers = teacher_runs(self.config.distill)
+        for teacher in self.teachers:
             info = RunDir(teacher).read_info()
             if info["task"] not in TEACHER_TASKS:
                 raise ConfigError(f"distill.teacher: {teacher} holds a {info['task']!r} run; "
@@ -141,7 +142,7 @@ class DistillTask(ClassifyTask):
             copies = slice(len(self.train_labels) - self.augmented, None)
             self.train_labels[copies] = self.teacher_logits[copies].argmax(-1)
             return student
-        self.teacher = load_teacher(distill.teacher)
+        self.teacher = load_teacher(self.teachers[0])  # check_config: one teacher here
         self.check_shared_vocabulary()
         teacher = self.teacher.model
         student_blocks, teacher_blocks = student.encoder.num_layers, teacher.encoder.num_layers
@@ -216,7 +217,7 @@ class DistillTask(ClassifyTask):
         originals = len(logits) - self.augmented
         agree = float((logits[:originals].argmax(-1) == self.train_labels[:originals]).mean())
         copies = f" and {self.augmented:,} copies" if self.augmented else ""
-        teachers = teacher_runs(self.config.distill)
+        teachers = self.teachers
         named = teachers[0] if len(teachers) == 1 else \
             f"ensemble of {len(teachers)} ({', '.join(teachers)}; mean logits)"  # fmt: skip
         self.log(f"teacher {named}: logits of {originals:,} training examples{copies} {source} "
@@ -225,7 +226,7 @@ class DistillTask(ClassifyTask):
 
     def run_teacher(self):
         """The mean of the teachers' logits; one teacher in memory at a time."""
-        teachers = teacher_runs(self.config.distill)
+        teachers = self.teachers
         logits = np.zeros((len(self.train_rows), len(self.names)), np.float32)
         order = np.arange(len(self.train_rows), dtype=np.int32)  # batches reorder by length
         for run in teachers:
@@ -242,7 +243,7 @@ class DistillTask(ClassifyTask):
         the training rows (texts and order)."""
         policy = keras.mixed_precision.global_policy().name
         digest = hashlib.sha256(policy.encode())
-        for run in teacher_runs(self.config.distill):
+        for run in self.teachers:
             model = RunDir(run).model.resolve()
             stat = model.stat()
             digest.update(f"{model} {stat.st_size} {stat.st_mtime_ns}".encode())
