@@ -273,7 +273,8 @@ def test_the_compression_table_measures_a_bfloat16_trained_run_in_float32(tmp_pa
     tool = REPO / "tools" / "compare_exports.py"
     result = subprocess.run(
         [sys.executable, str(tool), str(run), str(run), "--dev", str(dev), "--variants",
-         "float32,tflite-dynamic", "--single-calls", "2", "--rounds", "2"],
+         "float32,tflite-dynamic", "--single-calls", "2", "--rounds", "2", "--markdown",
+         str(tmp_path / "table.md")],
         capture_output=True, text=True, timeout=600, cwd=REPO,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -286,6 +287,17 @@ def test_the_compression_table_measures_a_bfloat16_trained_run_in_float32(tmp_pa
     for row in report["variants"]:  # timed in two interleaved rounds, the best one reported
         assert len(row["ms_batch_1_rounds"]) == len(row["ms_batch_32_rounds"]) == 2
         assert row["ms_batch_1"] == min(row["ms_batch_1_rounds"]) > 0
+    # Speed-ups are like for like: against the reference's same variant.
+    reference = {row["variant"]: row for row in report["variants"][:2]}
+    for row in report["variants"]:
+        same = reference[row["variant"]]
+        assert row["speedup_batch_1"] == round(same["ms_batch_1"] / row["ms_batch_1"], 2)
+        assert row["speedup_batch_32"] == round(same["ms_batch_32"] / row["ms_batch_32"], 2)
+    assert report["variants"][0]["speedup_batch_1"] == 1.0
+    table = (tmp_path / "table.md").read_text(encoding="utf-8").splitlines()
+    first = report["variants"][0]
+    assert table[2].endswith(f"| {first['ms_batch_1']} ms (1.0×) | "
+                             f"{first['ms_batch_32']} ms (1.0×) |")  # fmt: skip
 
 
 def test_the_compression_table_refuses_zero_timing_rounds(tmp_path, monkeypatch, capsys):

@@ -23,6 +23,8 @@ median milliseconds per call of the token-id signature at batch 1 and 32
 scored first, then timed in `--rounds` interleaved rounds (a round times
 every variant once) and its best round counts: a slow spell of the host
 touches all variants alike, so the ratios within one invocation hold.
+Each row's speed-up is against the reference run's same variant (a student's
+TFLite against the teacher's TFLite), the like-for-like comparison.
 Latency is measured on whatever else the machine is doing: run it on an
 idle machine.
 """
@@ -169,6 +171,26 @@ def time_rounds(measured, rounds):
         entry["ms_batch_32"] = min(entry["ms_batch_32_rounds"])
 
 
+def add_speedups(report):
+    """`speedup_batch_1/32`: the reference run's time in the same variant over
+    the entry's (None where the reference was not exported in that variant)."""
+    reference = {}
+    for entry in report:
+        if entry["run"] == report[0]["run"]:  # first occurrences: the run may come twice
+            reference.setdefault(entry["variant"], entry)
+    for entry in report:
+        same = reference.get(entry["variant"])
+        for key in ("ms_batch_1", "ms_batch_32"):
+            ratio = same and round(same[key] / entry[key], 2)
+            entry["speedup_" + key.removeprefix("ms_")] = ratio
+
+
+def latency(entry, batch):
+    """`4.4 ms (3.6×)`: the time and, if known, the like-for-like speed-up."""
+    ratio = entry[f"speedup_batch_{batch}"]
+    return f"{entry[f'ms_batch_{batch}']} ms" + (f" ({ratio}×)" if ratio else "")
+
+
 def markdown(report):
     lines = ["| run | variant | parameters | size | gzipped | accuracy | ≠ reference | "
              "batch 1 | batch 32 |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -176,7 +198,7 @@ def markdown(report):
         lines.append(f"| `{Path(e['run']).name}` | {e['variant']} | {e['parameters'] / 1e6:.1f} M "
                      f"| {e['megabytes']} MB | {e['gzip_megabytes']} MB | "
                      f"{100 * e['accuracy']:.2f} % | {e['differing_from_reference']} | "
-                     f"{e['ms_batch_1']} ms | {e['ms_batch_32']} ms |")  # fmt: skip
+                     f"{latency(e, 1)} | {latency(e, 32)} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -216,6 +238,7 @@ def main():
             measured += measure(run_dir, variants, args, reference, Path(out) / str(index))
         time_rounds(measured, args.rounds)
     report = [entry for entry, *_ in measured]
+    add_speedups(report)
     for entry in report:
         print(json.dumps(entry), flush=True)
     if args.markdown:
