@@ -16,7 +16,8 @@ Also written into the version directory:
   the first user request does not pay for graph warm-up;
 - `assets.extra/fmkeras.json`: the task, labels and source run;
 - with `--tflite`: `assets.extra/model.tflite`, the token-id signature
-  converted with dynamic-range quantization (int8 weights).
+  converted with dynamic-range quantization (int8 weights); `--tflite
+  float32` keeps float32 weights (XNNPACK runs it; the float model's answers).
 
 `--quantize int8` quantizes the Dense/EinsumDense kernels of the SavedModel
 with Keras (`Model.quantize`); embeddings stay float32 (they are tied to
@@ -39,6 +40,7 @@ from fmkeras.errors import ConfigError
 EXAMPLES = """examples:
   python -m fmkeras.export runs/sst2 --name sst2
   python -m fmkeras.export runs/sst2 --name sst2 --tflite
+  python -m fmkeras.export runs/sst2 --name sst2 --tflite float32
   python -m fmkeras.export runs/sst2 --name sst2 --precision bfloat16
   python -m fmkeras.export runs/en_zh --name en_zh --beam 4"""
 
@@ -83,6 +85,7 @@ def write_warmup_requests(path, name, inputs):
 
 
 TFLITE_MODES = ("dynamic", "float32", "int8")
+EXPORT_TFLITE_MODES = ("dynamic", "float32")  # int8 (full-integer) loses ~25 points on SST-2
 EXPORT_PRECISIONS = ("float32", "bfloat16")
 
 
@@ -110,11 +113,15 @@ def write_tflite(functions, path, mode="dynamic", calibration=None):
 
 
 def export(run_dir, name, out="saved_models", version=None, overwrite=False, *,
-           decode=None, top_k=5, quantize=None, tflite=False, precision="float32"):  # fmt: skip
-    """Exports a finished run of any task; returns the version directory."""
+           decode=None, top_k=5, quantize=None, tflite=None, precision="float32"):  # fmt: skip
+    """Exports a finished run of any task; returns the version directory.
+    `tflite`: also a TFLite model, `"dynamic"` (or True) or `"float32"`."""
     from fmkeras.tasks import load_run
 
     base = Path(out) / name
+    tflite = "dynamic" if tflite is True else tflite
+    if tflite and tflite not in EXPORT_TFLITE_MODES:
+        raise ConfigError(f"--tflite {tflite!r}: use one of {', '.join(EXPORT_TFLITE_MODES)}")
     if quantize and tflite:
         raise ConfigError("--tflite quantizes the float model itself; leave out --quantize")
     if precision not in EXPORT_PRECISIONS:
@@ -144,12 +151,13 @@ def export(run_dir, name, out="saved_models", version=None, overwrite=False, *,
         extra = model_dir / "assets.extra"
         extra.mkdir(exist_ok=True)
         info = {**predictor.export_info(), "source": str(run_dir), "quantize": quantize,
-                "precision": precision, "serving_inputs": list(functions.text_names)}  # fmt: skip
+                "precision": precision, "tflite": tflite or None,
+                "serving_inputs": list(functions.text_names)}  # fmt: skip
         (extra / "fmkeras.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
         write_warmup_requests(extra / "tf_serving_warmup_requests", name,
                               predictor.warmup_inputs())  # fmt: skip
         if tflite:
-            write_tflite(functions, extra / "model.tflite")
+            write_tflite(functions, extra / "model.tflite", tflite)
         if target.exists():  # --overwrite: the old version leaves with the temporary directory
             os.rename(target, temporary / "replaced")
         os.rename(model_dir, target)
@@ -168,7 +176,9 @@ def build_parser():
     parser.add_argument("--out", default="saved_models", help="base directory")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing version")
     parser.add_argument("--quantize", choices=["int8"], help="int8 weights (Keras quantize)")
-    parser.add_argument("--tflite", action="store_true", help="also write a TFLite model")
+    parser.add_argument("--tflite", nargs="?", const="dynamic", choices=EXPORT_TFLITE_MODES,
+                        help="also write a TFLite model: dynamic (int8 weights; the default) "
+                             "or float32")  # fmt: skip
     parser.add_argument("--precision", choices=EXPORT_PRECISIONS, default="float32",
                         help="weights and compute (bfloat16: half the size)")  # fmt: skip
     parser.add_argument("--top-k", type=int, default=5, help="mlm (fill-mask): pieces per mask")

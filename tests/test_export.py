@@ -248,6 +248,11 @@ def test_quantized_and_bfloat16_variants_answer_like_the_float_model(classify_ru
                                                                      capsys):
     out = str(tmp_path / "sm")
     assert export_main([str(classify_run), "--name", "f", "--out", out, "--tflite"]) == 0
+    assert export_main([str(classify_run), "--name", "g", "--out", out, "--tflite",
+                        "float32"]) == 0  # fmt: skip
+    with pytest.raises(SystemExit):  # full-integer TFLite is the table tool's, not an export's
+        export_main([str(classify_run), "--name", "z", "--out", out, "--tflite", "int8"])
+    assert "invalid choice: 'int8'" in capsys.readouterr().err
     assert export_main([str(classify_run), "--name", "q", "--out", out, "--quantize", "int8"]) == 0
     assert export_main([str(classify_run), "--name", "x", "--out", out, "--quantize", "int8",
                         "--tflite"]) == 2  # fmt: skip
@@ -288,10 +293,13 @@ def test_quantized_and_bfloat16_variants_answer_like_the_float_model(classify_ru
         ],
         "int32",
     )
-    interpreter = Interpreter(
-        model_path=str(tmp_path / "sm" / "f" / "1" / "assets.extra" / "model.tflite")
-    )
-    runner = interpreter.get_signature_runner("serve_token_ids")
-    lite = runner(token_ids=token_ids, segment_ids=np.zeros_like(token_ids),
-                  padding_mask=(token_ids > 0).astype("int32"))  # fmt: skip
-    np.testing.assert_allclose(lite["probabilities"], expected, atol=0.05)
+    # `--tflite` is dynamic range (int8 weights), `--tflite float32` the float model.
+    for name, mode, atol in (("f", "dynamic", 0.05), ("g", "float32", 1e-4)):
+        extra = tmp_path / "sm" / name / "1" / "assets.extra"
+        info = json.loads((extra / "fmkeras.json").read_text(encoding="utf-8"))
+        assert info["tflite"] == mode
+        runner = Interpreter(model_path=str(extra / "model.tflite")).get_signature_runner(
+            "serve_token_ids")  # fmt: skip
+        lite = runner(token_ids=token_ids, segment_ids=np.zeros_like(token_ids),
+                      padding_mask=(token_ids > 0).astype("int32"))  # fmt: skip
+        np.testing.assert_allclose(lite["probabilities"], expected, atol=atol)
