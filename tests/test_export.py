@@ -19,6 +19,8 @@ from conftest import REPO
 from run_helpers import request_json, serve_in_fresh_process
 
 import fmkeras
+from fmkeras.errors import ConfigError
+from fmkeras.export import export
 from fmkeras.export import main as export_main
 from fmkeras.serve import ModelVersions, create_server
 from fmkeras.tasks import load_run
@@ -56,16 +58,16 @@ def test_export_loads_like_tf_serving_with_the_same_outputs(classify_run, tmp_pa
 
 def test_a_killed_export_leaves_no_version_a_server_could_see(classify_run, tmp_path):
     base = tmp_path / "sm" / "m"
-    export = subprocess.Popen(
+    exporting = subprocess.Popen(
         [sys.executable, "-m", "fmkeras.export", str(classify_run), "--name", "m", "--out",
          str(tmp_path / "sm")], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     deadline = time.time() + 120
     while not list(base.glob(".1-*/model/*")):  # the SavedModel is being written
-        assert export.poll() is None and time.time() < deadline, "export ended before the kill"
+        assert exporting.poll() is None and time.time() < deadline, "export ended before the kill"
         time.sleep(0.01)
-    export.kill()
-    export.wait()
+    exporting.kill()
+    exporting.wait()
     assert [p.name for p in base.iterdir() if not p.name.startswith(".")] == []
     assert ModelVersions(base).versions() == []
     assert export_main([str(classify_run), "--name", "m", "--out", str(tmp_path / "sm")]) == 0
@@ -252,6 +254,8 @@ def test_quantized_and_bfloat16_variants_answer_like_the_float_model(classify_ru
                         "float32"]) == 0  # fmt: skip
     with pytest.raises(SystemExit):  # full-integer TFLite is the table tool's, not an export's
         export_main([str(classify_run), "--name", "z", "--out", out, "--tflite", "int8"])
+    with pytest.raises(ConfigError, match="--tflite 'int8': use one of dynamic, float32"):
+        export(classify_run, "z", out, tflite="int8")
     assert "invalid choice: 'int8'" in capsys.readouterr().err
     assert export_main([str(classify_run), "--name", "q", "--out", out, "--quantize", "int8"]) == 0
     assert export_main([str(classify_run), "--name", "x", "--out", out, "--quantize", "int8",
