@@ -171,18 +171,16 @@ def time_rounds(measured, rounds):
         entry["ms_batch_32"] = min(entry["ms_batch_32_rounds"])
 
 
-def add_speedups(report):
-    """`speedup_batch_1/32`: the reference run's time in the same variant over
-    the entry's (None where the reference was not exported in that variant)."""
-    reference = {}
-    for entry in report:
-        if entry["run"] == report[0]["run"]:  # first occurrences: the run may come twice
-            reference.setdefault(entry["variant"], entry)
+def add_speedups(report, reference_rows):
+    """`speedup_batch_1/32`: the time of the reference run (the first
+    `reference_rows` entries) in the same variant over the entry's (None where
+    the reference was not exported in that variant)."""
+    reference = {entry["variant"]: entry for entry in report[:reference_rows]}
     for entry in report:
         same = reference.get(entry["variant"])
-        for key in ("ms_batch_1", "ms_batch_32"):
-            ratio = same and round(same[key] / entry[key], 2)
-            entry["speedup_" + key.removeprefix("ms_")] = ratio
+        for batch in (1, 32):
+            key = f"ms_batch_{batch}"
+            entry[f"speedup_batch_{batch}"] = round(same[key] / entry[key], 2) if same else None
 
 
 def latency(entry, batch):
@@ -238,7 +236,7 @@ def main():
             measured += measure(run_dir, variants, args, reference, Path(out) / str(index))
         time_rounds(measured, args.rounds)
     report = [entry for entry, *_ in measured]
-    add_speedups(report)
+    add_speedups(report, len(args.variants))
     for entry in report:
         print(json.dumps(entry), flush=True)
     if args.markdown:
