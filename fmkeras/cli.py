@@ -1,8 +1,9 @@
 """What every command line shares, and the `fmkeras` console script.
 
-`fmkeras train|evaluate|predict|translate|generate|export|serve|convert|launch|
-flops|explain|federated ...` runs the same `main` as `python -m fmkeras.<command> ...`. Every
-`main` is wrapped by `command`: an `FmkerasError` prints one line and exits
+`fmkeras train|sweep|evaluate|predict|translate|generate|export|serve|convert|launch|
+flops|explain|federated|compress ...` runs the same `main` as `python -m
+fmkeras.<command> ...`. Every `main` is wrapped by `command`: an
+`FmkerasError` prints one line and exits
 2 (`Stopped`, a run stopped by SIGTERM after its backup: 0), Ctrl-C exits
 130, and TensorFlow's C++ log level is set before TensorFlow is imported
 (command modules import it inside `main`, so `--help` answers at once).
@@ -31,6 +32,7 @@ COMMANDS = {
     "explain": "why a finished run predicted what it did (attributions, attention, faithfulness)",
     "federated": "federated fine-tuning on Flower: simulate, or server and client processes",
     "compress": "structured pruning of a finished classify run (heads, feed-forward units)",
+    "sweep": "a grid of runs over recipe keys (learning rates, steps, seeds), ranked",
 }
 # TensorFlow's C++ logs are off in the command lines: at start-up even its
 # error level reports CUDA probing and oneDNN notices on CPU-only machines, and

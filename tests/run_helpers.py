@@ -10,20 +10,15 @@ import urllib.error
 import urllib.request
 
 import numpy as np
-import tensorflow as tf
 from conftest import REPO
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fmkeras.launch import free_ports
+from fmkeras.training.run_dir import read_scalars
 
 PRETRAIN_RECIPE = REPO / "trainers" / "pretrain_gutenberg.yaml"
 
 
-def scalars(log_dir, tag):
-    """`[(step, value)]` of one TensorBoard scalar."""
-    events = EventAccumulator(str(log_dir), size_guidance={"tensors": 0})
-    events.Reload()
-    return [(e.step, float(tf.make_ndarray(e.tensor_proto))) for e in events.Tensors(tag)]
+scalars = read_scalars  # `[(step, value)]` of one TensorBoard scalar
 
 
 LANGUAGE_MODEL_TASKS = {"mlm", "pretrain", "causal_lm"}  # the tasks that report MFU
@@ -44,15 +39,19 @@ def train_args(task, recipe, settings, out):
     return args
 
 
+# A tiny classify-style run from a fresh encoder: a few seconds of training.
+TINY_CLASSIFIER = {"model.size": "tiny", "model.init": "random", "data.max_lines": 800,
+                   "data.vocab_size": 800, "train.batch_size": 16, "train.steps": 6,
+                   "train.checkpoint_every": 6, "train.eval_every": 6,
+                   "train.jit_compile": "false"}  # fmt: skip
+
+
 def train_tiny_classifier(task, recipe, out, **extra):
     """Trains a tiny classify-style run from a fresh encoder (`extra`: more
     `--set` keys) in-process and returns its directory."""
     from fmkeras.train import main
 
-    settings = {"model.size": "tiny", "model.init": "random", "data.max_lines": 800,
-                "data.vocab_size": 800, "train.batch_size": 16, "train.steps": 6,
-                "train.checkpoint_every": 6, "train.eval_every": 6,
-                "train.jit_compile": "false", **extra}  # fmt: skip
+    settings = {**TINY_CLASSIFIER, **extra}
     assert main(train_args(task, REPO / "trainers" / recipe, settings, out)) == 0
     return out
 

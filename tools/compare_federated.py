@@ -19,15 +19,12 @@ import argparse
 import json
 from pathlib import Path
 
-import tensorflow as tf
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from fmkeras.training.run_dir import RunDir
 
 
 def centralised_curve(run, steps_per_round):
     """`{round: accuracy}` of a centralised run, read from TensorBoard."""
-    events = EventAccumulator(str(Path(run) / "logs" / "validation"), size_guidance={"tensors": 0})
-    events.Reload()
-    accuracy = {e.step: float(tf.make_ndarray(e.tensor_proto)) for e in events.Tensors("accuracy")}
+    accuracy = dict(RunDir(run).validation_curve("accuracy"))
     return {step // steps_per_round: value for step, value in accuracy.items()
             if step % steps_per_round == 0}  # fmt: skip
 

@@ -44,6 +44,18 @@ RESUMABLE_CHANGES = (
 VALUES_BEFORE_THE_KEY = {"train.precision": "float32"}
 
 
+def read_scalars(log_dir, tag):
+    """`[(step, value)]` of one scalar that `TrainingLogger` wrote into `log_dir`."""
+    import tensorflow as tf
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir), size_guidance={"tensors": 0})
+    events.Reload()
+    if tag not in events.Tags()["tensors"]:
+        return []
+    return [(e.step, float(tf.make_ndarray(e.tensor_proto))) for e in events.Tensors(tag)]
+
+
 @dataclasses.dataclass
 class RunDir:
     root: Path
@@ -91,31 +103,47 @@ class RunDir:
         except OSError as error:
             raise ConfigError(f"cannot create the run directory {self.root}: "
                               f"{error.strerror}") from None  # fmt: skip
-        new = flat_config(config)
         if resuming is None:
             resuming = latest_backup(self.backups)[0] is not None
-        if self.config.is_file() and resuming:
-            old = dict(flatten(self.read_config()))
-            if "task" in old:
-                from fmkeras.tasks.registry import ALIASES
-
-                old["task"] = ALIASES.get(old["task"], old["task"])
-            # A key the run's fmkeras version did not have yet counts as what it computed then.
-            defaults = {**flat_config(RunConfig()), **VALUES_BEFORE_THE_KEY}
-            changed = [
-                f"{key}: {old.get(key, defaults.get(key))!r} -> {new.get(key)!r}"
-                for key in sorted(new)
-                if old.get(key, defaults.get(key)) != new.get(key)
-                and not key.startswith(RESUMABLE_CHANGES + tuple(resumable))
-            ]
-            if changed:
-                raise ConfigError(
-                    f"{self.root} holds a run with a different configuration "
-                    f"({'; '.join(changed)}); use another --out, or delete {self.root} "
-                    "to start over"
-                )
+        if resuming:
+            self.check_same_run(config, resumable)
         with atomic_path(self.config) as temporary:
             temporary.write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
+
+    def changes(self, config, resumable=()):
+        """`["key: old -> new", ...]`: the keys whose value in `config` differs
+        from the recorded config.yaml and changes what the run computes
+        (`RESUMABLE_CHANGES` and the prefixes `resumable` do not)."""
+        if not self.config.is_file():
+            return []
+        old = dict(flatten(self.read_config()))
+        if "task" in old:
+            from fmkeras.tasks.registry import ALIASES
+
+            old["task"] = ALIASES.get(old["task"], old["task"])
+        new = flat_config(config)
+        # A key the run's fmkeras version did not have yet counts as what it computed then.
+        defaults = {**flat_config(RunConfig()), **VALUES_BEFORE_THE_KEY}
+        return [
+            f"{key}: {old.get(key, defaults.get(key))!r} -> {new.get(key)!r}"
+            for key in sorted(new)
+            if old.get(key, defaults.get(key)) != new.get(key)
+            and not key.startswith(RESUMABLE_CHANGES + tuple(resumable))
+        ]
+
+    def check_same_run(self, config, resumable=()):
+        """Raises ConfigError if the directory holds a run of another configuration."""
+        changed = self.changes(config, resumable)
+        if changed:
+            raise ConfigError(
+                f"{self.root} holds a run with a different configuration "
+                f"({'; '.join(changed)}); use another --out, or delete {self.root} "
+                "to start over"
+            )
+
+    def validation_curve(self, metric):
+        """`[(step, value)]` of one validation metric, from TensorBoard's logs."""
+        return read_scalars(self.logs / "validation", metric)
 
     def read_config(self):
         """config.yaml as nested dicts."""
