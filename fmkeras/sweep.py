@@ -89,9 +89,9 @@ def parse_grid(texts, overrides):
 
 def point_name(settings):
     """`learning_rate=5e-5,steps=3200`: the last part of each key (the whole key
-    where two share it) and the value as typed."""
+    where two share it) and the value as typed (`/` as `_`: one directory)."""
     short = [key.rsplit(".", 1)[-1] for key in settings]
-    return ",".join(f"{key if short.count(part) > 1 else part}={value}"
+    return ",".join(f"{key if short.count(part) > 1 else part}={value.replace('/', '_')}"
                     for (key, value), part in zip(settings.items(), short, strict=True))
 
 
@@ -110,6 +110,8 @@ def build_points(args):
         except ConfigError as error:
             raise ConfigError(f"sweep point {point_name(settings)}: {error}") from None
         name = point_name(settings)
+        if any(point.name == name for point in points):
+            raise ConfigError(f"two sweep points would share the directory {name}")
         points.append(Point(name, settings, config, Path(args.out) / name))
     return points
 

@@ -29,6 +29,7 @@ def test_point_names_use_the_last_key_part_unless_two_share_it():
         "learning_rate=5e-5,steps=3200"  # fmt: skip
     assert point_name({"model.dropout": "0.1", "lora.dropout": "0"}) == \
         "model.dropout=0.1,lora.dropout=0"  # fmt: skip
+    assert point_name({"model.init": "runs/sst2"}) == "init=runs_sst2"  # one directory
 
 
 def test_sweep_trains_every_point_ranks_them_and_reads_finished_ones(tmp_path, data_dir, capsys):
@@ -70,6 +71,7 @@ def test_sweep_trains_every_point_ranks_them_and_reads_finished_ones(tmp_path, d
     (["train.steps"], {}, "--grid expects KEY=V1,V2,... with no empty value, got 'train.steps'"),
     (["train.steps=4,"], {}, "--grid expects KEY=V1,V2,... with no empty value"),
     (["train.seed=4,4"], {}, "repeats a value"),
+    (["data.dir=a/b,a_b"], {}, "two sweep points would share the directory dir=a_b"),
     (["train.seed=1", "train.seed=2"], {}, "--grid train.seed is given twice"),
     (["train.steps=4,5"], {"train.steps": 4}, "train.steps is both swept (--grid) and fixed"),
     (["train.stepz=4,5"], {}, "sweep point stepz=4: unknown key 'train.stepz'"),
