@@ -17,7 +17,9 @@ Also written into the version directory:
 - `assets.extra/fmkeras.json`: the task, labels and source run;
 - with `--tflite`: `assets.extra/model.tflite`, the token-id signature
   converted with dynamic-range quantization (int8 weights); `--tflite
-  float32` keeps float32 weights (XNNPACK runs it; the float model's answers).
+  float32` keeps float32 weights (XNNPACK runs it; the float model's answers);
+  `--tflite-batch-size N` fixes its inputs to N rows of the run's sequence
+  length (as Optimum's TFLite export does), which removes half its ops.
 
 `--quantize int8` quantizes the Dense/EinsumDense kernels of the SavedModel
 with Keras (`Model.quantize`); embeddings stay float32 (they are tied to
@@ -41,6 +43,7 @@ EXAMPLES = """examples:
   python -m fmkeras.export runs/sst2 --name sst2
   python -m fmkeras.export runs/sst2 --name sst2 --tflite
   python -m fmkeras.export runs/sst2 --name sst2 --tflite float32
+  python -m fmkeras.export runs/sst2 --name sst2 --tflite --tflite-batch-size 1
   python -m fmkeras.export runs/sst2 --name sst2 --precision bfloat16
   python -m fmkeras.export runs/en_zh --name en_zh --beam 4"""
 
@@ -89,19 +92,22 @@ EXPORT_TFLITE_MODES = ("dynamic", "float32")  # int8 (full-integer) loses ~25 po
 EXPORT_PRECISIONS = ("float32", "bfloat16")
 
 
-def write_tflite(functions, path, mode="dynamic", calibration=None):
+def write_tflite(functions, path, mode="dynamic", calibration=None, input_shape=None):
     """TFLite of the token-id signature (converted from a SavedModel without
     the text signature's lookup tables). `mode`: `dynamic` (int8 weights,
     float activations), `float32`, or `int8` (full-integer: int8 weights and
     activations wherever TFLite has int8 kernels, float elsewhere, with
     activation ranges calibrated on `calibration`, a list of token-id feature
-    dicts of one row each)."""
+    dicts of one row each). `input_shape`: `(batch, tokens)` fixes the inputs'
+    shape, so the converter folds the shape arithmetic (half the ops of a
+    classifier; Optimum's TFLite export fixes shapes too); None: any shape."""
     import tensorflow as tf
 
     if mode not in TFLITE_MODES:
         raise ConfigError(f"TFLite mode {mode!r}: use one of {', '.join(TFLITE_MODES)}")
     with tempfile.TemporaryDirectory() as directory:
-        functions.archive(texts=False).write_out(directory, verbose=False)
+        functions.archive(texts=False, id_shape=input_shape or (None, None)).write_out(
+            directory, verbose=False)
         converter = tf.lite.TFLiteConverter.from_saved_model(directory)
         if mode != "float32":
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -113,15 +119,22 @@ def write_tflite(functions, path, mode="dynamic", calibration=None):
 
 
 def export(run_dir, name, out="saved_models", version=None, overwrite=False, *,
-           decode=None, top_k=5, quantize=None, tflite=None, precision="float32"):  # fmt: skip
+           decode=None, top_k=5, quantize=None, tflite=None, tflite_batch_size=None,
+           precision="float32"):  # fmt: skip
     """Exports a finished run of any task; returns the version directory.
-    `tflite`: also a TFLite model, `"dynamic"` (or True) or `"float32"`."""
+    `tflite`: also a TFLite model, `"dynamic"` (or True) or `"float32"`;
+    `tflite_batch_size`: its inputs fixed to that many rows of the run's
+    sequence length."""
     from fmkeras.tasks import load_run
 
     base = Path(out) / name
     tflite = "dynamic" if tflite is True else tflite
     if tflite and tflite not in EXPORT_TFLITE_MODES:
         raise ConfigError(f"--tflite {tflite!r}: use one of {', '.join(EXPORT_TFLITE_MODES)}")
+    if tflite_batch_size is not None and not tflite:
+        raise ConfigError("--tflite-batch-size shapes the TFLite model; add --tflite")
+    if tflite_batch_size is not None and tflite_batch_size < 1:
+        raise ConfigError(f"--tflite-batch-size must be positive, got {tflite_batch_size}")
     if quantize and tflite:
         raise ConfigError("--tflite quantizes the float model itself; leave out --quantize")
     if precision not in EXPORT_PRECISIONS:
@@ -150,14 +163,17 @@ def export(run_dir, name, out="saved_models", version=None, overwrite=False, *,
         functions.archive().write_out(str(model_dir), verbose=False)
         extra = model_dir / "assets.extra"
         extra.mkdir(exist_ok=True)
+        tflite_shape = [tflite_batch_size, predictor.info["sequence_length"]] \
+            if tflite_batch_size else None  # fmt: skip
         info = {**predictor.export_info(), "source": str(run_dir), "quantize": quantize,
                 "precision": precision, "tflite": tflite or None,
+                "tflite_input_shape": tflite_shape,
                 "serving_inputs": list(functions.text_names)}  # fmt: skip
         (extra / "fmkeras.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
         write_warmup_requests(extra / "tf_serving_warmup_requests", name,
                               predictor.warmup_inputs())  # fmt: skip
         if tflite:
-            write_tflite(functions, extra / "model.tflite", tflite)
+            write_tflite(functions, extra / "model.tflite", tflite, input_shape=tflite_shape)
         if target.exists():  # --overwrite: the old version leaves with the temporary directory
             os.rename(target, temporary / "replaced")
         os.rename(model_dir, target)
@@ -179,6 +195,10 @@ def build_parser():
     parser.add_argument("--tflite", nargs="?", const="dynamic", choices=EXPORT_TFLITE_MODES,
                         help="also write a TFLite model: dynamic (int8 weights; the default) "
                              "or float32")  # fmt: skip
+    parser.add_argument("--tflite-batch-size", type=int, metavar="N",
+                        help="fix the TFLite model's inputs to N rows of the run's sequence "
+                        "length: the converter folds the shape arithmetic (1.3-1.5x faster at "
+                        "batch 1 here); default: any shape")  # fmt: skip
     parser.add_argument("--precision", choices=EXPORT_PRECISIONS, default="float32",
                         help="weights and compute (bfloat16: half the size)")  # fmt: skip
     parser.add_argument("--top-k", type=int, default=5, help="mlm (fill-mask): pieces per mask")
@@ -191,7 +211,8 @@ def main(argv):
     args = build_parser().parse_args(argv)
     target = export(args.run_dir, args.name, args.out, args.model_version, args.overwrite,
                     decode=cli.decode_config(args), top_k=args.top_k, quantize=args.quantize,
-                    tflite=args.tflite, precision=args.precision)  # fmt: skip
+                    tflite=args.tflite, tflite_batch_size=args.tflite_batch_size,
+                    precision=args.precision)  # fmt: skip
     info = json.loads((target / "assets.extra" / "fmkeras.json").read_text(encoding="utf-8"))
     inputs = ", ".join(info["serving_inputs"])
     print(f"wrote {target} (signatures serving_default: {inputs}; serve_token_ids)")

@@ -235,9 +235,10 @@ class ServingFunctions:
     text_names: tuple = ("texts",)
     extra_inputs: tuple = ()  # `tf.TensorSpec`s both functions take after their own inputs
 
-    def archive(self, texts=True):
+    def archive(self, texts=True, id_shape=(None, None)):
         """An `ExportArchive` with `serving_default` (raw texts; unless `texts`
-        is false) and `serve_token_ids`."""
+        is false) and `serve_token_ids`, whose inputs have the shape `id_shape`
+        (`(batch, tokens)`; None: any)."""
         archive = keras.export.ExportArchive()
         # The endpoints capture the model's variables by themselves; also calling
         # `archive.track(model)` would store every weight twice (keras#23553).
@@ -250,7 +251,7 @@ class ServingFunctions:
                 input_signature=[tf.TensorSpec([None], tf.string, name=n) for n in self.text_names]
                 + list(self.extra_inputs),
             )
-        ids = [tf.TensorSpec([None, None], tf.int32, name=name) for name in self.id_names]
+        ids = [tf.TensorSpec(list(id_shape), tf.int32, name=name) for name in self.id_names]
         archive.add_endpoint("serve_token_ids", self.serve_ids,
                              input_signature=ids + list(self.extra_inputs))  # fmt: skip
         return archive

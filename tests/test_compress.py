@@ -273,7 +273,8 @@ def test_the_compression_table_measures_a_bfloat16_trained_run_in_float32(tmp_pa
     tool = REPO / "tools" / "compare_exports.py"
     result = subprocess.run(
         [sys.executable, str(tool), str(run), str(run), "--dev", str(dev), "--variants",
-         "float32,tflite-dynamic", "--single-calls", "2", "--rounds", "2", "--markdown",
+         "float32,tflite-dynamic,tflite-float32-fixed", "--single-calls", "2", "--rounds", "2",
+         "--markdown",
          str(tmp_path / "table.md")],
         capture_output=True, text=True, timeout=600, cwd=REPO,
     )  # fmt: skip
@@ -282,13 +283,15 @@ def test_the_compression_table_measures_a_bfloat16_trained_run_in_float32(tmp_pa
     assert report["examples"] == 40
     # The run again as another run: its own exports, the reference's predictions.
     variants = [row["variant"] for row in report["variants"]]
-    assert variants == ["float32", "tflite-dynamic", "float32"]
+    assert variants == ["float32", "tflite-dynamic", "tflite-float32-fixed", "float32"]
+    assert report["variants"][3]["differing_from_reference"] == 0
+    # Fixed shapes (batches of 1 and 32; the last 8 rows padded to 32): the float model's answers.
     assert report["variants"][2]["differing_from_reference"] == 0
     for row in report["variants"]:  # timed in two interleaved rounds, the best one reported
         assert len(row["ms_batch_1_rounds"]) == len(row["ms_batch_32_rounds"]) == 2
         assert row["ms_batch_1"] == min(row["ms_batch_1_rounds"]) > 0
     # Speed-ups are like for like: against the reference's same variant.
-    reference = {row["variant"]: row for row in report["variants"][:2]}
+    reference = {row["variant"]: row for row in report["variants"][:3]}
     for row in report["variants"]:
         same = reference[row["variant"]]
         assert row["speedup_batch_1"] == round(same["ms_batch_1"] / row["ms_batch_1"], 2)
@@ -298,6 +301,17 @@ def test_the_compression_table_measures_a_bfloat16_trained_run_in_float32(tmp_pa
     first = report["variants"][0]
     assert table[2].endswith(f"| {first['ms_batch_1']} ms (1.0×) | "
                              f"{first['ms_batch_32']} ms (1.0×) |")  # fmt: skip
+    # Best against best: each run's fastest variant at batch 1 against the reference's fastest.
+    fastest = min(report["variants"][:3], key=lambda row: row["ms_batch_1"])
+    other = report["variants"][3]
+    assert report["best_against_best"] == [
+        {"run": str(run), "variant": fastest["variant"], "accuracy": fastest["accuracy"],
+         "ms_batch_1": fastest["ms_batch_1"], "speedup_batch_1": 1.0},
+        {"run": str(run), "variant": "float32", "accuracy": other["accuracy"],
+         "ms_batch_1": other["ms_batch_1"],
+         "speedup_batch_1": round(fastest["ms_batch_1"] / other["ms_batch_1"], 2)},
+    ]  # fmt: skip
+    assert table[-1].startswith("Best against best at batch 1")
 
 
 def test_the_compression_table_refuses_zero_timing_rounds(tmp_path, monkeypatch, capsys):

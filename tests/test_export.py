@@ -252,6 +252,11 @@ def test_quantized_and_bfloat16_variants_answer_like_the_float_model(classify_ru
     assert export_main([str(classify_run), "--name", "f", "--out", out, "--tflite"]) == 0
     assert export_main([str(classify_run), "--name", "g", "--out", out, "--tflite",
                         "float32"]) == 0  # fmt: skip
+    assert export_main([str(classify_run), "--name", "gf", "--out", out, "--tflite", "float32",
+                        "--tflite-batch-size", "3"]) == 0  # fmt: skip
+    assert export_main([str(classify_run), "--name", "z", "--out", out,
+                        "--tflite-batch-size", "2"]) == 2  # fmt: skip
+    assert "--tflite-batch-size shapes the TFLite model; add --tflite" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # full-integer TFLite is the table tool's, not an export's
         export_main([str(classify_run), "--name", "z", "--out", out, "--tflite", "int8"])
     with pytest.raises(ConfigError, match="--tflite 'int8': use one of dynamic, float32"):
@@ -307,3 +312,18 @@ def test_quantized_and_bfloat16_variants_answer_like_the_float_model(classify_ru
         lite = runner(token_ids=token_ids, segment_ids=np.zeros_like(token_ids),
                       padding_mask=(token_ids > 0).astype("int32"))  # fmt: skip
         np.testing.assert_allclose(lite["probabilities"], expected, atol=atol)
+    # `--tflite-batch-size 3`: inputs fixed to 3 rows of the run's length, the shape
+    # arithmetic folded away (fewer ops), the float model's answers.
+    extra = tmp_path / "sm" / "gf" / "1" / "assets.extra"
+    length = load_run(classify_run).info["sequence_length"]
+    assert json.loads((extra / "fmkeras.json").read_text())["tflite_input_shape"] == [3, length]
+    fixed = Interpreter(model_path=str(extra / "model.tflite"))
+    runner = fixed.get_signature_runner("serve_token_ids")
+    assert list(runner.get_input_details()["token_ids"]["shape_signature"]) == [3, length]
+    padded = np.pad(token_ids, [(0, 0), (0, length - token_ids.shape[1])])
+    lite = runner(token_ids=padded, segment_ids=np.zeros_like(padded),
+                  padding_mask=(padded > 0).astype("int32"))  # fmt: skip
+    np.testing.assert_allclose(lite["probabilities"], expected, atol=1e-4)
+    shaped = Interpreter(model_path=str(tmp_path / "sm" / "g" / "1" / "assets.extra" /
+                                        "model.tflite"))  # fmt: skip
+    assert len(fixed._get_ops_details()) < 0.75 * len(shaped._get_ops_details())

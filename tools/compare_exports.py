@@ -14,7 +14,11 @@ of `--other-variants`:
 - `tflite-dynamic`: `--tflite` (dynamic range: int8 weights, float activations);
 - `tflite-float32`: float32 TFLite (the interpreter's default XNNPACK delegate);
 - `tflite-int8`: full-integer TFLite, activation ranges calibrated on 200
-  rows of `--calibration` (a training file: never the dev rows it is scored on).
+  rows of `--calibration` (a training file: never the dev rows it is scored on);
+- `tflite-dynamic-fixed`, `tflite-float32-fixed`: the same with the inputs'
+  shape fixed (`--tflite-batch-size`): one model for batch 1 and one for 32
+  (a shorter batch is padded with copies of its last row); the size is the
+  batch-1 model's.
 For each: parameters (of the Keras model), size on disk and gzipped (zeros
 of unstructured pruning compress; dense shapes do not shrink), accuracy on
 `--dev` and predictions that differ from the reference float32, and the
@@ -24,7 +28,9 @@ scored first, then timed in `--rounds` interleaved rounds (a round times
 every variant once) and its best round counts: a slow spell of the host
 touches all variants alike, so the ratios within one invocation hold.
 Each row's speed-up is against the reference run's same variant (a student's
-TFLite against the teacher's TFLite), the like-for-like comparison.
+TFLite against the teacher's TFLite), the like-for-like comparison; a last
+line compares each run's fastest variant at batch 1 with the reference's
+fastest (best against best).
 Latency is measured on whatever else the machine is doing: run it on an
 idle machine.
 """
@@ -44,7 +50,10 @@ from fmkeras.export import export, write_tflite
 from fmkeras.tasks import load_run
 from fmkeras.text.labelled import encode_texts, read_tsv
 
-VARIANTS = ("float32", "bfloat16", "int8", "tflite-dynamic", "tflite-float32", "tflite-int8")
+VARIANTS = ("float32", "bfloat16", "int8", "tflite-dynamic", "tflite-float32", "tflite-int8",
+            "tflite-dynamic-fixed", "tflite-float32-fixed")  # fmt: skip
+FIXED = "-fixed"  # a variant whose TFLite models have fixed input shapes
+BATCHES = (1, 32)  # the batch sizes timed
 
 
 def files_of(path):
@@ -86,6 +95,21 @@ def tflite_call(path, threads):
     return lambda features: runner(**features)["probabilities"]
 
 
+def fixed_tflite_call(paths, threads):
+    """A call of TFLite models of fixed batch sizes (`{batch: path}`): rows go to
+    the smallest model that takes them, padded with copies of the last row."""
+    calls = {batch: tflite_call(path, threads) for batch, path in paths.items()}
+
+    def call(features):
+        rows = len(features["token_ids"])
+        batch = min(size for size in calls if size >= rows)
+        padded = {k: np.concatenate([v, np.repeat(v[-1:], batch - rows, axis=0)])
+                  for k, v in features.items()}  # fmt: skip
+        return calls[batch](padded)[:rows]
+
+    return call
+
+
 def token_features(run, texts):
     """`{token_ids, segment_ids, padding_mask}` of `texts`, padded to the run's length."""
     length = run.info["sequence_length"]
@@ -104,16 +128,23 @@ def labelled(run, path):
 def export_variants(run_dir, run, variants, out, calibration_file):
     """`{variant: artifact path}` of the exports of `run` (loaded from `run_dir`) in `out`."""
     exported = {}
-    if {"float32", "tflite-dynamic", "tflite-float32", "tflite-int8"} & set(variants):
+    if any(variant == "float32" or variant.startswith("tflite-") for variant in variants):
         float_dir = export(run_dir, "float32", out)
         exported["float32"] = float_dir
         functions = run.serving_functions()
         for variant in [v for v in variants if v.startswith("tflite-")]:
-            mode = variant.removeprefix("tflite-")
+            mode = variant.removeprefix("tflite-").removesuffix(FIXED)
             calibration = None
             if mode == "int8":
                 features, _ = labelled(run, calibration_file)
                 calibration = [{k: v[i : i + 1] for k, v in features.items()} for i in range(200)]
+            if variant.endswith(FIXED):
+                length = run.info["sequence_length"]
+                exported[variant] = {batch: Path(out) / f"{variant}-{batch}.tflite"
+                                     for batch in BATCHES}  # fmt: skip
+                for batch, path in exported[variant].items():
+                    write_tflite(functions, path, mode, input_shape=(batch, length))
+                continue
             path = Path(out) / f"{variant}.tflite"
             write_tflite(functions, path, mode, calibration)
             exported[variant] = path
@@ -139,8 +170,12 @@ def measure(run_dir, variants, args, reference, out):
     singles = [rows(i, i + 1) for i in range(args.single_calls)]
     measured = []
     for variant, path in export_variants(run_dir, run, variants, out, args.calibration).items():
-        call = tflite_call(path, args.threads) if variant.startswith("tflite-") \
-            else saved_model_call(path)  # fmt: skip
+        if variant.endswith(FIXED):
+            call, path = fixed_tflite_call(path, args.threads), path[1]
+        elif variant.startswith("tflite-"):
+            call = tflite_call(path, args.threads)
+        else:
+            call = saved_model_call(path)
         predicted = np.concatenate([call(batch) for batch in batches]).argmax(-1)
         if reference.get("predictions") is None:
             reference["predictions"] = predicted
@@ -183,13 +218,30 @@ def add_speedups(report, reference_rows):
             entry[f"speedup_batch_{batch}"] = round(same[key] / entry[key], 2) if same else None
 
 
+def best_against_best(report, reference_rows):
+    """Each run's fastest variant at batch 1, and its speed-up against the
+    fastest of the reference run (the first `reference_rows` entries): what a
+    user serving each in its best format gets."""
+    def fastest(entries):
+        return min(entries, key=lambda entry: entry["ms_batch_1"])
+
+    others = {}
+    for entry in report[reference_rows:]:
+        others.setdefault(entry["run"], []).append(entry)
+    bests = [fastest(report[:reference_rows])] + [fastest(group) for group in others.values()]
+    return [{"run": best["run"], "variant": best["variant"], "accuracy": best["accuracy"],
+             "ms_batch_1": best["ms_batch_1"],
+             "speedup_batch_1": round(bests[0]["ms_batch_1"] / best["ms_batch_1"], 2)}
+            for best in bests]  # fmt: skip
+
+
 def latency(entry, batch):
     """`4.4 ms (3.6×)`: the time and, if known, the like-for-like speed-up."""
     ratio = entry[f"speedup_batch_{batch}"]
     return f"{entry[f'ms_batch_{batch}']} ms" + (f" ({ratio}×)" if ratio else "")
 
 
-def markdown(report):
+def markdown(report, reference_rows):
     lines = ["| run | variant | parameters | size | gzipped | accuracy | ≠ reference | "
              "batch 1 | batch 32 |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for e in report:
@@ -197,6 +249,10 @@ def markdown(report):
                      f"| {e['megabytes']} MB | {e['gzip_megabytes']} MB | "
                      f"{100 * e['accuracy']:.2f} % | {e['differing_from_reference']} | "
                      f"{latency(e, 1)} | {latency(e, 32)} |")  # fmt: skip
+    best = "; ".join(f"`{Path(b['run']).name}` {b['variant']} {b['ms_batch_1']} ms "
+                     f"({100 * b['accuracy']:.2f} %, {b['speedup_batch_1']}×)"
+                     for b in best_against_best(report, reference_rows))  # fmt: skip
+    lines += ["", f"Best against best at batch 1 (each run's fastest variant): {best}."]
     return "\n".join(lines) + "\n"
 
 
@@ -240,8 +296,9 @@ def main():
     for entry in report:
         print(json.dumps(entry), flush=True)
     if args.markdown:
-        Path(args.markdown).write_text(markdown(report), encoding="utf-8")
-    print(json.dumps({"examples": len(reference["predictions"]), "variants": report}))
+        Path(args.markdown).write_text(markdown(report, len(args.variants)), encoding="utf-8")
+    print(json.dumps({"examples": len(reference["predictions"]), "variants": report,
+                      "best_against_best": best_against_best(report, len(args.variants))}))
 
 
 if __name__ == "__main__":
