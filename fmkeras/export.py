@@ -197,8 +197,8 @@ def build_parser():
                              "or float32")  # fmt: skip
     parser.add_argument("--tflite-batch-size", type=int, metavar="N",
                         help="fix the TFLite model's inputs to N rows of the run's sequence "
-                        "length: the converter folds the shape arithmetic (1.3-1.5x faster at "
-                        "batch 1 here); default: any shape")  # fmt: skip
+                        "length: the converter folds the shape arithmetic away (half the ops); "
+                        "default: any shape")  # fmt: skip
     parser.add_argument("--precision", choices=EXPORT_PRECISIONS, default="float32",
                         help="weights and compute (bfloat16: half the size)")  # fmt: skip
     parser.add_argument("--top-k", type=int, default=5, help="mlm (fill-mask): pieces per mask")
