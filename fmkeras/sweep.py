@@ -13,6 +13,7 @@ Every configuration is built and checked before the first run starts. A
 point whose directory holds a finished run of the same configuration is
 read, not trained again; an unfinished one resumes from its backup; so a
 killed sweep continues where it stopped when the same command runs again.
+`--report` writes the tables of the points finished so far and trains none.
 """
 
 import dataclasses
@@ -60,6 +61,9 @@ def build_parser():
     parser.add_argument("--dry-run", action="store_true",
                         help="list the points and whether each is new, unfinished or "
                         "finished, and exit")  # fmt: skip
+    parser.add_argument("--report", action="store_true",
+                        help="write the tables of the finished points, train nothing (a sweep "
+                        "still running elsewhere, or cut short)")  # fmt: skip
     return parser
 
 
@@ -240,6 +244,11 @@ def main(argv):
     import keras
 
     seeds = any("train.seed" in point.settings for point in points)
+    if args.report:
+        points = [point for point, state in zip(points, states, strict=True) if state == "finished"]
+        states = ["finished"] * len(points)
+        if not points:
+            raise ConfigError(f"--report: no point under {args.out} has finished yet")
     rows = []
     for number, (point, state) in enumerate(zip(points, states, strict=True), 1):
         if state != "finished":

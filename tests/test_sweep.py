@@ -60,6 +60,12 @@ def test_sweep_trains_every_point_ranks_them_and_reads_finished_ones(tmp_path, d
     (out / "seed=1" / "metrics.json").unlink()  # as if killed after its last backup
     assert sweep_main(sweep_args(out, ["train.seed=0,1"]) + ["--dry-run"]) == 0
     assert "seed=1: unfinished" in capsys.readouterr().out
+    assert sweep_main(sweep_args(out, ["train.seed=0,1"]) + ["--report"]) == 0  # trains nothing
+    assert not (out / "seed=1" / "metrics.json").exists()
+    assert [row["name"] for row in json.loads((out / "sweep.json").read_text())["points"]] == \
+        ["seed=0"]  # fmt: skip
+    assert sweep_main(sweep_args(out, ["train.seed=2"]) + ["--report"]) == 2
+    assert "--report: no point under" in capsys.readouterr().err
 
     assert sweep_main(sweep_args(out, ["train.seed=0,1"], **{"train.learning_rate": 1e-2})) == 2
     error = capsys.readouterr().err.strip()
