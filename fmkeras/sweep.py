@@ -194,7 +194,8 @@ def markdown(rows, metric, seeds):
     def value(number):
         if number is None:
             return "—"
-        return f"{number:.2%}" if metric in ("accuracy", "macro_f1", "f1") else f"{number:.4g}"
+        return f"{100 * number:.2f} %" if metric in ("accuracy", "macro_f1", "f1") \
+            else f"{number:.4g}"  # fmt: skip
 
     best = best_row(rows, metric)
     lines = [f"| point | {metric} (kept) | kept step | last step | validation curve | minutes |",
