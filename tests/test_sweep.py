@@ -32,6 +32,7 @@ def test_point_names_use_the_last_key_part_unless_two_share_it():
     assert point_name({"model.init": "runs/sst2"}) == "init=runs_sst2"  # one directory
 
 
+@pytest.mark.long_running
 def test_sweep_trains_every_point_ranks_them_and_reads_finished_ones(tmp_path, data_dir, capsys):
     out = tmp_path / "sweep"
     assert sweep_main(sweep_args(out, ["train.seed=0,1"])) == 0
