@@ -45,14 +45,18 @@ VALUES_BEFORE_THE_KEY = {"train.precision": "float32"}
 
 
 def read_scalars(log_dir, tag):
-    """`[(step, value)]` of one scalar that `TrainingLogger` wrote into `log_dir`."""
+    """`[(step, value)]` of one scalar that `TrainingLogger` wrote into `log_dir`;
+    raises ConfigError if there is none (an empty list would let a caller's
+    check pass vacuously)."""
     import tensorflow as tf
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(log_dir), size_guidance={"tensors": 0})
     events.Reload()
-    if tag not in events.Tags()["tensors"]:
-        return []
+    tags = events.Tags()["tensors"]
+    if tag not in tags:
+        raise ConfigError(f"{log_dir} holds no TensorBoard scalar {tag!r} "
+                          f"(it has {', '.join(sorted(tags)) or 'none'})")  # fmt: skip
     return [(e.step, float(tf.make_ndarray(e.tensor_proto))) for e in events.Tensors(tag)]
 
 
@@ -110,12 +114,12 @@ class RunDir:
         with atomic_path(self.config) as temporary:
             temporary.write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
 
-    def changes(self, config, resumable=()):
-        """`["key: old -> new", ...]`: the keys whose value in `config` differs
-        from the recorded config.yaml and changes what the run computes
+    def check_same_run(self, config, resumable=()):
+        """Raises ConfigError, listing the keys, if config.yaml records a run whose
+        configuration differs from `config` in a key that changes what it computes
         (`RESUMABLE_CHANGES` and the prefixes `resumable` do not)."""
         if not self.config.is_file():
-            return []
+            return
         old = dict(flatten(self.read_config()))
         if "task" in old:
             from fmkeras.tasks.registry import ALIASES
@@ -124,16 +128,12 @@ class RunDir:
         new = flat_config(config)
         # A key the run's fmkeras version did not have yet counts as what it computed then.
         defaults = {**flat_config(RunConfig()), **VALUES_BEFORE_THE_KEY}
-        return [
+        changed = [
             f"{key}: {old.get(key, defaults.get(key))!r} -> {new.get(key)!r}"
             for key in sorted(new)
             if old.get(key, defaults.get(key)) != new.get(key)
             and not key.startswith(RESUMABLE_CHANGES + tuple(resumable))
         ]
-
-    def check_same_run(self, config, resumable=()):
-        """Raises ConfigError if the directory holds a run of another configuration."""
-        changed = self.changes(config, resumable)
         if changed:
             raise ConfigError(
                 f"{self.root} holds a run with a different configuration "
