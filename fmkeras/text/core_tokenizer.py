@@ -10,7 +10,12 @@ only `tf.strings`, `tf.lookup` and a while loop:
    with `unicodedata` from Hugging Face's rules: control/format characters
    and U+FFFD map to nothing, whitespace to a space, CJK ideographs and
    punctuation to themselves between spaces, and (uncased) every character
-   to its lower-cased, accent-stripped form. Then split on spaces.
+   to its lower-cased, accent-stripped form. Then split on spaces. Code
+   points unassigned in Python's Unicode stay as they are, as in
+   tensorflow-text (Hugging Face's Python tokenizer deletes them). Long runs
+   of the code points it deletes (the private-use planes, ~138k characters)
+   are a regular-expression class instead of table rows, which keeps an
+   export's graph under 1 MB.
 2. WordPiece is greedy longest-match-first over all words at once: each
    round looks up every candidate piece starting at each word's cursor and
    takes the longest one in the vocabulary; a word with an unmatched rest
@@ -24,6 +29,7 @@ import unicodedata
 import tensorflow as tf
 
 MAX_WORD_CHARACTERS = 100  # Hugging Face's max_input_chars_per_word
+MIN_DELETED_RUN = 32  # deleted code-point runs this long go to a regex class, not the table
 
 
 def _is_punctuation(char):
@@ -43,7 +49,14 @@ CJK_RANGES = (  # Hugging Face's _is_chinese_char
     (0xF900, 0xFAFF),
     (0x2F800, 0x2FA1F),
 )
-CJK_PATTERN = "([" + "".join(f"\\x{{{a:X}}}-\\x{{{b:X}}}" for a, b in CJK_RANGES) + "])"
+
+
+def character_class(ranges):
+    """A regular-expression class of the code-point ranges `[(first, last)]`."""
+    return "[" + "".join(f"\\x{{{a:X}}}-\\x{{{b:X}}}" for a, b in ranges) + "]"
+
+
+CJK_PATTERN = f"({character_class(CJK_RANGES)})"
 
 
 def _is_cjk(code):
@@ -51,13 +64,18 @@ def _is_cjk(code):
 
 
 def _normalized(char, lowercase):
-    """What Hugging Face's BasicTokenizer turns one character into."""
+    """What Hugging Face's BasicTokenizer turns one character into, except that
+    code points unassigned in Python's Unicode stay as they are: the training
+    tokenizer (tensorflow-text) keeps them where Hugging Face's deletes them."""
     code = ord(char)
     if code in (0, 0xFFFD):
         return ""
-    if char in " \t\n\r" or unicodedata.category(char) == "Zs":
+    category = unicodedata.category(char)
+    if char in " \t\n\r" or category == "Zs":
         return " "
-    if unicodedata.category(char).startswith("C"):
+    if category == "Cn":
+        return char
+    if category.startswith("C"):
         return ""
     if _is_cjk(code):
         return char  # spaced by a regular expression (a table would hold ~90k entries)
@@ -68,18 +86,32 @@ def _normalized(char, lowercase):
     return "".join(f" {c} " if _is_punctuation(c) else c for c in text)
 
 
-@functools.cache  # ~3 s over all of Unicode: once per process and casing
-def character_table(lowercase):
-    """`{character: replacement}` for every character the basic tokenizer changes."""
-    table = {}
+@functools.cache  # ~0.5 s over all of Unicode: once per process and casing
+def character_rules(lowercase):
+    """What the basic tokenizer changes, as `(table, deleted_ranges)`:
+    `{character: replacement}`, and `[(first, last)]` code-point runs of at
+    least `MIN_DELETED_RUN` characters it deletes (not in the table). U+FFFD,
+    which decoding puts in place of invalid UTF-8, stays in the table."""
+    table, deleted = {}, []  # deleted: [first, last] runs of consecutive code points
     for code in range(sys.maxunicode + 1):
         if 0xD800 <= code <= 0xDFFF:  # surrogates are not characters
             continue
         char = chr(code)
         replacement = _normalized(char, lowercase)
-        if replacement != char:
+        if replacement == "" and code != 0xFFFD:
+            if deleted and deleted[-1][1] == code - 1:
+                deleted[-1][1] = code
+            else:
+                deleted.append([code, code])
+        elif replacement != char:
             table[char] = replacement
-    return table
+    ranges = []
+    for first, last in deleted:
+        if last - first + 1 >= MIN_DELETED_RUN:
+            ranges.append((first, last))
+        else:
+            table.update((chr(code), "") for code in range(first, last + 1))
+    return table, ranges
 
 
 class CoreBertTokenizer(tf.Module):
@@ -101,7 +133,8 @@ class CoreBertTokenizer(tf.Module):
         super().__init__()
         self.lowercase = lowercase
         self.unknown_id = vocabulary.index(unknown_token)
-        table = character_table(lowercase)
+        table, deleted = character_rules(lowercase)
+        self._deleted = character_class(deleted)
         self._characters = tf.lookup.StaticHashTable(
             tf.lookup.KeyValueTensorInitializer(
                 tf.constant(list(table)), tf.constant(list(table.values()))
@@ -122,6 +155,7 @@ class CoreBertTokenizer(tf.Module):
 
     def words(self, texts):
         """`(batch,)` strings -> ragged `(batch, words)` after basic tokenization."""
+        texts = tf.strings.regex_replace(texts, self._deleted, "")
         characters = tf.strings.unicode_split(texts, "UTF-8")  # (batch, chars)
         mapped = self._characters.lookup(characters.flat_values)
         mapped = tf.where(mapped == "\x00", characters.flat_values, mapped)
