@@ -1,7 +1,11 @@
 """Helpers for end-to-end tests of `python -m fmkeras.train` and of local workers."""
 
+import contextlib
+import io
 import json
 import os
+import runpy
+import select
 import subprocess
 import sys
 import textwrap
@@ -80,6 +84,7 @@ def tiny_args(vocab, steps=40, **extra):
         "model.size": "tiny",
         "data.max_lines": 1500,
         "data.vocab_file": vocab,
+        "data.sequence_length": 32,  # the recipe's 128 makes a 40-step run ~30 % longer
         "train.batch_size": 16,
         "train.learning_rate": 1e-3,
         "train.steps": steps,
@@ -121,6 +126,24 @@ def run_cli(args, **kwargs):
     )
 
 
+def run_tool(name, *args):
+    """`python tools/NAME.py ARGS` run in this process as `__main__` (a fresh
+    process would spend seconds importing TensorFlow), as a
+    `subprocess.CompletedProcess` with the exit code and captured output."""
+    argv, out, err, code = sys.argv, io.StringIO(), io.StringIO(), 0
+    sys.argv = [str(REPO / "tools" / f"{name}.py"), *map(str, args)]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            runpy.run_path(sys.argv[0], run_name="__main__")
+    except SystemExit as exit_:  # argparse errors, sys.exit(message): as Python reports them
+        code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+        if isinstance(exit_.code, str):
+            err.write(exit_.code + "\n")
+    finally:
+        sys.argv = argv
+    return subprocess.CompletedProcess(sys.argv, code, out.getvalue(), err.getvalue())
+
+
 def run_workers(script, *args, count=2, timeout=240, cwd=None):
     """`[(returncode, stdout, stderr)]` of `count` local workers, each running
     `python -c script *args` with its own TF_CONFIG on loopback ports."""
@@ -145,53 +168,69 @@ def run_workers(script, *args, count=2, timeout=240, cwd=None):
 
 
 SERVE_CHECK = textwrap.dedent("""
-    import json, sys
+    import json, sys, traceback
     import tensorflow as tf
     from tensorflow_serving.apis import prediction_log_pb2
 
     def plain(outputs):
         return {k: tf.convert_to_tensor(v).numpy().tolist() for k, v in outputs.items()}
 
-    path, inputs = sys.argv[1], json.loads(sys.argv[2])
-    inputs = {"texts": inputs} if isinstance(inputs, list) else inputs  # name -> strings
-    warmup_file = f"{path}/assets.extra/tf_serving_warmup_requests"
-    records = [record.numpy() for record in tf.data.TFRecordDataset(warmup_file)]
-    loaded = tf.saved_model.load(path)
-    eager = loaded.signatures["serving_default"](**{k: tf.constant(v) for k, v in inputs.items()})
-    # TF Serving's C++ path, without Grappler's graph rewrites: they keep the outputs
-    # and cost ~8 s per load here (the restore runs them over every function).
-    config = tf.compat.v1.ConfigProto()
-    config.graph_options.rewrite_options.disable_meta_optimizer = True
-    with tf.compat.v1.Session(graph=tf.Graph(), config=config) as session:
-        meta = tf.compat.v1.saved_model.loader.load(session, ["serve"], path)
-        signature = meta.signature_def["serving_default"]
-        fetches = {k: v.name for k, v in signature.outputs.items()}
-        graph = session.run(fetches, {signature.inputs[k].name: v for k, v in inputs.items()})
-        # TF Serving replays assets.extra/tf_serving_warmup_requests at load time.
-        for record in records:
-            log = prediction_log_pb2.PredictionLog.FromString(record)
-            request = log.predict_log.request
-            name = request.model_spec.signature_name
-            feeds = {meta.signature_def[name].inputs[key].name: tf.make_ndarray(proto)
-                     for key, proto in request.inputs.items()}
-            session.run(fetches, feeds)
-    assert "tensorflow_text" not in sys.modules and "fmkeras" not in sys.modules
-    print(json.dumps({"eager": plain(eager), "session": plain(graph), "warmup": len(records)},
-                     default=bytes.decode))
+    def check(path, inputs):
+        inputs = {"texts": inputs} if isinstance(inputs, list) else inputs  # name -> strings
+        warmup_file = f"{path}/assets.extra/tf_serving_warmup_requests"
+        records = [record.numpy() for record in tf.data.TFRecordDataset(warmup_file)]
+        loaded = tf.saved_model.load(path)
+        tensors = {name: tf.constant(strings) for name, strings in inputs.items()}
+        eager = loaded.signatures["serving_default"](**tensors)
+        # TF Serving's C++ path, without Grappler's graph rewrites: they keep the outputs
+        # and cost ~8 s per load here (the restore runs them over every function).
+        config = tf.compat.v1.ConfigProto()
+        config.graph_options.rewrite_options.disable_meta_optimizer = True
+        with tf.compat.v1.Session(graph=tf.Graph(), config=config) as session:
+            meta = tf.compat.v1.saved_model.loader.load(session, ["serve"], path)
+            signature = meta.signature_def["serving_default"]
+            fetches = {k: v.name for k, v in signature.outputs.items()}
+            graph = session.run(fetches, {signature.inputs[k].name: v for k, v in inputs.items()})
+            # TF Serving replays assets.extra/tf_serving_warmup_requests at load time.
+            for record in records:
+                log = prediction_log_pb2.PredictionLog.FromString(record)
+                request = log.predict_log.request
+                name = request.model_spec.signature_name
+                feeds = {meta.signature_def[name].inputs[key].name: tf.make_ndarray(proto)
+                         for key, proto in request.inputs.items()}
+                session.run(fetches, feeds)
+        assert "tensorflow_text" not in sys.modules and "fmkeras" not in sys.modules
+        return {"eager": plain(eager), "session": plain(graph), "warmup": len(records)}
+
+    for line in sys.stdin:  # one JSON request per line, one JSON answer per line
+        try:
+            answer = check(**json.loads(line))
+        except Exception:
+            answer = {"error": traceback.format_exc()}
+        print(json.dumps(answer, default=bytes.decode), flush=True)
 """)
+_serve_checker = []  # this test worker's TF-only process, started on first use
 
 
 def serve_in_fresh_process(version, texts):
-    """Outputs of `serving_default` in a TF-only process, loaded as
-    `tf.saved_model.load` (eager) and as TF Serving does (session), after
-    replaying the warm-up requests; the two must agree. `texts` is a list
-    (the `texts` input) or `{input name: [strings]}`."""
-    result = subprocess.run(
-        [sys.executable, "-c", SERVE_CHECK, str(version), json.dumps(texts)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    served = json.loads(result.stdout.strip().splitlines()[-1])
+    """Outputs of `serving_default` in a TF-only process (it never imports
+    fmkeras or tensorflow-text), loaded as `tf.saved_model.load` (eager) and as
+    TF Serving does (session), after replaying the warm-up requests; the two
+    must agree. `texts` is a list (the `texts` input) or `{input name:
+    [strings]}`. The process is started once per test worker and kept: each
+    start costs seconds of importing TensorFlow."""
+    if not _serve_checker or _serve_checker[0].poll() is not None:
+        _serve_checker[:] = [subprocess.Popen([sys.executable, "-c", SERVE_CHECK],
+                                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                              stderr=subprocess.DEVNULL, text=True)]  # fmt: skip
+    checker = _serve_checker[0]
+    checker.stdin.write(json.dumps({"path": str(version), "inputs": texts}) + "\n")
+    checker.stdin.flush()
+    if not select.select([checker.stdout], [], [], 300)[0]:
+        checker.kill()
+        raise AssertionError(f"no answer within 300 s for {version}")
+    served = json.loads(checker.stdout.readline() or '{"error": "the checker process died"}')
+    assert "error" not in served, served["error"][-3000:]
     assert served["warmup"] == 2
     for key, value in served["eager"].items():
         if isinstance(np.asarray(value).flat[0], float):

@@ -123,8 +123,9 @@ def test_batched_prompts_of_different_lengths_generate_as_alone(model):
 
 
 @pytest.fixture(scope="module")
-def causal_run(tmp_path_factory, data_dir):
-    settings = {"model.size": "tiny", "data.max_lines": 1500, "data.vocab_size": 1000,
+def causal_run(tmp_path_factory, data_dir, small_vocab):
+    settings = {"model.size": "tiny", "data.max_lines": 1500, "data.vocab_file": small_vocab,
+                "data.sequence_length": 64,
                 "train.steps": 40, "train.batch_size": 16, "train.learning_rate": 3e-3,
                 "train.log_every": 10, "train.eval_every": 20, "train.checkpoint_every": 20,
                 "train.eval_steps": 4, "train.steps_per_execution": 1,

@@ -6,7 +6,6 @@ and export)."""
 import importlib.util
 import json
 import shutil
-import subprocess
 import sys
 
 import keras
@@ -15,7 +14,7 @@ import pytest
 import tensorflow as tf
 from conftest import REPO
 from model_checks import run_model_checks
-from run_helpers import train_tiny_classifier
+from run_helpers import run_tool, train_tiny_classifier
 
 from fmkeras.compress.command import main as compress_main
 from fmkeras.compress.sparsity import magnitude_mask, prunable_kernels, scheduled_sparsity
@@ -270,14 +269,9 @@ def test_the_compression_table_measures_a_bfloat16_trained_run_in_float32(tmp_pa
     dev = tmp_path / "dev.tsv"
     lines = (data_dir / "sst2" / "dev.tsv").read_text(encoding="utf-8").splitlines()
     dev.write_text("\n".join(lines[:41]) + "\n", encoding="utf-8")
-    tool = REPO / "tools" / "compare_exports.py"
-    result = subprocess.run(
-        [sys.executable, str(tool), str(run), str(run), "--dev", str(dev), "--variants",
-         "float32,tflite-dynamic,tflite-float32-fixed", "--single-calls", "2", "--rounds", "2",
-         "--markdown",
-         str(tmp_path / "table.md")],
-        capture_output=True, text=True, timeout=600, cwd=REPO,
-    )  # fmt: skip
+    result = run_tool("compare_exports", run, run, "--dev", dev, "--variants",
+                      "float32,tflite-dynamic,tflite-float32-fixed", "--single-calls", 2,
+                      "--rounds", 2, "--markdown", tmp_path / "table.md")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["examples"] == 40

@@ -6,16 +6,13 @@ measured against."""
 
 import json
 import os
-import pathlib
 import shutil
-import subprocess
-import sys
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from run_helpers import scalars, tiny_args
+from run_helpers import run_tool, scalars, tiny_args
 
 import fmkeras
 from fmkeras.export import main as export_main
@@ -25,9 +22,7 @@ from fmkeras.training.precision import in_dtype_policy, resolve_precision
 
 
 def profile_summary(path):
-    tool = pathlib.Path(__file__).parents[1] / "tools" / "profile_summary.py"
-    return subprocess.run([sys.executable, str(tool), str(path)], capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    return run_tool("profile_summary", path)
 
 
 def test_auto_precision_follows_the_hardware():

@@ -44,7 +44,7 @@ def test_pretraining_writes_a_complete_run(tmp_path, small_vocab, capsys):
     assert "backups every 20 steps and at the final step 50" in capsys.readouterr().out
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["steps"] == 50 and metrics["tokens_per_second"] > 0 and 0 < metrics["mfu"]
-    assert metrics["train_tokens"] == 50 * 16 * 128 and metrics["non_embedding_parameters"] > 0
+    assert metrics["train_tokens"] == 50 * 16 * 32 and metrics["non_embedding_parameters"] > 0
     assert metrics["perplexity"] == pytest.approx(math.exp(metrics["loss"]))
     assert metrics["loss"] < math.log(2000) - 1.0  # well below a uniform guess
     # The names metrics.json used before every task reported `loss`, kept for scripts.
@@ -127,7 +127,7 @@ def test_faults_lose_at_most_the_steps_since_the_last_backup(tmp_path, small_voc
     newest backup -> fall back to the previous one. The finished run equals one never
     interrupted (same data, masks, weights and optimizer state)."""
     run = tmp_path / "run"
-    args = tiny_args(small_vocab, steps=80, **{"train.eval_every": 80}) + ["--out", str(run)]
+    args = tiny_args(small_vocab, steps=60, **{"train.eval_every": 60}) + ["--out", str(run)]
     backups = run / "backup"
 
     first = start_run(args)
@@ -135,7 +135,7 @@ def test_faults_lose_at_most_the_steps_since_the_last_backup(tmp_path, small_voc
     first.send_signal(signal.SIGTERM)  # preemption's notice
     _, err = first.communicate(timeout=120)
     assert first.returncode == 0, err
-    stopped = re.search(r"stopped by SIGTERM at step (\d+) of 80: backup (\S+) written\. "
+    stopped = re.search(r"stopped by SIGTERM at step (\d+) of 60: backup (\S+) written\. "
                         r"Run the same command again", err)  # fmt: skip
     assert stopped, err
     step = int(stopped.group(1))
@@ -159,8 +159,8 @@ def test_faults_lose_at_most_the_steps_since_the_last_backup(tmp_path, small_voc
     assert f"resuming from {backups / f'step-{step:08d}'}" in out
     assert (backups / "corrupt-step-00000040").is_dir()
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["steps"] == 80 and metrics["resumed_from_step"] == step
-    assert int(fmkeras.load_model(run / "model.keras").optimizer.iterations.numpy()) == 80
+    assert metrics["steps"] == 60 and metrics["resumed_from_step"] == step
+    assert int(fmkeras.load_model(run / "model.keras").optimizer.iterations.numpy()) == 60
     assert not list(backups.glob(".partial-*"))
 
     assert main(args[:-1] + [str(tmp_path / "uninterrupted")]) == 0
@@ -246,7 +246,8 @@ def test_next_sentence_prediction_trains_and_reports(tmp_path, small_vocab, caps
 
 
 def test_too_little_data_is_reported_not_raised(tmp_path, small_vocab, capsys):
-    args = tiny_args(small_vocab, **{"data.max_lines": 20, "train.batch_size": 64})
+    settings = {"data.max_lines": 20, "data.sequence_length": 128, "train.batch_size": 64}
+    args = tiny_args(small_vocab, **settings)
     assert main(args + ["--out", str(tmp_path / "small")]) == 2
     err = capsys.readouterr().err
     assert "gutenberg_en/train.txt: only 59 sequences" in err and "train.batch_size=64" in err

@@ -191,7 +191,7 @@ def test_translate_end_to_end(tmp_path, data_dir, capsys):
     run = tmp_path / "en_zh"
     settings = {
         "model.size": "tiny",
-        "data.max_lines": 32,  # also the first 32 valid pairs (the validation decodes them)
+        "data.max_lines": 16,  # also the first 16 valid pairs (the validation decodes them)
         "data.vocab_size": 1500,
         "data.sequence_length": 32,
         "decode.max_length": 12,  # an untrained decoder rarely stops early
@@ -216,7 +216,7 @@ def test_translate_end_to_end(tmp_path, data_dir, capsys):
     valid = data_dir / "tatoeba_en_zh"
     for side in ("en", "zh"):  # the validation pairs the run decoded
         lines = (valid / f"valid.{side}").read_text(encoding="utf-8").splitlines(keepends=True)
-        (tmp_path / f"valid.{side}").write_text("".join(lines[:32]), encoding="utf-8")
+        (tmp_path / f"valid.{side}").write_text("".join(lines[:16]), encoding="utf-8")
     out = ["--src", str(tmp_path / "valid.en"), "--ref", str(tmp_path / "valid.zh"), "--beam", "1"]
     assert evaluate_main([str(run), *out]) == 0
     scored = json.loads(capsys.readouterr().out)
