@@ -1,9 +1,6 @@
-"""The core-ops BERT tokenizer gives exactly the training tokenizer's ids and
-loads in a process that has neither tensorflow-text nor fmkeras."""
-
-import subprocess
-import sys
-import textwrap
+"""The core-ops BERT tokenizer gives exactly the training tokenizer's ids.
+(That it loads in a process with neither tensorflow-text nor fmkeras is
+checked with every export: `serve_in_fresh_process` in tests/run_helpers.py.)"""
 
 import pytest
 import tensorflow as tf
@@ -74,26 +71,3 @@ def test_long_deleted_runs_leave_the_table_small():
         assert len(table) < 20_000 and sum(b - a + 1 for a, b in deleted) > 130_000
         assert all(b - a + 1 >= MIN_DELETED_RUN for a, b in deleted)
         assert table["\ufffd"] == ""  # what decoding puts in place of invalid UTF-8
-
-
-def test_saved_tokenizer_loads_without_tensorflow_text(tmp_path, minilm_dir):
-    tokenizer = CoreBertTokenizer(read_vocabulary(minilm_dir / "vocab.txt"))
-    tokenizer.serve = tf.function(
-        lambda texts: tokenizer.tokenize(texts).to_tensor(-1),
-        input_signature=[tf.TensorSpec([None], tf.string)],
-    )
-    texts = ["A charming, funny film!", "東京タワー", ""]
-    expected = tokenizer.serve(tf.constant(texts)).numpy().tolist()
-    tf.saved_model.save(tokenizer, str(tmp_path / "tokenizer"))
-    script = textwrap.dedent(f"""
-        import sys
-        import tensorflow as tf
-        loaded = tf.saved_model.load({str(tmp_path / "tokenizer")!r})
-        print(loaded.serve(tf.constant({texts!r})).numpy().tolist())
-        assert "tensorflow_text" not in sys.modules and "fmkeras" not in sys.modules
-    """)
-    result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip().splitlines()[-1] == str(expected)
