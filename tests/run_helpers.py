@@ -131,17 +131,18 @@ def run_tool(name, *args):
     process would spend seconds importing TensorFlow), as a
     `subprocess.CompletedProcess` with the exit code and captured output."""
     argv, out, err, code = sys.argv, io.StringIO(), io.StringIO(), 0
-    sys.argv = [str(REPO / "tools" / f"{name}.py"), *map(str, args)]
+    command = [str(REPO / "tools" / f"{name}.py"), *map(str, args)]
+    sys.argv = command
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            runpy.run_path(sys.argv[0], run_name="__main__")
+            runpy.run_path(command[0], run_name="__main__")
     except SystemExit as exit_:  # argparse errors, sys.exit(message): as Python reports them
         code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
         if isinstance(exit_.code, str):
             err.write(exit_.code + "\n")
     finally:
         sys.argv = argv
-    return subprocess.CompletedProcess(sys.argv, code, out.getvalue(), err.getvalue())
+    return subprocess.CompletedProcess(command, code, out.getvalue(), err.getvalue())
 
 
 def run_workers(script, *args, count=2, timeout=240, cwd=None):
