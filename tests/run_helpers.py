@@ -8,6 +8,7 @@ import runpy
 import select
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import urllib.error
@@ -221,16 +222,21 @@ def serve_in_fresh_process(version, texts):
     [strings]}`. The process is started once per test worker and kept: each
     start costs seconds of importing TensorFlow."""
     if not _serve_checker or _serve_checker[0].poll() is not None:
+        log = tempfile.TemporaryFile("w+")  # the checker's stderr, shown if it dies
         _serve_checker[:] = [subprocess.Popen([sys.executable, "-c", SERVE_CHECK],
                                               stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                              stderr=subprocess.DEVNULL, text=True)]  # fmt: skip
-    checker = _serve_checker[0]
+                                              stderr=log, text=True), log]  # fmt: skip
+    checker, log = _serve_checker
     checker.stdin.write(json.dumps({"path": str(version), "inputs": texts}) + "\n")
     checker.stdin.flush()
     if not select.select([checker.stdout], [], [], 300)[0]:
         checker.kill()
         raise AssertionError(f"no answer within 300 s for {version}")
-    served = json.loads(checker.stdout.readline() or '{"error": "the checker process died"}')
+    answer = checker.stdout.readline()
+    if not answer:
+        log.seek(0)
+        raise AssertionError(f"the checker process died loading {version}: {log.read()[-3000:]}")
+    served = json.loads(answer)
     assert "error" not in served, served["error"][-3000:]
     assert served["warmup"] == 2
     for key, value in served["eager"].items():
