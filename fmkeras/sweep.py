@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from fmkeras import cli
-from fmkeras.errors import ConfigError
+from fmkeras.errors import ConfigError, DataError
 from fmkeras.train import find_recipe, log, train_one
 
 EXAMPLES = """examples:
@@ -126,6 +126,20 @@ def metric_name(args, points):
         raise ConfigError("name the validation metric that ranks the points: --metric "
                           "(e.g. accuracy, loss, bleu), or set train.keep_best")  # fmt: skip
     return metric
+
+
+def check_points(args, points, metric):
+    """What the driver checks before a run (the task's settings, `train.keep_best`,
+    the data files) and the ranking metric, for every point before the first trains."""
+    from fmkeras.training.driver import check_run
+
+    option = "--metric" if args.metric else "train.keep_best"
+    for point in points:
+        try:
+            task_class, _ = check_run(point.config, args.data_dir, log=lambda _: None)
+            task_class.check_metric(point.config, metric, option)
+        except (ConfigError, DataError) as error:
+            raise type(error)(f"sweep point {point.name}: {error}") from None
 
 
 def status(point):
@@ -236,6 +250,7 @@ def main(argv):
     args = build_parser().parse_args(argv)
     points = build_points(args)
     metric = metric_name(args, points)
+    check_points(args, points, metric)
     states = [status(point) for point in points]
     log(f"sweep: {len(points)} points into {args.out}, ranked by validation {metric}")
     for point, state in zip(points, states, strict=True):

@@ -129,7 +129,7 @@ def causal_run(tmp_path_factory, data_dir, small_vocab):
                 "train.steps": 40, "train.batch_size": 16, "train.learning_rate": 3e-3,
                 "train.log_every": 10, "train.eval_every": 20, "train.checkpoint_every": 20,
                 "train.eval_steps": 4, "train.steps_per_execution": 1,
-                "generate.max_new_tokens": 8}  # fmt: skip
+                "train.keep_best": "perplexity", "generate.max_new_tokens": 8}  # fmt: skip
 
     def build(directory):
         assert train_main(train_args("causal_lm", RECIPE, settings, directory / "run")) == 0
@@ -145,8 +145,11 @@ def test_causal_lm_trains_and_reports_perplexity_and_samples(causal_run):
         np.exp(metrics["loss"]), rel=1e-6)  # fmt: skip
     assert metrics["perplexity"] < 1000 and metrics["tokens_per_second"] > 0
     assert metrics["sample"].count("→") == 3  # the three default prompts
-    assert [step for step, _ in scalars(causal_run / "logs" / "validation", "perplexity")] \
-        == [20, 40]  # fmt: skip
+    curve = scalars(causal_run / "logs" / "validation", "perplexity")
+    assert [step for step, _ in curve] == [20, 40]
+    best_step, best = min(curve, key=lambda point: point[1])  # keep_best: perplexity
+    assert metrics["best_step"] == best_step
+    assert metrics["perplexity"] == pytest.approx(best, rel=1e-5)
 
 
 def test_generate_command_samples_reproducibly(causal_run, capsys):

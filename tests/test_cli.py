@@ -81,6 +81,11 @@ def test_bundled_recipes_are_found_by_name_from_anywhere(tmp_path):
          "/no/such/dir is not a directory"),
         (["--recipe", "pretrain_gutenberg", "--data-dir", "/no/data"],
          "expected the file gutenberg_en/train.txt in data directory /no/data"),
+        (["--recipe", "sst2", "--set", "train.keep_best=acc"],
+         "train.keep_best='acc': task=classify validation reports loss, accuracy, macro_f1, f1"),
+        (["--recipe", "pretrain_gutenberg", "--set", "train.keep_best=nsp_accuracy"],
+         "train.keep_best='nsp_accuracy': task=mlm validation reports loss, accuracy, "
+         "perplexity"),
     ],
 )
 def test_bad_configuration_fails_before_anything_is_written(tmp_path, args, message, capsys):

@@ -85,9 +85,24 @@ def test_sweep_trains_every_point_ranks_them_and_reads_finished_ones(tmp_path, d
     (["train.warmup_steps=4,-5"], {}, "sweep point warmup_steps=-5: train.warmup_steps must be 0"),
     ([], {}, "name at least one --grid"),
     (["train.seed=0,1"], {"train.keep_best": "null"}, "name the validation metric"),
+    (["train.seed=0,1"], {"train.keep_best": "acc"},
+     "sweep point seed=0: train.keep_best='acc': task=classify validation reports loss"),
+    (["train.seed=0,1"], {"model.init": "/no/such/run"},
+     "sweep point seed=0: model.init='/no/such/run'"),
+    (["data.valid_file=sst2/dev.tsv,sst2/nope.tsv"], {},
+     "sweep point valid_file=sst2_nope.tsv: expected the file sst2/nope.tsv"),
 ])  # fmt: skip
 def test_bad_sweeps_fail_in_one_line_before_training(tmp_path, capsys, grids, extra, message):
     assert sweep_main(sweep_args(tmp_path / "sweep", grids, **extra)) == 2
     error = capsys.readouterr().err.strip()
     assert message in error and len(error.splitlines()) == 1
     assert not (tmp_path / "sweep").exists()
+
+
+def test_a_metric_the_task_never_reports_fails_before_training(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert sweep_main([*sweep_args(out, ["train.seed=0,1"]), "--metric", "bleu"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "sweep point seed=0: --metric='bleu': task=classify validation reports loss, " \
+        "accuracy, macro_f1, f1" in error  # fmt: skip
+    assert not out.exists()

@@ -7,6 +7,7 @@ A task is a subclass of `Task` registered with
 (`fmkeras.training.driver.train`) calls, in this order:
 
     data_files(config)       classmethod: the files to read, checked before anything runs
+    validation_metrics(config)  classmethod: the metric names `evaluate` reports
     read_data()              read them (before the model exists)
     build_model()            inside the strategy scope: vocabulary and model
     compile_args(model)      loss and metrics (the driver adds the optimizer)
@@ -90,6 +91,21 @@ class Task:
         runs); by default, a `model.init` that names no directory."""
         if config.model.init != "random":
             resolve_init(config.model.init)
+
+    @classmethod
+    def validation_metrics(cls, config):
+        """The numeric metrics `evaluate` may report; `train.keep_best` and
+        `sweep --metric` are checked against them before anything trains.
+        Empty (the default): not declared, checked at the first validation."""
+        return ()
+
+    @classmethod
+    def check_metric(cls, config, metric, option):
+        """ConfigError naming `option` if validation never reports `metric`."""
+        known = cls.validation_metrics(config)
+        if known and metric not in known:
+            raise ConfigError(f"{option}={metric!r}: task={cls.name} validation reports "
+                              f"{', '.join(known)}")  # fmt: skip
 
     def read_data(self):
         raise NotImplementedError

@@ -4,7 +4,6 @@ held-out perplexity, with sampled continuations in TensorBoard.
 `TextGenerator` turns prompts into text for validation, `fmkeras.generate`,
 `predict`, the server and the export alike."""
 
-import math
 
 import keras
 import numpy as np
@@ -26,6 +25,7 @@ from fmkeras.text.detokenizer import Detokenizer
 from fmkeras.text.mlm import causal_lm_dataset
 from fmkeras.text.wordpiece import WordPieceTokenizer
 from fmkeras.training import trainer
+from fmkeras.training.callbacks import perplexity
 from fmkeras.training.losses import SparseCategoricalCrossentropy
 
 
@@ -143,6 +143,10 @@ class CausalLMTask(LanguageModelTask):
     row_extra = 1  # inputs and next-token labels come from one row
 
     @classmethod
+    def validation_metrics(cls, config):
+        return ("loss", "accuracy", "perplexity")
+
+    @classmethod
     def check_config(cls, config):
         if config.model.init != "random":
             raise ConfigError(f"task=causal_lm trains from model.init=random (got "
@@ -177,7 +181,7 @@ class CausalLMTask(LanguageModelTask):
                              if not weight.path.startswith(("embedding/", "lm_head/")))  # fmt: skip
 
     def evaluate(self, model):
-        """Next-token `loss` and `accuracy` on the validation rows, and
+        """Next-token `loss`, `accuracy` and `perplexity` on the validation rows, and
         `samples`: continuations of `generate.prompts` (TensorBoard text)."""
         loss, accuracy = trainer.evaluate(model, self.valid_data)
         settings = self.config.generate
@@ -187,7 +191,8 @@ class CausalLMTask(LanguageModelTask):
             found = self.generator(prompts, settings)
             samples = "\n\n".join(f"**{p}** → {r['text']}" for p, r in zip(prompts, found,
                                                                           strict=True))  # fmt: skip
-        return {"loss": float(loss), "accuracy": float(accuracy), "samples": samples}
+        return {"loss": float(loss), "accuracy": float(accuracy), "perplexity": perplexity(loss),
+                "samples": samples}  # fmt: skip
 
     def info(self):
         return {**super().info(), "generate": vars(self.config.generate)}
@@ -236,7 +241,7 @@ class CausalLMPredictor(Predictor):
             correct += float((logits.argmax(-1) == labels).sum())
             count += labels.size
         loss = total / count
-        return {"loss": loss, "accuracy": correct / count, "perplexity": math.exp(min(loss, 50.0)),
+        return {"loss": loss, "accuracy": correct / count, "perplexity": perplexity(loss),
                 "tokens": int(count), "file": str(data)}  # fmt: skip
 
     def serving_functions(self):

@@ -95,6 +95,10 @@ class ClassifyTask(EncoderTask):
     name = "classify"
     predictor = ClassifyPredictor
 
+    @classmethod
+    def validation_metrics(cls, config):
+        return ("loss", "accuracy", "macro_f1", "f1")  # f1: with two labels
+
     def read_rows(self, path, labels=None):
         data = self.config.data
         return read_tsv(path, data.text_column, data.label_column, data.bad_rows, data.max_lines,

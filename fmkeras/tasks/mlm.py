@@ -1,7 +1,6 @@
 """Masked-language-model pretraining of an `Encoder` (`task: mlm`; `pretrain`
 is its old name and still works)."""
 
-import math
 
 import keras
 import numpy as np
@@ -20,6 +19,7 @@ from fmkeras.tasks.registry import register_task
 from fmkeras.text.mlm import mlm_dataset
 from fmkeras.text.wordpiece import WordPieceTokenizer
 from fmkeras.training import trainer
+from fmkeras.training.callbacks import perplexity
 from fmkeras.training.losses import SparseCategoricalCrossentropy
 
 
@@ -81,6 +81,11 @@ class MaskedLMTask(LanguageModelTask):
         self.arch = masked_lm.encoder.get_config()  # the sizes FLOPs and parameters count
         return masked_lm
 
+    @classmethod
+    def validation_metrics(cls, config):
+        nsp = ("nsp_loss", "nsp_accuracy") if config.data.objective == "mlm_nsp" else ()
+        return ("loss", "accuracy", "perplexity", *nsp)
+
     @property
     def next_sentence(self):
         return self.config.data.objective == "mlm_nsp"
@@ -101,12 +106,15 @@ class MaskedLMTask(LanguageModelTask):
         return training_flops_per_token(self.arch, data.sequence_length, self.predictions)
 
     def evaluate(self, model):
-        """Masked-LM `loss` and `accuracy`; with NSP also `nsp_loss` and `nsp_accuracy`."""
+        """Masked-LM `loss`, `accuracy` and `perplexity`; with NSP also `nsp_loss`
+        and `nsp_accuracy`."""
         if not self.next_sentence:
             loss, accuracy = trainer.evaluate(model, self.valid_data)
-            return {"loss": float(loss), "accuracy": float(accuracy)}
+            return {"loss": float(loss), "accuracy": float(accuracy),
+                    "perplexity": perplexity(loss)}  # fmt: skip
         found = trainer.evaluate(model, self.valid_data, return_dict=True)
         return {"loss": float(found["mlm_loss"]), "accuracy": float(found["mlm_accuracy"]),
+                "perplexity": perplexity(found["mlm_loss"]),
                 "nsp_loss": float(found["nsp_loss"]),
                 "nsp_accuracy": float(found["nsp_accuracy"])}  # fmt: skip
 
@@ -176,5 +184,5 @@ class MaskedLMPredictor(Predictor):
             weight += float(weights.sum())
         loss = total / weight
         return {"loss": loss, "accuracy": correct / weight,
-                "perplexity": math.exp(min(loss, 50.0)), "sequences": len(sequences),
+                "perplexity": perplexity(loss), "sequences": len(sequences),
                 "file": str(data)}  # fmt: skip

@@ -100,6 +100,10 @@ class TagTask(EncoderTask):
     name = "tag"
     predictor = TagPredictor
 
+    @classmethod
+    def validation_metrics(cls, config):
+        return ("loss", "accuracy", "precision", "recall", "f1")
+
     def read_rows(self, path, labels=None):
         data = self.config.data
         return read_conll(path, data.bad_rows, data.max_lines, labels)

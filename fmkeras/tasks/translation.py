@@ -128,6 +128,10 @@ class TranslateTask(Task):
     name = "translate"
 
     @classmethod
+    def validation_metrics(cls, config):
+        return ("loss", "accuracy", "bleu", "chrf", "sentences_per_second")
+
+    @classmethod
     def data_files(cls, config):
         data = config.data
         files = {

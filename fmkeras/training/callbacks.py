@@ -47,6 +47,12 @@ def clock(seconds):
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+def perplexity(loss):
+    """A language model's perplexity from its mean cross-entropy `loss` (nats),
+    capped at e^50 so that a diverged run still logs a number."""
+    return math.exp(min(loss, 50.0))
+
+
 class TrainingLogger(keras.callbacks.Callback):
     """Progress lines, a live bar and TensorBoard scalars.
 
@@ -183,7 +189,7 @@ class TrainingLogger(keras.callbacks.Callback):
             self.throughput.append(scalars.get("tokens_per_second",
                                                scalars.get("examples_per_second")))  # fmt: skip
         if self.tokens_per_step and "loss" in means:  # of the masked LM (mlm_loss with NSP)
-            scalars["perplexity"] = math.exp(min(means.get("mlm_loss", means["loss"]), 50.0))
+            scalars["perplexity"] = perplexity(means.get("mlm_loss", means["loss"]))
         with self.train_writer.as_default(step=step):
             for name, value in scalars.items():
                 tf.summary.scalar(name, value)
@@ -223,13 +229,11 @@ class TrainingLogger(keras.callbacks.Callback):
 
     def write_validation(self, step, metrics):
         """Validation summaries at `step` (once per step): the float entries of
-        `metrics` as scalars (language models add perplexity), strings as text."""
+        `metrics` as scalars, strings as text."""
         if step == self.last_validation_step:
             return
         self.last_validation_step = step
         scalars = {k: v for k, v in metrics.items() if isinstance(v, float)}
-        if self.tokens_per_step and "loss" in scalars:
-            scalars["perplexity"] = math.exp(min(scalars["loss"], 50.0))
         with self.valid_writer.as_default(step=step):
             for name, value in scalars.items():
                 tf.summary.scalar(name, value)

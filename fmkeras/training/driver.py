@@ -60,11 +60,19 @@ def gradual_pruning(model, optimizer, config, log):
     return pruning
 
 
-def train(config, out, data_dir_option=None, log=print):
-    """Trains `config.task` into the run directory `out`; returns `(RunDir, metrics)`."""
+def check_run(config, data_dir_option=None, log=print):
+    """What fails before anything runs -> `(task class, {role: Path})`: the
+    task's own checks, `train.keep_best`, and the data files."""
     task_class = get_task(config.task)
     task_class.check_config(config)
-    files = resolve_files(task_class, config, data_dir_option, log)
+    if config.train.keep_best:
+        task_class.check_metric(config, config.train.keep_best, "train.keep_best")
+    return task_class, resolve_files(task_class, config, data_dir_option, log)
+
+
+def train(config, out, data_dir_option=None, log=print):
+    """Trains `config.task` into the run directory `out`; returns `(RunDir, metrics)`."""
+    task_class, files = check_run(config, data_dir_option, log)
     distribute.configure_cpu_devices(config.distribute.cpu_devices)  # before any TF op
     # The strategy (a TPU or cluster connection) comes before any data work, so an
     # unreachable device fails within seconds.
