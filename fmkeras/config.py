@@ -60,6 +60,7 @@ class ModelConfig:
     max_sequence_length: int = 512
     activation: Literal["gelu", "gelu_approximate", "relu", "silu"] = "gelu"
     normalize_first: bool = False
+    use_bias: bool = True  # false: no biases in the blocks' projections (Cramming)
 
 
 @dataclasses.dataclass

@@ -21,7 +21,8 @@ def parameter_counts(arch):
     vocab = arch["vocabulary_size"]
     segments = arch.get("num_segments", 2)
     embedding = (vocab + arch.get("max_sequence_length", 512) + segments) * d + 2 * d
-    per_layer = 4 * (d * d + d) + (d * f + f) + (f * d + d) + 2 * 2 * d
+    biases = 4 * d + f + d if arch.get("use_bias", True) else 0  # attention, FFN in, FFN out
+    per_layer = 4 * d * d + 2 * d * f + biases + 2 * 2 * d
     final_norm = 2 * d if arch.get("normalize_first") else 0
     pooler = d * d + d
     mlm_head = d * d + d + 2 * d + vocab  # transform, LayerNorm, output bias (kernel is tied)

@@ -37,6 +37,15 @@ def test_causal_lm_passes_the_model_checks(model, tmp_path):
     run_model_checks(model, inputs, tmp_path)
 
 
+def test_use_bias_false_drops_the_projection_biases_and_reloads(tmp_path):
+    lm = CausalLM(50, num_layers=1, num_heads=2, hidden_dim=16, intermediate_dim=32,
+                  max_sequence_length=24, use_bias=False)  # fmt: skip
+    blocks = [w.path for w in lm.weights if w.path.startswith("transformer_layer_")]
+    assert blocks and not [path for path in blocks if path.endswith("bias")]
+    ids = np.random.default_rng(0).integers(1, 50, (2, 7)).astype("int32")
+    run_model_checks(lm, {"token_ids": ids, "padding_mask": np.ones_like(ids)}, tmp_path)
+
+
 def test_logits_depend_only_on_earlier_tokens(model):
     ids = np.random.default_rng(1).integers(1, 50, (1, 8)).astype("int32")
     changed = ids.copy()

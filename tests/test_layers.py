@@ -56,6 +56,28 @@ def test_decoder_block_contract(tmp_path):
     )
 
 
+@pytest.mark.parametrize("block_class, inputs", [
+    (TransformerEncoderBlock, {"inputs": HIDDEN, "padding_mask": PADDING}),
+    (TransformerDecoderBlock, {"decoder_sequence": HIDDEN, "encoder_sequence": SOURCE}),
+])  # fmt: skip
+def test_blocks_without_biases_keep_only_the_layer_norms_biases(tmp_path, block_class, inputs):
+    """`use_bias=False` (Cramming): no attention or feed-forward bias; LayerNorm's beta stays."""
+    kwargs = dict(num_heads=2, intermediate_dim=32, dropout=0.1, use_bias=False)
+    run_layer_checks(block_class, kwargs, inputs, (2, 6, 16), tmp_path)
+    block = block_class(**kwargs)
+    block(*inputs.values())
+    with_biases = block_class(**{**kwargs, "use_bias": True})
+    with_biases(*inputs.values())
+    names = [weight.path.split("/", 1)[1] for weight in block.weights]
+    assert not [name for name in names if name.endswith("bias")], names
+    assert sum(name.endswith("beta") for name in names) == (2 if block_class is
+                                                             TransformerEncoderBlock else 3)
+    # Every removed weight is a projection bias: 4 per attention layer + the two FFN ones.
+    attention_layers = 1 if block_class is TransformerEncoderBlock else 2
+    assert with_biases.count_params() - block.count_params() == \
+        attention_layers * 4 * 16 + 32 + 16  # fmt: skip
+
+
 def test_text_embedding_contract(tmp_path):
     run_layer_checks(
         TextEmbedding,

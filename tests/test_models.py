@@ -96,11 +96,12 @@ def test_encoder_and_masked_lm_round_trip(tmp_path, normalize_first):
     [
         (lambda: tiny_encoder(), {}),
         (lambda: tiny_encoder(normalize_first=True), {}),
+        (lambda: tiny_encoder(normalize_first=True, use_bias=False), {}),
         (lambda: MaskedLM(tiny_encoder()), {"mask_positions": np.array([[1, 2], [1, 1]], "int32")}),
         (lambda: Classifier(tiny_encoder(), num_classes=3, dropout=0.2), {}),
         (lambda: Tagger(tiny_encoder(), num_tags=5, dropout=0.2), {}),
     ],
-    ids=["encoder", "encoder-pre-ln", "masked-lm", "classifier", "tagger"],
+    ids=["encoder", "encoder-pre-ln", "encoder-no-bias", "masked-lm", "classifier", "tagger"],
 )
 def test_models_pass_the_model_checks(tmp_path, build, extra_inputs):
     run_model_checks(build(), {**INPUTS, **extra_inputs}, tmp_path)
@@ -142,9 +143,9 @@ def test_named_sizes_and_custom_sizes():
                                    intermediate_dim=8), 100)  # fmt: skip
 
 
-@pytest.mark.parametrize("size", ["tiny", "mini"])
-def test_parameter_count_matches_built_model(size):
-    arch = encoder_kwargs(ModelConfig(size=size), 1000)
+@pytest.mark.parametrize("size, use_bias", [("tiny", True), ("mini", True), ("tiny", False)])
+def test_parameter_count_matches_built_model(size, use_bias):
+    arch = encoder_kwargs(ModelConfig(size=size, use_bias=use_bias), 1000)
     model = MaskedLM(Encoder(**arch))
     counts = parameter_counts(arch)
     assert counts["masked_lm"] == model.count_params()

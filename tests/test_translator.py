@@ -38,6 +38,13 @@ def model(request):
     return Translator(encoder, 25, 2, 2, 32, dropout=0.0, max_sequence_length=16)
 
 
+def test_the_decoder_follows_the_encoders_use_bias():
+    encoder = Encoder(30, 1, 2, 16, 32, max_sequence_length=16, use_bias=False)
+    decoder = [w.path for w in Translator(encoder, 25, 1, 2, 32).weights
+               if w.path.startswith("decoder_layer_")]  # fmt: skip
+    assert decoder and not [path for path in decoder if path.endswith("bias")]
+
+
 def full_logits(model, target):
     return np.asarray(model({"source_ids": SOURCE, "target_ids": target}))
 

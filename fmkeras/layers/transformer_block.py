@@ -24,6 +24,8 @@ class TransformerBlock(keras.layers.Layer):
         normalize_first: bool. Pre-LN (`x + f(LN(x))`) instead of post-LN
             (`LN(x + f(x))`, BERT).
         layer_norm_epsilon: float.
+        use_bias: bool. Biases in the attention and feed-forward projections
+            (False: none, as in Cramming, Geiping & Goldstein 2022).
         kernel_initializer: initializer for the dense kernels.
         bias_initializer: initializer for the dense biases.
     """
@@ -38,6 +40,7 @@ class TransformerBlock(keras.layers.Layer):
         activation="gelu",
         normalize_first=False,
         layer_norm_epsilon=1e-5,
+        use_bias=True,
         kernel_initializer="glorot_uniform",
         bias_initializer="zeros",
         **kwargs,
@@ -52,6 +55,7 @@ class TransformerBlock(keras.layers.Layer):
         self.activation = activation
         self.normalize_first = normalize_first
         self.layer_norm_epsilon = layer_norm_epsilon
+        self.use_bias = use_bias
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
 
@@ -67,6 +71,7 @@ class TransformerBlock(keras.layers.Layer):
             num_heads=self.num_heads,
             key_dim=self.key_dim or hidden_dim // self.num_heads,
             dropout=dropout,
+            use_bias=self.use_bias,
             kernel_initializer=clone_initializer(self.kernel_initializer),
             bias_initializer=clone_initializer(self.bias_initializer),
             dtype=self.dtype_policy,
@@ -76,10 +81,11 @@ class TransformerBlock(keras.layers.Layer):
     def _build_feedforward(self, shape):
         """The feed-forward sublayers, named as in keras-hub."""
         self.feedforward_intermediate_dense = built_dense(
-            self, self.intermediate_dim, "feedforward_intermediate_dense", shape
+            self, self.intermediate_dim, "feedforward_intermediate_dense", shape, self.use_bias
         )
         self.feedforward_output_dense = built_dense(
-            self, shape[-1], "feedforward_output_dense", (*shape[:-1], self.intermediate_dim)
+            self, shape[-1], "feedforward_output_dense", (*shape[:-1], self.intermediate_dim),
+            self.use_bias,
         )
         self.feedforward_layer_norm = built_layer_norm(self, "feedforward_layer_norm", shape)
 
@@ -116,6 +122,7 @@ class TransformerBlock(keras.layers.Layer):
                 "activation": self.activation,
                 "normalize_first": self.normalize_first,
                 "layer_norm_epsilon": self.layer_norm_epsilon,
+                "use_bias": self.use_bias,
                 "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
                 "bias_initializer": keras.initializers.serialize(self.bias_initializer),
             }

@@ -31,6 +31,7 @@ class TransformerDecoderBlock(TransformerBlock):
         activation: str. `"gelu"`, `"gelu_approximate"`, `"relu"` or `"silu"`.
         normalize_first: bool. Pre-LN instead of post-LN.
         layer_norm_epsilon: float.
+        use_bias: bool. Biases in the attention and feed-forward projections.
         kernel_initializer: initializer for the dense kernels.
         bias_initializer: initializer for the dense biases.
 

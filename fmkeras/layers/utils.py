@@ -47,10 +47,11 @@ def merge_masks(padding_mask=None, attention_mask=None):
     return mask
 
 
-def built_dense(parent, units, name, input_shape):
+def built_dense(parent, units, name, input_shape, use_bias=True):
     """A built `Dense` sublayer using `parent`'s initializers and dtype policy."""
     layer = keras.layers.Dense(
         units,
+        use_bias=use_bias,
         kernel_initializer=clone_initializer(parent.kernel_initializer),
         bias_initializer=clone_initializer(parent.bias_initializer),
         dtype=parent.dtype_policy,

@@ -37,6 +37,7 @@ class CausalLM(keras.Model):
         activation: str. Feed-forward activation.
         normalize_first: bool. Pre-LN blocks and a final LayerNorm.
         layer_norm_epsilon: float.
+        use_bias: bool. Biases in the blocks' attention and feed-forward projections.
 
     Example:
 
@@ -60,6 +61,7 @@ class CausalLM(keras.Model):
         activation="gelu",
         normalize_first=True,
         layer_norm_epsilon=1e-5,
+        use_bias=True,
         dtype=None,
         **kwargs,
     ):
@@ -82,6 +84,7 @@ class CausalLM(keras.Model):
                 activation=activation,
                 normalize_first=normalize_first,
                 layer_norm_epsilon=layer_norm_epsilon,
+                use_bias=use_bias,
                 kernel_initializer=keras.initializers.TruncatedNormal(stddev=0.02),
                 dtype=dtype,
                 name=f"transformer_layer_{i}",
@@ -128,6 +131,7 @@ class CausalLM(keras.Model):
         self.activation = activation
         self.normalize_first = normalize_first
         self.layer_norm_epsilon = layer_norm_epsilon
+        self.use_bias = use_bias
 
     def _normalized(self, x):
         return x if self.final_layer_norm is None else self.final_layer_norm(x)
@@ -174,6 +178,7 @@ class CausalLM(keras.Model):
             "activation": self.activation,
             "normalize_first": self.normalize_first,
             "layer_norm_epsilon": self.layer_norm_epsilon,
+            "use_bias": self.use_bias,
         }
 
     @classmethod

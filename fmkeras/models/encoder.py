@@ -42,6 +42,8 @@ class Encoder(keras.Model):
         activation: str. Feed-forward activation.
         normalize_first: bool. Pre-LN blocks (adds a final LayerNorm).
         layer_norm_epsilon: float.
+        use_bias: bool. Biases in the blocks' attention and feed-forward
+            projections (False: none, as Cramming trains).
         key_dim: int. Size of each attention head; defaults to
             `hidden_dim // num_heads` (a pruned encoder keeps its original
             head size with fewer heads).
@@ -72,6 +74,7 @@ class Encoder(keras.Model):
         activation="gelu",
         normalize_first=False,
         layer_norm_epsilon=1e-12,
+        use_bias=True,
         key_dim=None,
         dtype=None,
         **kwargs,
@@ -102,6 +105,7 @@ class Encoder(keras.Model):
                 activation=activation,
                 normalize_first=normalize_first,
                 layer_norm_epsilon=layer_norm_epsilon,
+                use_bias=use_bias,
                 kernel_initializer=initializer,
                 dtype=dtype,
                 name=f"transformer_layer_{i}",
@@ -155,6 +159,7 @@ class Encoder(keras.Model):
         self.activation = activation
         self.normalize_first = normalize_first
         self.layer_norm_epsilon = layer_norm_epsilon
+        self.use_bias = use_bias
         self.key_dim = key_dim
 
     @property
@@ -236,6 +241,7 @@ class Encoder(keras.Model):
             "activation": self.activation,
             "normalize_first": self.normalize_first,
             "layer_norm_epsilon": self.layer_norm_epsilon,
+            "use_bias": self.use_bias,
             "key_dim": self.key_dim,
         }
 

@@ -20,5 +20,6 @@ def encoder_kwargs(model_config, vocabulary_size):
         max_sequence_length=model_config.max_sequence_length,
         activation=model_config.activation,
         normalize_first=model_config.normalize_first,
+        use_bias=model_config.use_bias,
         **architecture(model_config),
     )

@@ -32,6 +32,9 @@ class Translator(keras.Model):
         max_sequence_length: int. Longest target.
         padding_id: int. Padding token id (source and target).
 
+    The decoder follows the encoder's activation, LayerNorm placement and
+    epsilon, and whether its projections have biases.
+
     Example:
 
     >>> import numpy as np, fmkeras
@@ -75,6 +78,7 @@ class Translator(keras.Model):
                 activation=encoder.activation,
                 normalize_first=encoder.normalize_first,
                 layer_norm_epsilon=encoder.layer_norm_epsilon,
+                use_bias=encoder.use_bias,
                 kernel_initializer=keras.initializers.TruncatedNormal(stddev=0.02),
                 dtype=dtype,
                 name=f"decoder_layer_{i}",
