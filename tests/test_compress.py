@@ -35,15 +35,16 @@ FEATURES = {"token_ids": IDS, "segment_ids": 0 * IDS, "padding_mask": (IDS > 0).
 LABELS = np.array([0, 2])
 
 
-def tiny_classifier():
+def tiny_classifier(use_bias=True):
     keras.utils.set_random_seed(1)
-    encoder = Encoder(50, 2, 4, 16, 32, dropout=0.0, max_sequence_length=8, name="encoder")
+    encoder = Encoder(50, 2, 4, 16, 32, dropout=0.0, max_sequence_length=8, use_bias=use_bias,
+                      name="encoder")  # fmt: skip
     return Classifier(encoder, 3, dropout=0.0, name="classifier")
 
 
-@pytest.fixture(scope="module")
-def classifier():
-    return tiny_classifier()
+@pytest.fixture(scope="module", params=[True, False], ids=["biases", "no-biases"])
+def classifier(request):
+    return tiny_classifier(use_bias=request.param)
 
 
 def logits(model):
