@@ -50,7 +50,8 @@ class ModelConfig:
     # random | a directory (fmkeras run or converted checkpoint: encoder.keras + vocab.txt;
     # or Hugging Face BERT: config.json + model.safetensors + vocab.txt) |
     # python:PACKAGE/SUBDIR (a directory inside an installed package). A loaded
-    # checkpoint fixes the architecture; size and the four keys below are then unused.
+    # checkpoint fixes the architecture; size, the four keys below, activation,
+    # normalize_first and use_bias are then unused.
     init: str = "random"
     num_layers: int | None = None  # any of these four overrides the size
     hidden_dim: int | None = None
