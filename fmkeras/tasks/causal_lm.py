@@ -4,7 +4,6 @@ held-out perplexity, with sampled continuations in TensorBoard.
 `TextGenerator` turns prompts into text for validation, `fmkeras.generate`,
 `predict`, the server and the export alike."""
 
-
 import keras
 import numpy as np
 import tensorflow as tf
