@@ -17,6 +17,7 @@ from fmkeras.models import Classifier, Encoder
 from fmkeras.models.starting_point import load_starting_point
 from fmkeras.predict import main as predict_main
 from fmkeras.tasks import load_run
+from fmkeras.tasks.classify import ClassifyTask, classification_metrics
 from fmkeras.text.wordpiece import write_vocabulary
 from fmkeras.train import main
 from fmkeras.training import lora
@@ -231,3 +232,12 @@ def test_lora_run_saves_adapters_that_reproduce_the_merged_model(tmp_path, data_
     np.testing.assert_allclose(
         fresh.predict(INPUTS, verbose=0), merged.predict(INPUTS, verbose=0), atol=1e-5
     )
+
+
+def test_classify_declares_exactly_the_metrics_its_validation_reports():
+    """`validation_metrics` is what `train.keep_best` and `sweep --metric` are
+    checked against before training; it must not drift from `evaluate`."""
+    examples = [(np.array([0.2, 0.8]), 1), (np.array([0.7, 0.3]), 1), (np.array([0.9, 0.1]), 0)]
+    reported = {name for name, value in classification_metrics(examples, ["0", "1"]).items()
+                if isinstance(value, float)}  # fmt: skip
+    assert reported == set(ClassifyTask.validation_metrics(None))
