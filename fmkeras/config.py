@@ -206,7 +206,7 @@ class TrainConfig:
     checkpoint_every: int = 200  # steps between backups
     keep_backups: int = 2  # newest backups kept (resume falls back to an older good one)
     eval_every: int = 1000  # steps between validations
-    eval_steps: int | None = None  # validation batches; default the whole valid file
+    eval_steps: int | None = None  # validate on the first N x batch_size examples; default all
     log_every: int = 50  # steps between TensorBoard scalars
     profile_steps: str | None = None  # "START,END": a TensorBoard profile of these steps
     # a validation metric (accuracy, f1, bleu, loss, ...): the saved model is the best one

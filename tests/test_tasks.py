@@ -15,7 +15,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from run_helpers import train_args
+from run_helpers import REPO, built_task, train_args
 
 import fmkeras
 from fmkeras.config import applies_to, build_config, to_dict
@@ -272,3 +272,27 @@ def test_a_nan_loss_stops_every_task_with_its_last_good_backup(task, recipe, tmp
     assert re.search(r"loss became NaN or infinite at step \d; training stopped\. Last good "
                      r"backup: (none|\S+step-0000000\d)\.", err), err  # fmt: skip
     assert not (tmp_path / "run" / "model.keras").exists()
+
+
+@pytest.mark.parametrize("recipe", ["sst2", "conll2003", "en_zh"])
+def test_eval_steps_validates_every_task_on_the_first_examples(recipe, tmp_path, data_dir,
+                                                               capsys):  # fmt: skip
+    """`train.eval_steps` x `train.batch_size` examples, the valid file's first
+    (the language models' `take` is tested with their runs)."""
+    settings = {"model.size": "tiny", "model.init": "random", "data.max_lines": 100,
+                "data.vocab_size": 500, "train.batch_size": 4}  # fmt: skip
+
+    def validated(eval_steps, out):
+        with_steps = {**settings, "train.eval_steps": eval_steps or "null"}
+        task, _ = built_task(REPO / "trainers" / f"{recipe}.yaml", with_steps, tmp_path / out)
+        examples = task.valid_sources if recipe == "en_zh" else task.valid_rows.inputs
+        batches = sum(int(labels.shape[0]) for _, labels, _ in task.valid_data)
+        assert batches == len(examples)  # what validation reads
+        return examples
+
+    everything = validated(None, "all")
+    assert len(everything) > 20 and "validation: the first" not in capsys.readouterr().out
+    assert validated(3, "first") == everything[:12]
+    assert (f"validation: the first 12 of {len(everything)} examples (train.eval_steps=3 x "
+            "train.batch_size=4)") in capsys.readouterr().out  # fmt: skip
+    assert validated(100, "more") == everything  # more than there are: all

@@ -146,6 +146,17 @@ class Task:
         """metrics.json entries of this task (the driver adds steps, timings, ...)."""
         return dict(validation)
 
+    def validation_size(self, available):
+        """How many of the `available` validation examples a run validates on:
+        all, or the first `train.eval_steps` x `train.batch_size` (logged)."""
+        train = self.config.train
+        if not train.eval_steps or train.eval_steps * train.batch_size >= available:
+            return available
+        kept = train.eval_steps * train.batch_size
+        self.log(f"validation: the first {kept:,} of {available:,} examples (train.eval_steps="
+                 f"{train.eval_steps} x train.batch_size={train.batch_size})")  # fmt: skip
+        return kept
+
     def prepare_vocabulary(self, texts):
         """The run's `vocab.txt` as a tokenizer: kept from an earlier attempt,
         copied from `data.vocab_file`, or learned from `texts`."""

@@ -54,6 +54,7 @@ class EncoderTask(Task):
                 self.log(f"{name}: skipped {len(rows.skipped)} bad rows, first: {rows.skipped[0]}")
         self.log(f"data: {len(self.train_rows):,} train / {len(self.valid_rows):,} valid "
                  f"examples, labels {self.names}")  # fmt: skip
+        self.valid_rows = self.valid_rows.head(self.validation_size(len(self.valid_rows)))
 
     def build_model(self):
         encoder, self.tokenizer, origin = self.starting_encoder(self.vocabulary_texts())

@@ -190,6 +190,8 @@ class TranslateTask(Task):
         length = data.sequence_length
         self.train_ids = encode_pairs(self.train_pairs, source, target, length)[:2]
         valid_source, valid_target, kept = encode_pairs(self.valid_pairs, source, target, length)
+        size = self.validation_size(len(kept))
+        valid_source, valid_target, kept = valid_source[:size], valid_target[:size], kept[:size]
         self.valid_data = translation_batches(valid_source, valid_target, train.batch_size,
                                               length, bucket_boundaries(length))  # fmt: skip
         self.valid_sources = [self.valid_pairs.sources[i] for i in kept]

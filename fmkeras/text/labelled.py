@@ -25,6 +25,10 @@ class Rows:
     def __len__(self):
         return len(self.inputs)
 
+    def head(self, count):
+        """The first `count` rows (the skipped ones stay listed)."""
+        return dataclasses.replace(self, inputs=self.inputs[:count], labels=self.labels[:count])
+
 
 # How to skip bad rows, as the recipe says it; the evaluate command names its flag.
 RECIPE_SKIP_HINT = "set data.bad_rows=skip"
