@@ -185,6 +185,10 @@ class FinetuneConfig:
     lora_rank: int = 8
     lora_alpha: float = 16.0  # adapter output scaled by lora_alpha / lora_rank
     lora_targets: str = "query,value"  # comma-separated subset of query,key,value,output
+    # layer-wise learning rates (ELECTRA's layer decay): block i of L learns at
+    # layer_decay^(L - i) x the schedule's rate, the embeddings at layer_decay^(L + 1),
+    # the head (and pooler) at 1x; 1 = off
+    layer_decay: float = 1.0
 
 
 @dataclasses.dataclass
@@ -559,6 +563,8 @@ def validate(config):
     finetune = config.finetune
     if finetune.lora_rank < 1 or finetune.lora_alpha <= 0:
         raise ConfigError("finetune.lora_rank must be >= 1 and finetune.lora_alpha positive")
+    if not 0.0 < finetune.layer_decay <= 1.0:
+        raise ConfigError(f"finetune.layer_decay must be in (0, 1], got {finetune.layer_decay}")
     unknown = set(lora_targets(finetune)) - set(LORA_TARGETS)
     if unknown or not lora_targets(finetune):
         raise ConfigError(

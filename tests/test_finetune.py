@@ -241,3 +241,28 @@ def test_classify_declares_exactly_the_metrics_its_validation_reports():
     reported = {name for name, value in classification_metrics(examples, ["0", "1"]).items()
                 if isinstance(value, float)}  # fmt: skip
     assert reported == set(ClassifyTask.validation_metrics(None))
+
+
+def test_layer_decay_slows_each_layer_below_the_head(tmp_path, data_dir, capsys):
+    """`finetune.layer_decay=0.01` on a 2-block encoder: the embeddings learn at
+    1e-6 x the rate, block 0 at 1e-4, block 1 at 1e-2 and the head at 1."""
+    start_dir = tiny_starting_point(tmp_path / "start")
+    settings = {**QUICK, "model.init": str(start_dir), "model.dropout": 0.0, "train.steps": 4,
+                "train.warmup_steps": 0, "finetune.layer_decay": 0.01}  # fmt: skip
+    run = tmp_path / "decayed"
+    assert main(train_args("classify", REPO / "trainers" / "sst2.yaml", settings, run)) == 0
+    assert ("finetune.layer_decay=0.01: learning rate x1e-06 for the embeddings, x0.0001 "
+            "(block 0) to x0.01 (block 1), x1 for the head") in capsys.readouterr().out  # fmt: skip
+    encoder = keras.saving.load_model(start_dir / "encoder.keras")
+    before = {v.path: v.numpy() for v in encoder.weights}
+    moved = {}
+    for variable in fmkeras.load_model(run / "model.keras").weights:
+        if variable.path in before:  # the encoder's (the head started at random)
+            group = variable.path.split("/")[0]
+            change = float(np.abs(variable.numpy() - before[variable.path]).max())
+            moved[group] = max(moved.get(group, 0.0), change)
+    # Adam moves a weight by at most ~3.2 x its rate per step (bias-corrected moments).
+    for group, factor in (("embedding", 1e-6), ("transformer_layer_0", 1e-4),
+                          ("transformer_layer_1", 1e-2)):  # fmt: skip
+        assert 0 < moved[group] <= 4 * 3.2 * 1e-3 * factor, (group, moved[group])
+    assert moved["pooled_dense"] > 10 * moved["transformer_layer_1"]  # the pooler: full rate

@@ -146,3 +146,26 @@ def test_sparse_gradients_are_measured_and_clipped_without_densifying():
         assert float(metric.result()) == pytest.approx(norm, rel=1e-6)
         momentum = optimizer.variables[1].numpy()  # 0.1 * the clipped gradient
         np.testing.assert_allclose(momentum, 0.1 * dense_gradient / norm, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fused_updates, lazy", [(False, False), (True, False), (True, True)])
+def test_a_learning_rate_factor_is_the_step_of_a_scaled_learning_rate(fused_updates, lazy):
+    """`create_optimizer(train, {path: f})` (`finetune.layer_decay`): that
+    variable moves as with `f` x the learning rate, weight decay included;
+    the others as without factors. Dense, fused and lazy (sparse) steps."""
+
+    def step(learning_rate, factors):
+        scaled = keras.Variable(np.arange(12, dtype="float32").reshape(6, 2) / 10, name="a")
+        other = keras.Variable(np.ones((6, 2), "float32"), name="b")
+        train = TrainConfig(steps=10, learning_rate=learning_rate, warmup_steps=0,
+                            weight_decay=0.5, clip_norm=0.0, lazy_embeddings=lazy)  # fmt: skip
+        optimizer = create_optimizer(train, factors and {scaled.path: factors})
+        gradient = sparse_gradient() if lazy else tf.convert_to_tensor(sparse_gradient())
+        with fused.fused_elementwise(enabled=fused_updates):
+            optimizer.apply_gradients([(gradient, scaled), (gradient, other)])
+        return scaled.numpy(), other.numpy()
+
+    with_factor, other = step(0.1, 0.25)
+    assert not np.allclose(with_factor, step(0.1, None)[0])
+    np.testing.assert_allclose(with_factor, step(0.025, None)[0], rtol=1e-6)
+    np.testing.assert_allclose(other, step(0.1, None)[1], rtol=1e-6)

@@ -81,7 +81,8 @@ class Learner:
         keras.utils.set_random_seed(config.train.seed)  # the same initial model everywhere
         with dtype_policy(self.precision), strategy.scope():
             self.model = task.build_model()
-            self.optimizer = create_optimizer(self.local_training(config.train))
+            self.optimizer = create_optimizer(self.local_training(config.train),
+                                              task.learning_rate_factors(self.model))  # fmt: skip
             trainer.compile_model(self.model, strategy, config.train, log,
                                   optimizer=self.optimizer,
                                   **task.compile_args(self.model))  # fmt: skip

@@ -146,6 +146,11 @@ class Task:
         """metrics.json entries of this task (the driver adds steps, timings, ...)."""
         return dict(validation)
 
+    def learning_rate_factors(self, model):
+        """Per-variable multiples of the scheduled learning rate (variable path ->
+        float) for `model`, or None: one rate for all (the default)."""
+        return None
+
     def validation_size(self, available):
         """How many of the `available` validation examples a run validates on:
         all, or the first `train.eval_steps` x `train.batch_size` (logged)."""

@@ -72,6 +72,21 @@ class EncoderTask(Task):
         self.valid_data = self.batches(valid_ids, valid_labels)
         return model
 
+    def learning_rate_factors(self, model):
+        """`finetune.layer_decay` d < 1: block i of L at d^(L - i), the embeddings
+        at d^(L + 1); the rest (final layer norm, pooler, head) at 1."""
+        decay = self.config.finetune.layer_decay
+        if decay == 1.0:
+            return None
+        encoder, top = self.encoder, self.encoder.num_layers + 1
+        factors = {v.path: decay**top for v in encoder.embedding.weights}
+        for index, block in enumerate(encoder.transformer_layers):
+            factors.update({v.path: decay ** (top - 1 - index) for v in block.weights})
+        self.log(f"finetune.layer_decay={decay:g}: learning rate x{decay**top:.3g} for the "
+                 f"embeddings, x{decay ** (top - 1):.3g} (block 0) to x{decay:.3g} (block "
+                 f"{top - 2}), x1 for the head")  # fmt: skip
+        return factors
+
     def enable_lora(self, model, encoder):
         """LoRA adapters (`finetune.method=lora`, before compile); returns their details."""
         finetune = self.config.finetune

@@ -107,7 +107,7 @@ def _train(task, strategy, log):
     keras.utils.set_random_seed(train.seed)  # initialisation (data order and masks use it too)
     with strategy.scope():
         model = task.build_model()
-        optimizer = create_optimizer(train)
+        optimizer = create_optimizer(train, task.learning_rate_factors(model))
         gradient_norm = keras.metrics.Mean(name="gradient_norm")  # read by the logger
         optimizer.measure_gradient_norm(gradient_norm)
         xla = trainer.compile_model(model, strategy, train, log, optimizer=optimizer,

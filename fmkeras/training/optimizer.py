@@ -96,6 +96,24 @@ class AdamW(keras.optimizers.AdamW):
             anchors[variable.path].assign(variable)
         weight.assign(mu)
 
+    def scale_learning_rates(self, factors):
+        """Per-variable learning rates: each variable whose path is in `factors`
+        (path -> float) takes that multiple of the schedule's learning rate, for
+        its Adam step and its weight decay (which AdamW scales by the rate).
+        Call it before the first step (the train function is traced with the
+        factors in it)."""
+        object.__setattr__(self, "_rate_factors", dict(factors))  # kept out of the saved state
+
+    def _variable_rate(self, variable, learning_rate):
+        """The schedule's `learning_rate` for `variable`: cast, and scaled by its factor."""
+        learning_rate = ops.cast(learning_rate, variable.dtype)
+        factors = self.__dict__.get("_rate_factors")
+        if not factors:
+            return learning_rate
+        # `variable` may be the backend's variable here: its Keras variable has the path.
+        path = self._trainable_variables[self._get_variable_index(variable)].path
+        return learning_rate * factors.get(path, 1.0)
+
     def mask_weights(self, masks):
         """Gradual magnitude pruning (`fmkeras.compress.sparsity`): after every
         update, each variable whose path is in `masks` (path -> 0/1
@@ -117,7 +135,7 @@ class AdamW(keras.optimizers.AdamW):
             if self.lazy_embeddings and not self.amsgrad:
                 return self._lazy_update_step(gradient, variable, learning_rate)
             gradient = tf.convert_to_tensor(gradient)
-        learning_rate = ops.cast(learning_rate, variable.dtype)
+        learning_rate = self._variable_rate(variable, learning_rate)
         decay = self._decay_rate(variable, learning_rate)
         if self.amsgrad or not fused.enabled():
             self.assign_sub(variable, variable * decay)
@@ -153,7 +171,7 @@ class AdamW(keras.optimizers.AdamW):
         which would recompile each time)."""
         gradient = deduplicated(gradient)  # replicas' slices arrive concatenated
         rows = gradient.indices
-        learning_rate = ops.cast(learning_rate, variable.dtype)
+        learning_rate = self._variable_rate(variable, learning_rate)
         m, v, alpha = self._moments_and_step_size(variable, learning_rate)
         decay = self._decay_rate(variable, learning_rate)
         old = [tf.gather(x, rows) for x in (variable, m.value, v.value)]  # (rows, dim) each
@@ -224,8 +242,10 @@ def scaled(gradient, scale):
     return gradient * ops.cast(scale, gradient.dtype)
 
 
-def create_optimizer(train_config):
-    """AdamW from a `TrainConfig`: schedule, weight-decay exclusions, clipping."""
+def create_optimizer(train_config, rate_factors=None):
+    """AdamW from a `TrainConfig`: schedule, weight-decay exclusions, clipping;
+    `rate_factors` (variable path -> multiple of the scheduled learning rate,
+    e.g. `Task.learning_rate_factors`) for per-variable rates."""
     warmup = train_config.warmup_steps
     if warmup is None:
         warmup = train_config.steps // 10
@@ -241,4 +261,6 @@ def create_optimizer(train_config):
         lazy_embeddings=train_config.lazy_embeddings,
     )
     optimizer.exclude_from_weight_decay(var_names=NO_DECAY_NAMES)
+    if rate_factors:
+        optimizer.scale_learning_rates(rate_factors)
     return optimizer
