@@ -10,6 +10,7 @@ A task is a subclass of `Task` registered with
     validation_metrics(config)  classmethod: the metric names `evaluate` reports
     read_data()              read them (before the model exists)
     build_model()            inside the strategy scope: vocabulary and model
+    learning_rate_factors(model)  optional: per-variable multiples of the learning rate
     compile_args(model)      loss and metrics (the driver adds the optimizer)
     backup_hooks(model)      optional: extra files in backups (LoRA adapters)
     logger_settings(model)   throughput units for the logs (tokens or examples)
