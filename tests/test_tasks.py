@@ -274,25 +274,32 @@ def test_a_nan_loss_stops_every_task_with_its_last_good_backup(task, recipe, tmp
     assert not (tmp_path / "run" / "model.keras").exists()
 
 
-@pytest.mark.parametrize("recipe", ["sst2", "conll2003", "en_zh"])
+@pytest.mark.parametrize("recipe", ["sst2", "conll2003", "en_zh", "pretrain_gutenberg"])
 def test_eval_steps_validates_every_task_on_the_first_examples(recipe, tmp_path, data_dir,
                                                                capsys):  # fmt: skip
-    """`train.eval_steps` x `train.batch_size` examples, the valid file's first
-    (the language models' `take` is tested with their runs)."""
+    """`train.eval_steps` x `train.batch_size` examples: the valid file's first
+    (the language models take the first `eval_steps` batches of theirs)."""
     settings = {"model.size": "tiny", "model.init": "random", "data.max_lines": 100,
-                "data.vocab_size": 500, "train.batch_size": 4}  # fmt: skip
+                "data.vocab_size": 500, "data.sequence_length": 32, "train.batch_size": 4}
 
     def validated(eval_steps, out):
+        """`(rows validation reads, the task's validation examples)`."""
         with_steps = {**settings, "train.eval_steps": eval_steps or "null"}
         task, _ = built_task(REPO / "trainers" / f"{recipe}.yaml", with_steps, tmp_path / out)
-        examples = task.valid_sources if recipe == "en_zh" else task.valid_rows.inputs
-        batches = sum(int(labels.shape[0]) for _, labels, _ in task.valid_data)
-        assert batches == len(examples)  # what validation reads
-        return examples
+        rows = sum(int(labels.shape[0]) for _, labels, *_ in task.valid_data)
+        examples = {"en_zh": getattr(task, "valid_sources", None),
+                    "pretrain_gutenberg": getattr(task, "valid_sequences", None)}  # fmt: skip
+        return rows, examples.get(recipe, getattr(task, "valid_rows", None) and
+                                  task.valid_rows.inputs)  # fmt: skip
 
-    everything = validated(None, "all")
-    assert len(everything) > 20 and "validation: the first" not in capsys.readouterr().out
-    assert validated(3, "first") == everything[:12]
+    rows, everything = validated(None, "all")
+    whole = len(everything) // 4 * 4 if recipe == "pretrain_gutenberg" else len(everything)
+    assert rows == whole > 20  # language models validate on whole batches
+    assert "validation: the first" not in capsys.readouterr().out
+    rows, first = validated(3, "first")
+    assert rows == 12
+    if recipe != "pretrain_gutenberg":  # the others keep the examples they validate on
+        assert first == everything[:12]
     assert (f"validation: the first 12 of {len(everything)} examples (train.eval_steps=3 x "
             "train.batch_size=4)") in capsys.readouterr().out  # fmt: skip
-    assert validated(100, "more") == everything  # more than there are: all
+    assert validated(1000, "more")[0] == whole  # more than there are: all

@@ -86,8 +86,8 @@ class LanguageModelTask(Task):
         self.first_batches = self.dataset(self.train_sequences, data.train_file, 0)
         self.valid_data = self.dataset(self.valid_sequences, data.valid_file, 0, shuffle=False,
                                        repeat=False)  # fmt: skip
-        if train_config.eval_steps:
-            self.valid_data = self.valid_data.take(train_config.eval_steps)
+        if self.validation_size(len(self.valid_sequences)) < len(self.valid_sequences):
+            self.valid_data = self.valid_data.take(train_config.eval_steps)  # batches
 
     def dataset(self, sequences, name, step, **kwargs):
         """The task's batches of `sequences` from `step` (`kwargs`: shuffle,
