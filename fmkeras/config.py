@@ -624,6 +624,11 @@ def applies_to(key, task):
     return not tasks or task in tasks
 
 
+def unread_keys(task, keys):
+    """The dotted `keys` that `task` does not read (a setting of them is ignored)."""
+    return [key for key in keys if key != "task" and not applies_to(key, task)]
+
+
 def keys_for(task, config=None):
     """`[(key, value)]` of every key `task` reads, with its value in `config`
     (default: the defaults), in section order."""

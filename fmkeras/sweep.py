@@ -100,8 +100,9 @@ def point_name(settings):
 
 
 def build_points(args):
-    """Every point of the grid with its validated configuration."""
-    from fmkeras.config import build_config
+    """Every point of the grid with its validated configuration; a swept key
+    the task does not read is an error, a fixed one a warning."""
+    from fmkeras.config import build_config, parse_override, unread_keys
 
     grid = parse_grid(args.grid, args.overrides)
     recipe = find_recipe(args.recipe) if args.recipe else None
@@ -117,6 +118,13 @@ def build_points(args):
         if any(point.name == name for point in points):
             raise ConfigError(f"two sweep points would share the directory {name}")
         points.append(Point(name, settings, config, Path(args.out) / name))
+    task = points[0].config.task
+    unread = unread_keys(task, [key for key, _ in grid])
+    if unread:
+        raise ConfigError(f"--grid {unread[0]}: task {task} does not read it, so every point "
+                          f"would train the same model")  # fmt: skip
+    for key in unread_keys(task, [parse_override(text)[0] for text in args.overrides]):
+        log(f"warning: --set {key} is ignored: task {task} does not read it")
     return points
 
 

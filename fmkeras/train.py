@@ -139,7 +139,7 @@ def quickstart(args):
 @cli.command
 def main(argv):
     args = build_parser().parse_args(argv)
-    from fmkeras.config import build_config, keys_for
+    from fmkeras.config import build_config, keys_for, parse_override, unread_keys
     from fmkeras.tasks.registry import canonical_task
 
     if not args.recipe and not args.task and not args.list_keys:
@@ -152,6 +152,9 @@ def main(argv):
         if recipe and config.task != task:
             raise ConfigError(f"{recipe} is a {config.task!r} recipe, not {args.task!r}")
         config.task = task
+    for key in unread_keys(config.task, [parse_override(text)[0] for text in args.overrides]):
+        log(f"warning: --set {key} is ignored: task {config.task} does not read it "
+            f"(--list-keys shows the keys it reads)")  # fmt: skip
     if args.list_keys:
         for key, value in keys_for(config.task, config):
             print(f"{key}: {value}")

@@ -179,3 +179,13 @@ def test_train_points_are_window_means_not_running_means(small_vocab, tmp_path):
     # The run's configuration is in TensorBoard as text and as an HParams session.
     tags = EventAccumulator(str(windows / "logs")).Reload().Tags()["tensors"]
     assert {"config", "_hparams_/session_start_info"} <= set(tags)
+
+
+def test_a_key_the_task_does_not_read_is_reported_as_ignored(capsys):
+    args = ["--recipe", "pretrain_gutenberg", "--set", "finetune.layer_decay=0.9",
+            "--set", "train.steps=5", "--list-keys"]  # fmt: skip
+    assert train_main(args) == 0
+    said = capsys.readouterr().out
+    assert ("warning: --set finetune.layer_decay is ignored: task mlm does not read it "
+            "(--list-keys shows the keys it reads)") in said  # fmt: skip
+    assert "train.steps is ignored" not in said and "train.steps: 5" in said

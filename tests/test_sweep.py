@@ -83,6 +83,8 @@ def test_sweep_trains_every_point_ranks_them_and_reads_finished_ones(tmp_path, d
     (["train.steps=4,5"], {"train.steps": 4}, "train.steps is both swept (--grid) and fixed"),
     (["train.stepz=4,5"], {}, "sweep point stepz=4: unknown key 'train.stepz'"),
     (["train.warmup_steps=4,-5"], {}, "sweep point warmup_steps=-5: train.warmup_steps must be 0"),
+    (["decode.beam_width=1,4"], {},
+     "--grid decode.beam_width: task classify does not read it, so every point would train"),
     ([], {}, "name at least one --grid"),
     (["train.seed=0,1"], {"train.keep_best": "null"}, "name the validation metric"),
     (["train.seed=0,1"], {"train.keep_best": "acc"},
