@@ -35,7 +35,7 @@ class MaskedLMHead(keras.layers.Layer):
     >>> import numpy as np, fmkeras
     >>> head = fmkeras.layers.MaskedLMHead(vocabulary_size=50)
     >>> hidden = np.random.rand(2, 7, 16).astype("float32")
-    >>> head(hidden, mask_positions=np.array([[1, 3], [0, 6]])).shape
+    >>> tuple(head(hidden, mask_positions=np.array([[1, 3], [0, 6]])).shape)
     (2, 2, 50)
     """
 

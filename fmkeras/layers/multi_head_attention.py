@@ -50,7 +50,7 @@ class MultiHeadAttention(keras.layers.Layer):
     >>> import numpy as np, fmkeras
     >>> attention = fmkeras.layers.MultiHeadAttention(num_heads=2, key_dim=8)
     >>> x = np.random.rand(3, 5, 16).astype("float32")
-    >>> attention(x, x, use_causal_mask=True).shape
+    >>> tuple(attention(x, x, use_causal_mask=True).shape)
     (3, 5, 16)
     """
 

@@ -29,7 +29,7 @@ class TextEmbedding(keras.layers.Layer):
 
     >>> import numpy as np, fmkeras
     >>> embedding = fmkeras.layers.TextEmbedding(100, 16, max_sequence_length=8)
-    >>> embedding(np.array([[5, 6, 7]])).shape
+    >>> tuple(embedding(np.array([[5, 6, 7]])).shape)
     (1, 3, 16)
     """
 

@@ -41,7 +41,7 @@ class TransformerDecoderBlock(TransformerBlock):
     >>> block = fmkeras.layers.TransformerDecoderBlock(num_heads=2, intermediate_dim=32)
     >>> target = np.random.rand(2, 4, 16).astype("float32")
     >>> source = np.random.rand(2, 6, 16).astype("float32")
-    >>> block(target, source).shape
+    >>> tuple(block(target, source).shape)
     (2, 4, 16)
     """
 

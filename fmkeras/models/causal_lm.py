@@ -45,7 +45,7 @@ class CausalLM(keras.Model):
     >>> lm = fmkeras.models.CausalLM(100, num_layers=1, num_heads=2, hidden_dim=16,
     ...                              intermediate_dim=32, max_sequence_length=8)
     >>> ids = np.array([[2, 7, 9, 3]], "int32")
-    >>> lm({"token_ids": ids, "padding_mask": np.ones_like(ids)}).shape
+    >>> tuple(lm({"token_ids": ids, "padding_mask": np.ones_like(ids)}).shape)
     (1, 4, 100)
     """
 

@@ -22,7 +22,8 @@ class Classifier(EncoderHead):
     >>> encoder = fmkeras.models.Encoder(100, 1, 2, 16, 32, max_sequence_length=8)
     >>> classifier = fmkeras.models.Classifier(encoder, num_classes=3)
     >>> ids = np.array([[2, 4, 9, 3]], "int32")
-    >>> classifier({"token_ids": ids, "segment_ids": 0 * ids, "padding_mask": 1 + 0 * ids}).shape
+    >>> logits = classifier({"token_ids": ids, "segment_ids": 0 * ids, "padding_mask": 1 + 0 * ids})
+    >>> tuple(logits.shape)
     (1, 3)
     """
 

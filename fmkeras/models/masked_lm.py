@@ -26,8 +26,9 @@ class MaskedLM(keras.Model):
     >>> encoder = fmkeras.models.Encoder(100, 1, 2, 16, 32, max_sequence_length=8)
     >>> mlm = fmkeras.models.MaskedLM(encoder)
     >>> ids = np.array([[2, 4, 9, 3]], "int32")
-    >>> mlm({"token_ids": ids, "segment_ids": 0 * ids, "padding_mask": 1 + 0 * ids,
-    ...      "mask_positions": np.array([[1, 2]], "int32")}).shape
+    >>> logits = mlm({"token_ids": ids, "segment_ids": 0 * ids, "padding_mask": 1 + 0 * ids,
+    ...               "mask_positions": np.array([[1, 2]], "int32")})
+    >>> tuple(logits.shape)
     (1, 2, 100)
     """
 

@@ -40,7 +40,9 @@ class Translator(keras.Model):
     >>> import numpy as np, fmkeras
     >>> encoder = fmkeras.models.Encoder(50, 1, 2, 16, 32, max_sequence_length=8)
     >>> model = fmkeras.models.Translator(encoder, 40, 1, 2, 32, max_sequence_length=8)
-    >>> model({"source_ids": np.array([[2, 7, 3, 0]]), "target_ids": np.array([[2, 5, 6]])}).shape
+    >>> pair = {"source_ids": np.array([[2, 7, 3, 0]]), "target_ids": np.array([[2, 5, 6]])}
+    >>> logits = model(pair)
+    >>> tuple(logits.shape)
     (1, 3, 40)
     """
 
