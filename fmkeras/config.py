@@ -126,10 +126,11 @@ class DistillConfig:
     temperature: float = 2.0  # softens both distributions of the soft-target loss
     alpha: float = 0.5  # weight of the soft-target loss; 1 - alpha weighs the hard labels
     # Intermediate-layer transfer (the student reads the teacher's vocabulary; the teacher
-    # runs beside it instead of cached logits): hidden-state MSE (TinyBERT; equal widths)
-    # and attention-probability KL (MiniLM) between paired blocks. 0: off.
+    # runs beside it instead of cached logits): hidden-state MSE (TinyBERT; equal widths),
+    # attention-probability KL and value-relation KL (MiniLM) between paired blocks. 0: off.
     hidden_weight: float = 0.0
     attention_weight: float = 0.0
+    value_weight: float = 0.0
     # The teacher block each student block learns from, "-" for none ("1,3,5"; "-,-,5" as
     # MiniLM: the last only); default: uniform, the last blocks paired
     layers: str | None = None
@@ -470,7 +471,7 @@ def validate_distill(distill):
     if distill.temperature <= 0 or not 0.0 <= distill.alpha <= 1.0:
         raise ConfigError(f"distill.temperature must be positive and distill.alpha in [0, 1]; got "
                           f"{distill.temperature}, {distill.alpha}")  # fmt: skip
-    for name in ("hidden_weight", "attention_weight", "augment"):
+    for name in ("hidden_weight", "attention_weight", "value_weight", "augment"):
         if getattr(distill, name) < 0:
             raise ConfigError(f"distill.{name} must be 0 or more, got {getattr(distill, name)}")
     if distill.layers is not None:

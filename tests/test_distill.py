@@ -14,7 +14,12 @@ from fmkeras.compress.command import main as compress_main
 from fmkeras.config import distill_teacher_blocks
 from fmkeras.export import main as export_main
 from fmkeras.models import Classifier, Distiller, Encoder
-from fmkeras.models.distiller import attention_loss, hidden_state_loss, uniform_layer_pairs
+from fmkeras.models.distiller import (
+    attention_loss,
+    hidden_state_loss,
+    uniform_layer_pairs,
+    value_relation_loss,
+)
 from fmkeras.tasks import load_run
 from fmkeras.tasks.distill import DistillationLoss, cached_logits
 from fmkeras.text.augment import augment_texts
@@ -96,21 +101,49 @@ def test_intermediate_losses_are_zero_for_identical_states_and_ignore_padding():
     assert distill_teacher_blocks(5) == [5]  # YAML reads a single block as an int
 
 
+def numpy_value_relations(values, heads, mask):
+    """The reference: concatenated heads split into `heads` groups, scaled
+    dot products between real tokens only, softmax per query."""
+    batch, length = values.shape[:2]
+    split = values.reshape(batch, length, heads, -1).transpose(0, 2, 1, 3)
+    logits = split @ split.transpose(0, 1, 3, 2) / np.sqrt(split.shape[-1])
+    logits = np.where(mask[:, None, None, :] > 0, logits, -np.inf)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    return weights / weights.sum(-1, keepdims=True)
+
+
+def test_value_relations_match_a_reference_across_head_counts():
+    """MiniLM's value-relation KL: zero for the same values (whatever the
+    padding holds), a numpy reference otherwise, and relation heads shared by
+    4-head and 2-head models (their gcd, 2) whatever their head sizes."""
+    rng = np.random.default_rng(1)
+    mask = INPUTS["padding_mask"].astype("float32")
+    teacher = rng.normal(size=(2, 6, 4, 2)).astype("float32")  # (batch, seq, heads, dim)
+    student = rng.normal(size=(2, 6, 2, 3)).astype("float32")
+    padded = teacher + 5.0 * (1 - mask)[..., None, None]
+    assert float(value_relation_loss(teacher, padded, mask)) == pytest.approx(0.0, abs=1e-6)
+    p, q = numpy_value_relations(teacher, 2, mask), numpy_value_relations(student, 2, mask)
+    per_query = np.where(p > 0, p * (np.log(p + 1e-9) - np.log(q + 1e-9)), 0).sum(-1)
+    expected = (per_query * mask[:, None, :]).sum() / (2 * mask.sum())  # over heads and queries
+    assert float(value_relation_loss(teacher, student, mask)) == pytest.approx(expected, rel=1e-4)
+
+
 def test_a_distiller_adds_no_loss_for_a_copy_of_its_teacher_and_trains_only_the_student():
     teacher = classifier(2)
     copy = classifier(2, seed=1)
     copy.set_weights(teacher.get_weights())
     distiller = Distiller(copy, teacher, [(0, 0), (1, 1)], alpha=1.0, hidden_weight=1.0,
-                          attention_weight=1.0)  # fmt: skip
+                          attention_weight=1.0, value_weight=1.0)  # fmt: skip
     np.testing.assert_allclose(distiller(INPUTS), teacher(INPUTS), atol=1e-6)
     distiller(INPUTS, training=True)
-    assert [float(loss) for loss in distiller.losses] == pytest.approx([0, 0, 0], abs=1e-5)
+    assert [float(loss) for loss in distiller.losses] == pytest.approx([0, 0, 0, 0], abs=1e-5)
     clone = Distiller.from_config(distiller.get_config())
-    assert (clone.layer_pairs, clone.alpha, clone.hidden_weight) == ([(0, 0), (1, 1)], 1.0, 1.0)
+    assert (clone.layer_pairs, clone.alpha, clone.hidden_weight, clone.value_weight) == \
+        ([(0, 0), (1, 1)], 1.0, 1.0, 1.0)  # fmt: skip
 
     student = classifier(1, seed=2)
     distiller = Distiller(student, teacher, uniform_layer_pairs(1, 2), alpha=0.5,
-                          hidden_weight=1.0, attention_weight=1.0)  # fmt: skip
+                          hidden_weight=1.0, attention_weight=1.0, value_weight=1.0)  # fmt: skip
     hard = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     distiller.compile(optimizer=keras.optimizers.Adam(1e-2), loss=hard, loss_weights=0.5)
     before = [w.copy() for w in teacher.get_weights()]
@@ -235,7 +268,7 @@ def test_a_student_learns_the_teachers_layers_and_resumes(teacher, one_block_stu
     student = tmp_path / "student"
     settings = {"data.max_lines": 200, "distill.teacher": teacher, "model.init": one_block_student,
                 "distill.hidden_weight": 1.0, "distill.attention_weight": 1.0,
-                "train.checkpoint_every": 2}  # fmt: skip
+                "distill.value_weight": 1.0, "train.checkpoint_every": 2}  # fmt: skip
     train_tiny_classifier("distill", "sst2_distill.yaml", student, **settings)  # 6 steps
     out = capsys.readouterr().out
     assert "runs beside the student (2 -> 1 blocks, student<-teacher 0<-1;" in out
@@ -249,7 +282,7 @@ def test_a_student_learns_the_teachers_layers_and_resumes(teacher, one_block_stu
     assert metrics["resumed_from_step"] == 4 and metrics["steps"] == 6
     assert metrics["loss"] == pytest.approx(first["loss"], abs=1e-3)
     info = json.loads((student / "task.json").read_text())["distill"]
-    assert (info["hidden_weight"], info["attention_weight"]) == (1.0, 1.0)
+    assert (info["hidden_weight"], info["attention_weight"], info["value_weight"]) == (1, 1, 1)
     model = load_run(student).model  # a plain classifier (exports as the cached-logit run's)
     assert isinstance(model, Classifier) and model.encoder.num_layers == 1
 
@@ -261,6 +294,7 @@ def test_a_student_learns_the_teachers_layers_and_resumes(teacher, one_block_stu
     ({"distill.attention_weight": 1.0, "distill.layers": "x"},
      "distill.layers must name the teacher block of each student block"),
     ({"distill.hidden_weight": -1}, "distill.hidden_weight must be 0 or more"),
+    ({"distill.value_weight": -1}, "distill.value_weight must be 0 or more"),
     ({"distill.hidden_weight": 1.0, "sparsity.target": 0.5}, "cannot be combined with"),
     ({"distill.hidden_weight": 1.0, "distill.augment": 2},
      "which intermediate transfer does not use: set distill.augment=0 or"),

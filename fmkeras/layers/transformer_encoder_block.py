@@ -37,7 +37,7 @@ class TransformerEncoderBlock(TransformerBlock):
     >>> import numpy as np, fmkeras
     >>> block = fmkeras.layers.TransformerEncoderBlock(num_heads=2, intermediate_dim=32)
     >>> x = np.random.rand(3, 5, 16).astype("float32")
-    >>> block(x, padding_mask=np.ones((3, 5), "int32")).shape
+    >>> tuple(block(x, padding_mask=np.ones((3, 5), "int32")).shape)
     (3, 5, 16)
     """
 
@@ -88,6 +88,12 @@ class TransformerEncoderBlock(TransformerBlock):
             x, self.feedforward_layer_norm, self._feedforward, self.feedforward_dropout, training
         )  # (batch, seq, hidden)
         return (x, scores) if return_attention_scores else x
+
+    def attention_values(self, inputs):
+        """The value vectors `(batch, seq, heads, value_dim)` this block's
+        self-attention reads for `inputs` (MiniLM's value-relation transfer)."""
+        x = self._sublayer_input(inputs, self.self_attention_layer_norm)
+        return self.self_attention_layer.value_dense(x)
 
     def compute_output_shape(self, inputs_shape):
         return inputs_shape

@@ -57,7 +57,7 @@ class Encoder(keras.Model):
     >>> ids = np.array([[2, 7, 9, 3]], "int32")
     >>> out = encoder({"token_ids": ids, "segment_ids": 0 * ids,
     ...                "padding_mask": np.ones_like(ids)})
-    >>> out["sequence_output"].shape, out["pooled_output"].shape
+    >>> tuple(out["sequence_output"].shape), tuple(out["pooled_output"].shape)
     ((1, 4, 16), (1, 16))
     """
 
@@ -187,12 +187,13 @@ class Encoder(keras.Model):
         x = self.embedding.embed_vectors(token_vectors, segment_ids)
         attention_layers = range(self.num_layers) if return_attention_scores else ()
         outputs = self._run_blocks(x, padding_mask, False, attention_layers)
-        del outputs["hidden_states"]
+        del outputs["hidden_states"], outputs["attention_values"]
         if not return_attention_scores:
             del outputs["attention_scores"]
         return outputs
 
-    def call_with_layer_outputs(self, inputs, training=False, attention_layers=()):
+    def call_with_layer_outputs(self, inputs, training=False, attention_layers=(),
+                                value_layers=()):  # fmt: skip
         """The outputs of `call` plus each block's, for intermediate-layer
         distillation (`fmkeras.tasks.distill`).
 
@@ -201,18 +202,22 @@ class Encoder(keras.Model):
             training: bool. Whether dropout is active.
             attention_layers: indices of the blocks whose attention
                 probabilities to return.
+            value_layers: indices of the blocks whose attention values to return.
 
         Returns the dict of `call` plus `hidden_states`, one `(batch, seq,
-        hidden)` output per block, and `attention_scores`, one entry per
-        block: `(batch, heads, seq, seq)` probabilities for `attention_layers`,
-        None for the others.
+        hidden)` output per block, `attention_scores`, one entry per block:
+        `(batch, heads, seq, seq)` probabilities for `attention_layers`, None
+        for the others, and `attention_values` likewise: `(batch, seq, heads,
+        value_dim)` for `value_layers`.
         """
         x = self.embedding(inputs["token_ids"], inputs["segment_ids"], training=training)
-        return self._run_blocks(x, inputs["padding_mask"], training, attention_layers)
+        return self._run_blocks(x, inputs["padding_mask"], training, attention_layers,
+                                value_layers)  # fmt: skip
 
-    def _run_blocks(self, x, padding_mask, training, attention_layers):
-        hidden_states, scores = [], []
+    def _run_blocks(self, x, padding_mask, training, attention_layers, value_layers=()):
+        hidden_states, scores, values = [], [], []
         for index, block in enumerate(self.transformer_layers):
+            values.append(block.attention_values(x) if index in value_layers else None)
             if index in attention_layers:
                 x, layer_scores = block(x, padding_mask=padding_mask, training=training,
                                         return_attention_scores=True)  # fmt: skip
@@ -223,7 +228,8 @@ class Encoder(keras.Model):
         if self.final_layer_norm is not None:
             x = self.final_layer_norm(x)
         return {"sequence_output": x, "pooled_output": self.pooler(x[:, 0, :]),
-                "hidden_states": hidden_states, "attention_scores": scores}  # fmt: skip
+                "hidden_states": hidden_states, "attention_scores": scores,
+                "attention_values": values}  # fmt: skip
 
     def get_config(self):
         return {

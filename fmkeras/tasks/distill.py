@@ -17,10 +17,10 @@ logits are averaged, so at every temperature the soft targets are the
 normalised geometric mean of the teachers' softened distributions. Each
 teacher runs once, one at a time, over the training rows.
 
-With `distill.hidden_weight` or `distill.attention_weight` above 0 the
-student also learns the teacher's intermediate layers (`models.Distiller`:
-hidden states as TinyBERT, attention probabilities as MiniLM, between the
-blocks `distill.layers` pairs). The student must then read the teacher's
+With `distill.hidden_weight`, `attention_weight` or `value_weight` above 0
+the student also learns the teacher's intermediate layers (`models.Distiller`:
+hidden states as TinyBERT, attention probabilities and value relations as
+MiniLM, between the blocks `distill.layers` pairs). The student must then read the teacher's
 vocabulary (e.g. a student made by `fmkeras.compress prune --layers`), and
 the teacher runs beside it on every batch instead of cached logits.
 
@@ -52,6 +52,7 @@ from fmkeras.training.run_dir import RunDir
 
 TEACHER_TASKS = ("classify", "distill")
 TEACHER_LOGITS = "teacher_logits.npz"  # in the student's run directory
+LAYER_WEIGHTS = "distill.hidden_weight/attention_weight/value_weight"  # intermediate transfer
 
 
 @keras.saving.register_keras_serializable(package="fmkeras")
@@ -102,18 +103,16 @@ class DistillTask(ClassifyTask):
                 raise ConfigError(f"distill.teacher: {teacher} is not a finished run (no "
                                   f"task.json)")  # fmt: skip
         if intermediate(config.distill) and len(teachers) > 1:
-            raise ConfigError(f"distill.hidden_weight/attention_weight pair the student's blocks "
-                              f"with one teacher's, but distill.teacher names {len(teachers)} "
-                              f"runs: name one, or set both weights to 0")  # fmt: skip
+            raise ConfigError(f"{LAYER_WEIGHTS} pair the student's blocks with one teacher's, "
+                              f"but distill.teacher names {len(teachers)} runs: name one, or "
+                              f"set the weights to 0")  # fmt: skip
         if intermediate(config.distill) and config.sparsity.target:
-            raise ConfigError("sparsity.target cannot be combined with distill.hidden_weight or "
-                              "distill.attention_weight (the teacher's kernels would be pruned "
-                              "too)")  # fmt: skip
+            raise ConfigError(f"sparsity.target cannot be combined with {LAYER_WEIGHTS} (the "
+                              f"teacher's kernels would be pruned too)")  # fmt: skip
         if intermediate(config.distill) and config.distill.augment:
-            raise ConfigError("distill.augment labels its copies with cached teacher logits, "
-                              "which intermediate transfer does not use: set distill.augment=0 "
-                              "or distill.hidden_weight and distill.attention_weight to "
-                              "0")  # fmt: skip
+            raise ConfigError(f"distill.augment labels its copies with cached teacher logits, "
+                              f"which intermediate transfer does not use: set distill.augment=0 "
+                              f"or {LAYER_WEIGHTS} to 0")  # fmt: skip
         super().check_config(config)
 
     def read_data(self):
@@ -156,14 +155,15 @@ class DistillTask(ClassifyTask):
             pairs = [(s, t) for s, t in enumerate(blocks) if t is not None]
         try:
             model = Distiller(student, teacher, pairs, distill.temperature, distill.alpha,
-                              distill.hidden_weight, distill.attention_weight, name="distiller")
+                              distill.hidden_weight, distill.attention_weight,
+                              distill.value_weight, name="distiller")  # fmt: skip
         except ValueError as error:
             raise ConfigError(f"distill: {error}") from None
         described = ", ".join(f"{s}<-{t}" for s, t in pairs)
         self.log(f"teacher {distill.teacher} runs beside the student ({teacher_blocks} -> "
                  f"{student_blocks} blocks, student<-teacher {described}; hidden_weight "
-                 f"{distill.hidden_weight:g}, attention_weight "
-                 f"{distill.attention_weight:g})")  # fmt: skip
+                 f"{distill.hidden_weight:g}, attention_weight {distill.attention_weight:g}, "
+                 f"value_weight {distill.value_weight:g})")  # fmt: skip
         return model
 
     def augment_rows(self):
@@ -187,7 +187,7 @@ class DistillTask(ClassifyTask):
         teacher = self.teacher.tokenizer
         if teacher.vocabulary != self.tokenizer.vocabulary or \
                 teacher.lowercase != self.tokenizer.lowercase:
-            raise ConfigError(f"distill.hidden_weight/attention_weight need a student with the "
+            raise ConfigError(f"{LAYER_WEIGHTS} need a student with the "
                               f"teacher's vocabulary, but {self.run.vocab} differs from "
                               f"{Path(self.config.distill.teacher) / 'vocab.txt'} (start the "
                               f"student from the teacher, e.g. python -m fmkeras.compress prune "
@@ -285,7 +285,8 @@ class DistillTask(ClassifyTask):
 
     def info(self):
         distill = self.config.distill
-        keys = ("teacher", "temperature", "alpha", "hidden_weight", "attention_weight", "layers")
+        keys = ("teacher", "temperature", "alpha", "hidden_weight", "attention_weight",
+                "value_weight", "layers")  # fmt: skip
         return {**super().info(), "distill": {key: getattr(distill, key) for key in keys}}
 
 
@@ -313,7 +314,7 @@ def cached_logits(path, fingerprint):
 
 def intermediate(distill):
     """Whether `distill` transfers intermediate layers (the teacher runs on the fly)."""
-    return bool(distill.hidden_weight or distill.attention_weight)
+    return bool(distill.hidden_weight or distill.attention_weight or distill.value_weight)
 
 
 def student_of(model):
