@@ -25,7 +25,7 @@ from pathlib import Path
 
 from fmkeras import cli
 from fmkeras.errors import ConfigError, DataError
-from fmkeras.train import find_recipe, log, train_one
+from fmkeras.train import find_recipe, log, train_one, warn_ignored_settings
 
 EXAMPLES = """examples:
   python -m fmkeras.sweep --recipe sst2 --grid train.learning_rate=5e-5,1e-4,2e-4 \\
@@ -102,7 +102,7 @@ def point_name(settings):
 def build_points(args):
     """Every point of the grid with its validated configuration; a swept key
     the task does not read is an error, a fixed one a warning."""
-    from fmkeras.config import build_config, parse_override, unread_keys
+    from fmkeras.config import build_config, unread_keys
 
     grid = parse_grid(args.grid, args.overrides)
     recipe = find_recipe(args.recipe) if args.recipe else None
@@ -123,8 +123,7 @@ def build_points(args):
     if unread:
         raise ConfigError(f"--grid {unread[0]}: task {task} does not read it, so every point "
                           f"would train the same model")  # fmt: skip
-    for key in unread_keys(task, [parse_override(text)[0] for text in args.overrides]):
-        log(f"warning: --set {key} is ignored: task {task} does not read it")
+    warn_ignored_settings(task, args.overrides)
     return points
 
 

@@ -56,6 +56,15 @@ def log(message):
     print(f"[fmkeras {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+def warn_ignored_settings(task, overrides):
+    """One warning per `--set key=value` of `overrides` that `task` does not read."""
+    from fmkeras.config import parse_override, unread_keys
+
+    for key in unread_keys(task, [parse_override(text)[0] for text in overrides]):
+        log(f"warning: --set {key} is ignored: task {task} does not read it (--list-keys "
+            f"shows the keys it reads)")  # fmt: skip
+
+
 def bundled_recipes():
     return sorted(path.stem for path in RECIPES.glob("*.yaml"))
 
@@ -139,7 +148,7 @@ def quickstart(args):
 @cli.command
 def main(argv):
     args = build_parser().parse_args(argv)
-    from fmkeras.config import build_config, keys_for, parse_override, unread_keys
+    from fmkeras.config import build_config, keys_for
     from fmkeras.tasks.registry import canonical_task
 
     if not args.recipe and not args.task and not args.list_keys:
@@ -152,9 +161,7 @@ def main(argv):
         if recipe and config.task != task:
             raise ConfigError(f"{recipe} is a {config.task!r} recipe, not {args.task!r}")
         config.task = task
-    for key in unread_keys(config.task, [parse_override(text)[0] for text in args.overrides]):
-        log(f"warning: --set {key} is ignored: task {config.task} does not read it "
-            f"(--list-keys shows the keys it reads)")  # fmt: skip
+    warn_ignored_settings(config.task, args.overrides)
     if args.list_keys:
         for key, value in keys_for(config.task, config):
             print(f"{key}: {value}")
