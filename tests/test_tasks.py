@@ -274,6 +274,10 @@ def test_a_nan_loss_stops_every_task_with_its_last_good_backup(task, recipe, tmp
     assert not (tmp_path / "run" / "model.keras").exists()
 
 
+# Where a task keeps its validation examples (the encoder tasks: `valid_rows.inputs`).
+VALIDATION_EXAMPLES = {"en_zh": "valid_sources", "pretrain_gutenberg": "valid_sequences"}
+
+
 @pytest.mark.parametrize("recipe", ["sst2", "conll2003", "en_zh", "pretrain_gutenberg"])
 def test_eval_steps_validates_every_task_on_the_first_examples(recipe, tmp_path, data_dir,
                                                                capsys):  # fmt: skip
@@ -287,10 +291,9 @@ def test_eval_steps_validates_every_task_on_the_first_examples(recipe, tmp_path,
         with_steps = {**settings, "train.eval_steps": eval_steps or "null"}
         task, _ = built_task(REPO / "trainers" / f"{recipe}.yaml", with_steps, tmp_path / out)
         rows = sum(int(labels.shape[0]) for _, labels, *_ in task.valid_data)
-        examples = {"en_zh": getattr(task, "valid_sources", None),
-                    "pretrain_gutenberg": getattr(task, "valid_sequences", None)}  # fmt: skip
-        return rows, examples.get(recipe, getattr(task, "valid_rows", None) and
-                                  task.valid_rows.inputs)  # fmt: skip
+        if recipe in VALIDATION_EXAMPLES:
+            return rows, getattr(task, VALIDATION_EXAMPLES[recipe])
+        return rows, task.valid_rows.inputs
 
     rows, everything = validated(None, "all")
     whole = len(everything) // 4 * 4 if recipe == "pretrain_gutenberg" else len(everything)

@@ -91,7 +91,9 @@ class TransformerEncoderBlock(TransformerBlock):
 
     def attention_values(self, inputs):
         """The value vectors `(batch, seq, heads, value_dim)` this block's
-        self-attention reads for `inputs` (MiniLM's value-relation transfer)."""
+        self-attention reads for `inputs` (MiniLM's value-relation transfer).
+        It projects them again beside `call`: one extra value matmul per paired
+        block, which keeps the attention's return values unchanged."""
         x = self._sublayer_input(inputs, self.self_attention_layer_norm)
         return self.self_attention_layer.value_dense(x)
 

@@ -20,9 +20,10 @@ teacher runs once, one at a time, over the training rows.
 With `distill.hidden_weight`, `attention_weight` or `value_weight` above 0
 the student also learns the teacher's intermediate layers (`models.Distiller`:
 hidden states as TinyBERT, attention probabilities and value relations as
-MiniLM, between the blocks `distill.layers` pairs). The student must then read the teacher's
-vocabulary (e.g. a student made by `fmkeras.compress prune --layers`), and
-the teacher runs beside it on every batch instead of cached logits.
+MiniLM, between the blocks `distill.layers` pairs). The student must then
+read the teacher's vocabulary (e.g. a student made by `fmkeras.compress prune
+--layers`), and the teacher runs beside it on every batch instead of cached
+logits.
 
 The finished run is a classify run in every other respect: evaluate,
 predict, explain and export treat it as one.
