@@ -216,6 +216,9 @@ class TrainConfig:
     profile_steps: str | None = None  # "START,END": a TensorBoard profile of these steps
     # a validation metric (accuracy, f1, bleu, loss, ...): the saved model is the best one
     keep_best: str | None = None
+    # decay of a moving average of the weights (e.g. 0.99: about the last 100 steps; 0: off):
+    # validation, keep_best and the saved model use the average
+    ema: float = 0.0
     label_smoothing: float = key(0.0, "translate")
     peak_gflops: float | None = None  # per-replica peak for MFU; default measured matmul ceiling
     seed: int = 42
@@ -572,6 +575,8 @@ def validate(config):
             f"finetune.lora_targets={finetune.lora_targets!r}: use a comma-separated subset of "
             f"{', '.join(LORA_TARGETS)}"
         )
+    if not 0.0 <= train.ema < 1.0:
+        raise ConfigError(f"train.ema is a decay in [0, 1) (0: off), got {train.ema}")
     if not 0.0 <= train.label_smoothing < 1.0:
         raise ConfigError(f"train.label_smoothing must be in [0, 1), got {train.label_smoothing}")
     if data.shared_vocabulary and data.target_vocab_file:

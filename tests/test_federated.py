@@ -120,6 +120,8 @@ def test_settings_travel_as_a_flower_run_config_and_the_app_names_the_apps(tmp_p
     (["simulate", "--recipe", "en_zh"], "runs classify and tag recipes, not 'translate'"),
     (["simulate", "--recipe", "sst2_federated", "--set", "federated.rounds=0"],
      "federated.rounds must be positive"),
+    (["simulate", "--recipe", "sst2_federated", "--set", "train.ema=0.99"],
+     "train.ema averages one run's weights over its steps"),
 ])  # fmt: skip
 def test_command_line_mistakes_are_one_line_errors(args, message, capsys):
     from fmkeras.federated.command import main

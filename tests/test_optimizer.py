@@ -169,3 +169,37 @@ def test_a_learning_rate_factor_is_the_step_of_a_scaled_learning_rate(fused_upda
     assert not np.allclose(with_factor, step(0.1, None)[0])
     np.testing.assert_allclose(with_factor, step(0.025, None)[0], rtol=1e-6)
     np.testing.assert_allclose(other, step(0.1, None)[1], rtol=1e-6)
+
+
+def test_ema_averages_the_weights_and_fit_leaves_them_to_the_driver():
+    """`train.ema`: the first step's weights, then `d * average + (1 - d) *
+    weight` with Model Garden's dynamic decay `d = min(ema, (1 + t) / (10 + t))`,
+    kept out of the model when `fit` ends (the driver fits once per phase);
+    `averaged_weights` swaps it in and back."""
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, use_bias=False)])
+    train = TrainConfig(steps=30, learning_rate=0.1, warmup_steps=0, decay="constant", ema=0.5)
+    model.compile(optimizer=create_optimizer(train), loss="mse")
+    x, y = np.array([[1.0, 2.0]], "float32"), np.array([[1.0]], "float32")
+    average = None
+    for step in range(12):  # the decay is dynamic for t < 8, then 0.5
+        model.fit(x, y, verbose=0)  # one step per fit, as between backups
+        weight = model.weights[0].numpy()
+        decay = min(0.5, (1 + step) / (10 + step))
+        average = weight if average is None else decay * average + (1 - decay) * weight
+    assert not np.allclose(weight, average)  # fit did not copy the average in
+    with model.optimizer.averaged_weights():
+        np.testing.assert_allclose(model.weights[0].numpy(), average, rtol=1e-6)
+    np.testing.assert_array_equal(model.weights[0].numpy(), weight)
+    model.optimizer.use_averaged_weights()
+    np.testing.assert_allclose(model.weights[0].numpy(), average, rtol=1e-6)
+
+
+def test_masked_weights_stay_zero_in_their_average():
+    variable = keras.Variable(np.ones((2, 2), "float32"), name="kernel")
+    mask = keras.Variable(np.array([[1.0, 0.0], [0.0, 1.0]], "float32"), trainable=False)
+    optimizer = create_optimizer(TrainConfig(steps=10, ema=0.9))
+    optimizer.mask_weights({variable.path: mask})
+    for _ in range(2):
+        optimizer.apply_gradients([(np.ones((2, 2), "float32"), variable)])
+    with optimizer.averaged_weights():
+        np.testing.assert_array_equal(variable.numpy() == 0, mask.numpy() == 0)

@@ -28,6 +28,7 @@ from fmkeras.tasks import load_run
 from fmkeras.tasks.base import Predictor, Task
 from fmkeras.tasks.registry import canonical_task, get_task, register_task, task_names
 from fmkeras.train import main as train_main
+from fmkeras.training.checkpoints import restore_backup
 from fmkeras.training.run_dir import RunDir
 
 BUCKETS = 64
@@ -214,6 +215,49 @@ def test_keep_best_saves_the_best_validation_not_the_last(tmp_path, capsys):
     assert int(saved.optimizer.iterations.numpy()) == 50  # the step-50 weights were restored
     assert train_main([*args, "--set", "train.keep_best=f1"]) == 2
     assert "train.keep_best='f1': validation reports loss, accuracy" in capsys.readouterr().err
+
+
+class RecordingWordCountTask(WordCountTask):
+    """Records the weights each validation sees, by optimizer step."""
+
+    name = "recorded_count"
+    aliases = ()
+    seen = {}
+
+    def evaluate(self, model):
+        step = int(model.optimizer.iterations.numpy())
+        self.seen[step] = [w.numpy() for w in model.trainable_weights]
+        return super().evaluate(model)
+
+
+def test_ema_validates_keeps_and_saves_the_moving_average_and_resumes_raw(tmp_path):
+    register_task(RecordingWordCountTask)
+    train = write_lines(tmp_path / "train.txt", 200, seed=0)
+    args = ["recorded_count", "--out", str(tmp_path / "run")]
+    for key, value in {"data.train_file": train, "data.valid_file": train, "train.steps": 60,
+                       "train.checkpoint_every": 20, "train.eval_every": 20,
+                       "train.keep_backups": 3, "train.ema": 0.9, "train.learning_rate": 1e-2,
+                       "train.keep_best": "loss", "train.jit_compile": "false"}.items():
+        args += ["--set", f"{key}={value}"]  # fmt: skip
+    assert train_main(args) == 0
+    assert sorted(RecordingWordCountTask.seen) == [20, 40, 60]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    saved = fmkeras.load_model(tmp_path / "run" / "model.keras")
+    for step, seen in RecordingWordCountTask.seen.items():
+        # A backup holds the weights training goes on from (a resumed run continues
+        # them exactly) and their averages, which are what validation saw.
+        restore_backup(saved, tmp_path / "run" / "backup" / f"step-{step:08d}")
+        raw = [w.numpy() for w in saved.trainable_weights]
+        with saved.optimizer.averaged_weights():
+            averaged = [w.numpy() for w in saved.trainable_weights]
+        for got, average in zip(seen, averaged, strict=True):
+            np.testing.assert_array_equal(got, average)
+        assert not all(np.array_equal(a, w) for a, w in zip(averaged, raw, strict=True))
+        if step == metrics["best_step"]:
+            best = averaged
+    saved = fmkeras.load_model(tmp_path / "run" / "model.keras")  # the best step's average
+    for weight, average in zip(saved.trainable_weights, best, strict=True):
+        np.testing.assert_array_equal(weight.numpy(), average)
 
 
 def test_tasks_outside_fmkeras_work_from_the_command_line(tmp_path):

@@ -48,6 +48,9 @@ class Settings:
         if config.task not in ("classify", "tag"):
             raise ConfigError(f"federated training runs classify and tag recipes, not "
                               f"{config.task!r}")
+        if config.train.ema:
+            raise ConfigError("train.ema averages one run's weights over its steps; federated "
+                              "clients restart from the server's weights every round: set it to 0")
         return config
 
     def run_config(self):

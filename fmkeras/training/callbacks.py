@@ -1,6 +1,7 @@
 """Callbacks: TensorBoard scalars with throughput and MFU, periodic
 validation, a NaN guard and a SIGTERM stop."""
 
+import contextlib
 import math
 import signal
 import sys
@@ -303,15 +304,19 @@ class Evaluator(keras.callbacks.Callback):
     """Validates at the first epoch end on or after every `eval_every` steps
     (the final step is left to the driver): `evaluate(model)` -> dict of
     metrics, written through `logger.write_validation` and handed to
-    `on_validation(model, step, metrics)` if given (e.g. `BestKeeper.update`)."""
+    `on_validation(model, step, metrics)` if given (e.g. `BestKeeper.update`).
+    Both run inside `weights()` if given, a context manager that puts the
+    weights to validate in the model (e.g. `AdamW.averaged_weights`)."""
 
-    def __init__(self, evaluate, logger, eval_every, final_step, on_validation=None):
+    def __init__(self, evaluate, logger, eval_every, final_step, on_validation=None,
+                 weights=None):  # fmt: skip
         super().__init__()
         self.evaluate = evaluate
         self.logger = logger
         self.eval_every = eval_every
         self.final_step = final_step
         self.on_validation = on_validation
+        self.weights = weights or contextlib.nullcontext
         self.last_step = None
 
     def on_epoch_end(self, epoch, logs=None):
@@ -321,10 +326,11 @@ class Evaluator(keras.callbacks.Callback):
         if self.model.stop_training:  # NaN or SIGTERM: stop without validating
             return
         if step // self.eval_every > last // self.eval_every and step < self.final_step:
-            metrics = self.evaluate(self.model)
-            self.logger.write_validation(step, metrics)
-            if self.on_validation is not None:
-                self.on_validation(self.model, step, metrics)
+            with self.weights():
+                metrics = self.evaluate(self.model)
+                self.logger.write_validation(step, metrics)
+                if self.on_validation is not None:
+                    self.on_validation(self.model, step, metrics)
 
 
 class Profiler(keras.callbacks.Callback):

@@ -133,8 +133,12 @@ def _train(task, strategy, log):
         if from_step:
             log(f"keep_best: {train.keep_best} from step {from_step} on, where sparsity.target "
                 "is reached")
+    if train.ema:
+        log(f"train.ema={train.ema:g}: validation, keep_best and the saved model use the "
+            f"weights' moving average (about the last {1 / (1 - train.ema):.0f} steps)")
     evaluator = Evaluator(task.evaluate, logger, train.eval_every, train.steps,
-                          on_validation=keeper.update if keeper else None)  # fmt: skip
+                          on_validation=keeper.update if keeper else None,
+                          weights=optimizer.averaged_weights if train.ema else None)  # fmt: skip
     callbacks = [logger, evaluator] + ([pruning] if pruning else [])
     if train.profile_steps:
         start, end = profile_range(train)
@@ -143,6 +147,8 @@ def _train(task, strategy, log):
     started = time.time()
     trainer.fit(model, task.train_dataset, train, run, start_step, callbacks,
                 write_extra=write_extra)  # fmt: skip
+    if train.ema:
+        optimizer.use_averaged_weights()
     validation = task.evaluate(model)
     logger.write_validation(train.steps, validation)
     best = {}

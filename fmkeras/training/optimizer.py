@@ -1,7 +1,9 @@
 """AdamW with warmup + decay, no weight decay on LayerNorm and bias, the
-gradient norm measured for the logs, and embedding gradients kept sparse
-(optionally updated lazily, row by row)."""
+gradient norm measured for the logs, embedding gradients kept sparse
+(optionally updated lazily, row by row), and an optional moving average of
+the weights."""
 
+import contextlib
 import math
 
 import keras
@@ -63,6 +65,10 @@ class AdamW(keras.optimizers.AdamW):
     AdamW then updates only those rows, their moments and their weight decay
     (TF Addons' `LazyAdam`); the other rows wait unchanged until a batch uses
     them. Otherwise the gradient is made dense for the update, as in Keras.
+
+    With `use_ema` it keeps a moving average of the weights (Keras's, with
+    Model Garden's dynamic decay) that it leaves to the caller to use:
+    `averaged_weights()` for a while, `use_averaged_weights()` for good.
     """
 
     def __init__(self, *args, lazy_embeddings=False, **kwargs):
@@ -211,10 +217,56 @@ class AdamW(keras.optimizers.AdamW):
         result = super().apply(grads, trainable_variables)
         masks = self.__dict__.get("_masks")
         if masks:
-            for variable in trainable_variables or self._trainable_variables:
+            for index, variable in enumerate(self._trainable_variables):
                 if variable.path in masks:
-                    variable.assign(variable * ops.cast(masks[variable.path], variable.dtype))
+                    mask = masks[variable.path]
+                    variable.assign(variable * ops.cast(mask, variable.dtype))
+                    if self.use_ema:  # the average keeps the pruned zeros too
+                        average = self._model_variables_moving_average[index]
+                        average.assign(average * ops.cast(mask, average.dtype))
         return result
+
+    def _update_model_variables_moving_average(self, trainable_variables):
+        """Keras's moving average (`use_ema`) with Model Garden's dynamic decay
+        (`tf.train.ExponentialMovingAverage` with `num_updates`): at step t
+        the decay is `min(ema_momentum, (1 + t) / (10 + t))`, so early averages
+        are not held back by the initial weights; the first step's weights
+        start it."""
+        step = ops.cast(self.iterations, "float32")
+        decay = ops.where(step > 0, ops.minimum(self.ema_momentum, (1.0 + step) / (10.0 + step)),
+                          0.0)  # fmt: skip
+        for variable, average in zip(trainable_variables, self._model_variables_moving_average,
+                                     strict=True):  # fmt: skip
+            rate = ops.cast(decay, average.dtype)
+            average.assign(rate * average + (1.0 - rate) * ops.cast(variable, average.dtype))
+
+    def finalize_variable_values(self, var_list):
+        """Nothing: Keras would copy the moving averages (`use_ema`) into the
+        model at the end of every `fit`, and the driver fits once per phase
+        between backups. `averaged_weights` and `use_averaged_weights` are
+        where the averages enter the model."""
+
+    @contextlib.contextmanager
+    def averaged_weights(self):
+        """With `use_ema`: the trained variables hold their moving averages
+        while the block runs (validation, `train.keep_best`), and their own
+        values again after it; the averages are untouched."""
+        self._swap_averages()
+        try:
+            yield
+        finally:
+            self._swap_averages()
+
+    def _swap_averages(self):
+        averages = self._model_variables_moving_average
+        for variable, average in zip(self._trainable_variables, averages, strict=True):
+            value = ops.convert_to_numpy(variable)
+            variable.assign(average)
+            average.assign(value)
+
+    def use_averaged_weights(self):
+        """With `use_ema`: the trained variables take their moving averages for good."""
+        self._overwrite_model_variables_with_average_value(self._trainable_variables)
 
 
 def deduplicated(gradient):
@@ -243,7 +295,8 @@ def scaled(gradient, scale):
 
 
 def create_optimizer(train_config, rate_factors=None):
-    """AdamW from a `TrainConfig`: schedule, weight-decay exclusions, clipping;
+    """AdamW from a `TrainConfig`: schedule, weight-decay exclusions, clipping,
+    the weights' moving average (`train.ema`, Keras's `use_ema`);
     `rate_factors` (variable path -> multiple of the scheduled learning rate,
     e.g. `Task.learning_rate_factors`) for per-variable rates."""
     warmup = train_config.warmup_steps
@@ -259,6 +312,8 @@ def create_optimizer(train_config, rate_factors=None):
         epsilon=1e-6,
         global_clipnorm=train_config.clip_norm or None,
         lazy_embeddings=train_config.lazy_embeddings,
+        use_ema=train_config.ema > 0,
+        ema_momentum=train_config.ema or 0.99,
     )
     optimizer.exclude_from_weight_decay(var_names=NO_DECAY_NAMES)
     if rate_factors:
