@@ -123,7 +123,7 @@ def build_points(args):
     if unread:
         raise ConfigError(f"--grid {unread[0]}: task {task} does not read it, so every point "
                           f"would train the same model")  # fmt: skip
-    warn_ignored_settings(task, args.overrides)
+    warn_ignored_settings(task, args.overrides, recipe)
     return points
 
 

@@ -56,13 +56,18 @@ def log(message):
     print(f"[fmkeras {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def warn_ignored_settings(task, overrides):
-    """One warning per `--set key=value` of `overrides` that `task` does not read."""
-    from fmkeras.config import parse_override, unread_keys
+def warn_ignored_settings(task, overrides, recipe=None):
+    """One warning per key of the `recipe` file and per `--set key=value` of
+    `overrides` that `task` does not read."""
+    from fmkeras.config import load_recipe, parse_override, unread_keys
 
-    for key in unread_keys(task, [parse_override(text)[0] for text in overrides]):
-        log(f"warning: --set {key} is ignored: task {task} does not read it (--list-keys "
-            f"shows the keys it reads)")  # fmt: skip
+    sources = [("--set", [parse_override(text)[0] for text in overrides])]
+    if recipe is not None:
+        sources.insert(0, (f"{recipe}:", list(load_recipe(recipe))))
+    for where, keys in sources:
+        for key in unread_keys(task, keys):
+            log(f"warning: {where} {key} is ignored: task {task} does not read it (--list-keys "
+                f"shows the keys it reads)")  # fmt: skip
 
 
 def bundled_recipes():
@@ -161,7 +166,7 @@ def main(argv):
         if recipe and config.task != task:
             raise ConfigError(f"{recipe} is a {config.task!r} recipe, not {args.task!r}")
         config.task = task
-    warn_ignored_settings(config.task, args.overrides)
+    warn_ignored_settings(config.task, args.overrides, recipe)
     if args.list_keys:
         for key, value in keys_for(config.task, config):
             print(f"{key}: {value}")

@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from fmkeras import __version__
 from fmkeras.cli import COMMANDS
-from fmkeras.train import find_recipe
+from fmkeras.train import bundled_recipes, find_recipe
 from fmkeras.train import main as train_main
 
 
@@ -181,11 +181,18 @@ def test_train_points_are_window_means_not_running_means(small_vocab, tmp_path):
     assert {"config", "_hparams_/session_start_info"} <= set(tags)
 
 
-def test_a_key_the_task_does_not_read_is_reported_as_ignored(capsys):
-    args = ["--recipe", "pretrain_gutenberg", "--set", "finetune.layer_decay=0.9",
+def test_a_key_the_task_does_not_read_is_reported_as_ignored(capsys, tmp_path):
+    recipe = tmp_path / "pretrain.yaml"
+    recipe.write_text("task: mlm\ndecode:\n  beam_width: 2\ntrain:\n  steps: 3\n",
+                      encoding="utf-8")  # fmt: skip
+    args = ["--recipe", str(recipe), "--set", "finetune.layer_decay=0.9",
             "--set", "train.steps=5", "--list-keys"]  # fmt: skip
     assert train_main(args) == 0
     said = capsys.readouterr().out
     assert ("warning: --set finetune.layer_decay is ignored: task mlm does not read it "
             "(--list-keys shows the keys it reads)") in said  # fmt: skip
+    assert f"warning: {recipe}: decode.beam_width is ignored: task mlm does not read it" in said
     assert "train.steps is ignored" not in said and "train.steps: 5" in said
+    for name in bundled_recipes():  # the bundled recipes set only keys their task reads
+        assert train_main(["--recipe", name, "--list-keys"]) == 0
+        assert "is ignored" not in capsys.readouterr().out, name
