@@ -99,6 +99,7 @@ def test_finetune_keys_are_checked():
         ("train.learning_rate=0", "train.learning_rate must be positive"),
         ("model.dropout=1.5", "model.dropout must be in [0, 1)"),
         ("finetune.layer_decay=0", "finetune.layer_decay must be in (0, 1], got 0.0"),
+        ("train.ema=1", "train.ema is a decay in [0, 1) (0: off), got 1.0"),
         ("distribute.strategy=tpu", "distribute.strategy=tpu needs distribute.tpu"),
         ("train.precision=fp8", "train.precision='fp8' is not one of auto, float32"),
         ("train.profile_steps=5", "train.profile_steps='5': use START,END"),
