@@ -15,13 +15,14 @@ from fmkeras.config import distill_teacher_blocks
 from fmkeras.export import main as export_main
 from fmkeras.models import Classifier, Distiller, Encoder
 from fmkeras.models.distiller import (
+    DistillationLoss,
     attention_loss,
     hidden_state_loss,
     uniform_layer_pairs,
     value_relation_loss,
 )
 from fmkeras.tasks import load_run
-from fmkeras.tasks.distill import DistillationLoss, cached_logits
+from fmkeras.tasks.distill import cached_logits
 from fmkeras.text.augment import augment_texts
 from fmkeras.train import main as train_main
 

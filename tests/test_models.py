@@ -1,3 +1,7 @@
+import json
+import subprocess
+import sys
+
 import keras_hub
 import numpy as np
 import pytest
@@ -160,3 +164,28 @@ def test_training_flops_are_six_n_plus_attention():
     assert flops == pytest.approx(6 * n + 12 * 4 * 128 * 256 + head)
     rows = {r["size"]: r for r in size_table()}
     assert rows["base"]["params_total"] == pytest.approx(110e6, rel=0.02)  # BERT-Base: 110M
+
+
+REGISTERED = """
+import importlib, json, pkgutil
+import keras
+import fmkeras
+importlib.import_module("fmkeras.models")  # what fmkeras.load_model imports
+names = lambda: {k for k in keras.saving.get_custom_objects() if k.startswith("fmkeras>")}
+registered = names()
+for module in pkgutil.walk_packages(fmkeras.__path__, "fmkeras."):
+    if not module.name.endswith("__main__"):
+        importlib.import_module(module.name)
+print(json.dumps(sorted(names() - registered)))
+"""
+
+
+def test_load_model_knows_every_class_fmkeras_saves():
+    """`fmkeras.load_model` (through `import fmkeras.models`) registers every
+    class and function of fmkeras that a saved model may name: the losses of
+    an MLM, causal-LM, translation or distillation run's compile config
+    included. Checked in a fresh process, where no task module is imported."""
+    found = subprocess.run([sys.executable, "-c", REGISTERED], capture_output=True, text=True,
+                           timeout=300)  # fmt: skip
+    assert found.returncode == 0, found.stderr[-3000:]
+    assert json.loads(found.stdout.strip().splitlines()[-1]) == []

@@ -37,11 +37,15 @@ from pathlib import Path
 import keras
 import numpy as np
 import tensorflow as tf
-from keras import ops
 
 from fmkeras.config import distill_teacher_blocks
 from fmkeras.errors import ConfigError
-from fmkeras.models.distiller import Distiller, soft_target_loss, uniform_layer_pairs
+from fmkeras.models.distiller import (
+    DistillationLoss,
+    Distiller,
+    label_accuracy,
+    uniform_layer_pairs,
+)
 from fmkeras.tasks import load_run
 from fmkeras.tasks.classify import ClassifyTask
 from fmkeras.tasks.finetune import EncoderTask, collect
@@ -54,40 +58,6 @@ from fmkeras.training.run_dir import RunDir
 TEACHER_TASKS = ("classify", "distill")
 TEACHER_LOGITS = "teacher_logits.npz"  # in the student's run directory
 LAYER_WEIGHTS = "distill.hidden_weight/attention_weight/value_weight"  # intermediate transfer
-
-
-@keras.saving.register_keras_serializable(package="fmkeras")
-class DistillationLoss(keras.losses.Loss):
-    """Soft-target KL at a temperature plus hard-label cross-entropy.
-
-    `y_true` is `(batch, 1 + classes)`: the label, then the teacher's logits.
-
-    Args:
-        temperature: float. Softens teacher and student distributions.
-        alpha: float. Weight of the soft-target term (scaled by T^2, so its
-            gradients keep their size as T changes).
-    """
-
-    def __init__(self, temperature=2.0, alpha=0.5, name="distillation", **kwargs):
-        super().__init__(name=name, **kwargs)
-        self.temperature = temperature
-        self.alpha = alpha
-
-    def call(self, y_true, y_pred):
-        labels = ops.cast(y_true[:, 0], "int32")  # (batch,)
-        y_pred = ops.cast(y_pred, "float32")  # (batch, classes)
-        soft = soft_target_loss(y_true[:, 1:], y_pred, self.temperature)
-        hard = keras.losses.sparse_categorical_crossentropy(labels, y_pred, from_logits=True)
-        return self.alpha * soft + (1.0 - self.alpha) * hard
-
-    def get_config(self):
-        return {**super().get_config(), "temperature": self.temperature, "alpha": self.alpha}
-
-
-@keras.saving.register_keras_serializable(package="fmkeras")
-def label_accuracy(y_true, y_pred):
-    """Accuracy against the label column of distillation targets."""
-    return keras.metrics.sparse_categorical_accuracy(ops.cast(y_true[:, 0], "int32"), y_pred)
 
 
 @register_task
