@@ -18,7 +18,12 @@ import fmkeras
 from fmkeras.export import main as export_main
 from fmkeras.tasks import load_run
 from fmkeras.train import main
-from fmkeras.training.precision import in_dtype_policy, resolve_precision
+from fmkeras.training.precision import (
+    cpu_bf16_flags,
+    cpu_kind,
+    in_dtype_policy,
+    resolve_precision,
+)
 
 
 def profile_summary(path):
@@ -28,10 +33,30 @@ def profile_summary(path):
 def test_auto_precision_follows_the_hardware():
     strategy = tf.distribute.get_strategy()
     assert resolve_precision("mixed_float16", strategy)[0] == "mixed_float16"
-    policy, reason = resolve_precision("auto", strategy, cpu_flags=["avx512_bf16"])
+    policy, reason = resolve_precision("auto", strategy, flags=["avx512_bf16", "avx2"])
     assert policy == "mixed_bfloat16" and "avx512_bf16" in reason
-    policy, reason = resolve_precision("auto", strategy, cpu_flags=[])
+    policy, reason = resolve_precision("auto", strategy, flags=["avx2"])
     assert policy == "float32" and "no bfloat16 matrix path" in reason
+
+
+def test_auto_xla_follows_the_measurements_of_each_kind_of_cpu(monkeypatch):
+    from fmkeras.training import trainer
+
+    strategy = tf.distribute.get_strategy()
+    monkeypatch.setattr(trainer.tf.config, "list_logical_devices", lambda kind=None: [])
+    decided = {}
+    for kind in ("amx_bf16", "avx512_bf16", "avx2", "other"):
+        monkeypatch.setattr(trainer, "cpu_kind", lambda kind=kind: kind)
+        for dtype in ("float32", "bfloat16"):
+            decided[kind, dtype] = trainer.resolve_jit_compile("auto", strategy, dtype)
+    # Without AMX, XLA's fusions win the bfloat16 step; with it, oneDNN's graph-mode kernels.
+    assert decided["avx512_bf16", "bfloat16"] == (
+        True, "auto: on for bfloat16 on a CPU avx512_bf16, as measured")  # fmt: skip
+    assert decided["amx_bf16", "bfloat16"][0] is False
+    assert not any(decided[kind, "float32"][0] for kind in ("amx_bf16", "avx512_bf16", "avx2"))
+    assert decided["other", "float32"] == (False, "auto: off for float32 on a CPU other "
+                                           "(not measured there)")  # fmt: skip
+    assert trainer.resolve_jit_compile("true", strategy) == (True, "set by train.jit_compile")
 
 
 def test_a_bfloat16_run_trains_resumes_reloads_and_exports_float32(tmp_path, small_vocab, capsys):
@@ -48,7 +73,10 @@ def test_a_bfloat16_run_trains_resumes_reloads_and_exports_float32(tmp_path, sma
     summary = profile_summary(run / "logs" / "profile")
     assert summary.returncode == 0, summary.stderr[-2000:]
     assert "2 step(s)" in summary.stdout  # 12,14 from the run's config
-    assert "| matmul |" in summary.stdout and "_MklMatMul" in summary.stdout
+    # oneDNN runs bfloat16 matmuls only where the CPU has a bf16 matrix path (AMX or
+    # AVX512-BF16); elsewhere (an AVX2-only CPU) they are TensorFlow's Eigen `MatMul`.
+    matmul_kernel = "_MklMatMul" if cpu_bf16_flags() else "| MatMul |"
+    assert "| matmul |" in summary.stdout and matmul_kernel in summary.stdout
     assert "| XLA clusters (fmkeras.fused" in summary.stdout  # the driver's fit fuses
     assert "transformer_layer/feedforward_intermediate_dense (backward)" in summary.stdout
     (tmp_path / "empty").mkdir()
@@ -95,3 +123,10 @@ def test_the_peak_is_cached_only_when_calibrated_on_an_idle_machine(tmp_path, mo
     assert "calibrated now, cached" in throughput.peak_gflops("bfloat16", cache=cache, rounds=1)[1]
     monkeypatch.setattr(throughput, "measure_matmul_gflops", lambda **kwargs: 1.0)
     assert throughput.peak_gflops("bfloat16", cache=cache, rounds=1)[0] == 100.0  # from the cache
+    # One model name covers CPUs with and without a bf16 matrix path ("AMD EPYC"): the
+    # cache keeps their peaks apart.
+    assert f"({cpu_kind()}) x" in throughput.device_name()
+    other = "avx2" if cpu_kind() != "avx2" else "avx512_bf16"
+    monkeypatch.setattr(throughput, "cpu_kind", lambda: other)
+    gflops, origin = throughput.peak_gflops("bfloat16", cache=cache, rounds=1)
+    assert gflops == 1.0 and origin.startswith("calibrated now")

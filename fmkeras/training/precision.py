@@ -13,22 +13,37 @@ from pathlib import Path
 import tensorflow as tf
 
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of a bf16 matrix path
+# A CPU's widest matrix path, widest first: what `train.jit_compile: auto` and the
+# cached matmul peaks tell CPUs apart by (one model name, e.g. "AMD EPYC", covers
+# CPUs with and without AVX-512).
+CPU_KINDS = ("amx_bf16", "avx512_bf16", "avx512f", "avx2")
 
 
-def cpu_bf16_flags(cpuinfo=Path("/proc/cpuinfo")):
-    """The bf16 matrix-instruction flags this CPU reports (empty where unknown)."""
+def cpu_flags(cpuinfo=Path("/proc/cpuinfo")):
+    """The flags this CPU reports in /proc/cpuinfo (empty where unknown)."""
     try:
-        flags = next(line for line in cpuinfo.read_text().splitlines()
-                     if line.startswith("flags")).split()  # fmt: skip
+        return next(line for line in cpuinfo.read_text().splitlines()
+                    if line.startswith("flags")).split()  # fmt: skip
     except (OSError, StopIteration):
         return []
+
+
+def cpu_bf16_flags(flags=None):
+    """The bf16 matrix-instruction flags among `flags` (default: this CPU's)."""
+    flags = cpu_flags() if flags is None else flags
     return [flag for flag in CPU_BF16_FLAGS if flag in flags]
 
 
-def resolve_precision(setting, strategy, cpu_flags=None):
+def cpu_kind(flags=None):
+    """The widest of `CPU_KINDS` among `flags` (default: this CPU's), or "other"."""
+    flags = cpu_flags() if flags is None else flags
+    return next((kind for kind in CPU_KINDS if kind in flags), "other")
+
+
+def resolve_precision(setting, strategy, flags=None):
     """`(policy, reason)` for `train.precision`: `auto` is `mixed_bfloat16` on
     TPUs, on GPUs of compute capability 8.0 or newer and on CPUs with AMX-BF16
-    or AVX512-BF16, and `float32` elsewhere."""
+    or AVX512-BF16, and `float32` elsewhere (`flags`: the CPU's, for tests)."""
     if setting != "auto":
         return setting, "set by train.precision"
     if isinstance(strategy, tf.distribute.TPUStrategy):
@@ -40,9 +55,9 @@ def resolve_precision(setting, strategy, cpu_flags=None):
         if min(capabilities) >= (8, 0):
             return "mixed_bfloat16", f"auto: GPUs of compute capability {min(capabilities)}"
         return "float32", f"auto: GPUs of compute capability {min(capabilities)} lack bfloat16"
-    flags = cpu_bf16_flags() if cpu_flags is None else cpu_flags
-    if flags:
-        return "mixed_bfloat16", f"auto: the CPU has {', '.join(flags)}"
+    bf16_flags = cpu_bf16_flags(flags)
+    if bf16_flags:
+        return "mixed_bfloat16", f"auto: the CPU has {', '.join(bf16_flags)}"
     return "float32", "auto: no bfloat16 matrix path on this CPU"
 
 

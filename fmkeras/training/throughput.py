@@ -17,6 +17,8 @@ from pathlib import Path
 
 import tensorflow as tf
 
+from fmkeras.training.precision import cpu_kind
+
 CACHE = Path(os.environ.get("FMKERAS_CACHE", Path.home() / ".cache" / "fmkeras")) / "peaks.json"
 
 
@@ -38,18 +40,21 @@ def measure_matmul_gflops(size=2048, repeats=6, device=None, dtype="float32", ji
 
 
 def device_name(device="/cpu:0"):
-    """A name for the hardware behind `device` (the CPU model or the GPU's name)."""
+    """A name for the hardware behind `device`: the GPU's name, or the CPU's model,
+    widest matrix path (`precision.cpu_kind`) and core count."""
     if "GPU" in device.upper():
         gpus = tf.config.list_physical_devices("GPU")
         if gpus:
             return tf.config.experimental.get_device_details(gpus[0]).get("device_name", "GPU")
+    model = "CPU"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
+                model = line.split(":", 1)[1].strip()
+                break
     except OSError:
         pass
-    return f"CPU x{os.cpu_count()}"
+    return f"{model} ({cpu_kind()}) x{os.cpu_count()}"
 
 
 BUSY_LOAD = 0.5  # load average per core (beyond this process) at which other work shares them

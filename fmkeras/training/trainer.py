@@ -21,6 +21,7 @@ from fmkeras.training.checkpoints import (
     restore_backup,
     set_aside,
 )
+from fmkeras.training.precision import cpu_kind
 from fmkeras.workarounds import compile_replica_steps_with_xla
 
 
@@ -44,13 +45,17 @@ def fit_phases(start, steps, every):
     return phases
 
 
-# What `train.jit_compile: auto` picks on one device, by device kind and compute
-# dtype, from `tools/bench_train.py` (README, "Precision and XLA"). XLA's CPU
-# backend does not reach the bfloat16 matrix kernels that oneDNN uses in graph mode.
+# What `train.jit_compile: auto` picks on one device, by device (a CPU by its widest
+# matrix path, `precision.cpu_kind`) and compute dtype, from each implementation's best
+# rounds in `tools/bench_train.py` (README, "Training throughput against keras-hub and
+# Model Garden"). XLA's CPU backend does not reach the AMX kernels that oneDNN uses in
+# graph mode; without AMX, XLA's fusions win the bfloat16 step back. Unmeasured: off.
 XLA_BY_DEVICE = {
-    ("CPU", "float32"): False,
-    ("CPU", "bfloat16"): False,
-    ("CPU", "float16"): False,
+    ("CPU amx_bf16", "float32"): False,  # equal: mini 790 on / 791 ms off, small 1,884 / 1,885
+    ("CPU amx_bf16", "bfloat16"): False,  # mini 558 / 551 ms, small 999 / 985
+    ("CPU avx512_bf16", "float32"): False,  # off best at mini and small
+    ("CPU avx512_bf16", "bfloat16"): True,  # mini 580 / 653 ms, small 1,609 / 1,762
+    ("CPU avx2", "float32"): False,  # mini 1,917 / 1,753 ms, small 5,460 / 5,530
     ("GPU", "float32"): True,
     ("GPU", "bfloat16"): True,
     ("GPU", "float16"): True,
@@ -65,9 +70,11 @@ def resolve_jit_compile(setting, strategy, compute_dtype="float32"):
         return setting == "true", "set by train.jit_compile"
     if not distribute.is_single_device(strategy):
         return False, "auto: off under multi-device strategies (true: XLA per replica)"
-    kind = "GPU" if tf.config.list_logical_devices("GPU") else "CPU"
-    xla = XLA_BY_DEVICE.get((kind, compute_dtype), False)
-    return xla, f"auto: {'on' if xla else 'off'} for {compute_dtype} on a {kind}, as measured"
+    device = "GPU" if tf.config.list_logical_devices("GPU") else f"CPU {cpu_kind()}"
+    if (device, compute_dtype) not in XLA_BY_DEVICE:
+        return False, f"auto: off for {compute_dtype} on a {device} (not measured there)"
+    xla = XLA_BY_DEVICE[device, compute_dtype]
+    return xla, f"auto: {'on' if xla else 'off'} for {compute_dtype} on a {device}, as measured"
 
 
 def compile_model(model, strategy, train, log, **compile_args):
