@@ -165,12 +165,12 @@ def child(args):
     """Runs one measurement in this process and prints one JSON line."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if args.child == "ceiling":
-        from fmkeras.training.throughput import measure_matmul_gflops
+        from fmkeras.training.throughput import device_name, measure_matmul_gflops
 
         ceilings = {f"{dtype} {'XLA' if xla else 'graph'}":
                     measure_matmul_gflops(repeats=10, dtype=dtype, jit_compile=xla)
                     for dtype in ("float32", "bfloat16") for xla in (False, True)}  # fmt: skip
-        print(json.dumps(ceilings))
+        print(json.dumps({**ceilings, "machine": device_name()}))
         return
     from fmkeras.config import SIZES
 
@@ -247,6 +247,7 @@ def main():
     ceilings, samples = [], {}
     for round_index in range(args.repeats):
         ceilings.append(measure("ceiling"))
+        machine = ceilings[-1].pop("machine")  # the CPU's model, widest matrix path and cores
         for size in args.sizes:
             for impl in impls:
                 for precision in args.precisions:
@@ -280,7 +281,8 @@ def main():
             record["error"] = results[-1]["error"]
         records.append(record)
 
-    print(f"\nmatmul ceilings (2048^3, best of {len(ceilings)} rounds), GFLOP/s: "
+    print(f"\nmachine: {machine}")
+    print(f"matmul ceilings (2048^3, best of {len(ceilings)} rounds), GFLOP/s: "
           + ", ".join(f"{name} {value:.0f}" for name, value in best_ceiling.items()))  # fmt: skip
     print(
         f"sequence {SEQUENCE_LENGTH}, batch {BATCH_SIZE}, vocabulary {VOCABULARY_SIZE}, "
@@ -316,7 +318,8 @@ def main():
                   f"  fmkeras / {impl}: {ratio:.2f}x")  # fmt: skip
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump({"ceilings_gflops": best_ceiling, "runs": records}, handle, indent=2)
+            json.dump({"machine": machine, "ceilings_gflops": best_ceiling, "runs": records},
+                      handle, indent=2)  # fmt: skip
 
 
 if __name__ == "__main__":
