@@ -130,3 +130,23 @@ def test_the_peak_is_cached_only_when_calibrated_on_an_idle_machine(tmp_path, mo
     monkeypatch.setattr(throughput, "cpu_kind", lambda: other)
     gflops, origin = throughput.peak_gflops("bfloat16", cache=cache, rounds=1)
     assert gflops == 1.0 and origin.startswith("calibrated now")
+
+
+@pytest.mark.slow  # ~1 min: a ceiling probe and one training process, each importing TF
+def test_the_training_benchmark_names_the_machine_and_uses_the_mfu_definition(tmp_path):
+    report_path = tmp_path / "bench.json"
+    result = run_tool("bench_train", "--sizes", "tiny", "--impls", "fmkeras", "--xla", "off",
+                      "--precisions", "float32", "--repeats", 1, "--steps", 2, "--warmup", 1,
+                      "--json", report_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(report_path.read_text())
+    assert f"({cpu_kind()}) x" in report["machine"]
+    assert f"machine: {report['machine']}" in result.stdout
+    [run] = report["runs"]
+    assert (run["impl"], run["size"], run["precision"], run["xla"]) == (
+        "fmkeras", "tiny", "float32", False)  # fmt: skip
+    assert run["tokens_per_s"] == pytest.approx(32 * 128 / (run["step_ms"] / 1000))
+    ceilings = report["ceilings_gflops"]
+    peak = max(ceilings["float32 graph"], ceilings["float32 XLA"])  # of the precision in use
+    assert run["mfu"] == pytest.approx(run["gflop_per_s"] / peak)
+    assert "tiny   fmkeras" in result.stdout and "fmkeras / fmkeras: 1.00x" in result.stdout
