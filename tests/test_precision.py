@@ -44,18 +44,22 @@ def test_auto_xla_follows_the_measurements_of_each_kind_of_cpu(monkeypatch):
 
     strategy = tf.distribute.get_strategy()
     monkeypatch.setattr(trainer.tf.config, "list_logical_devices", lambda kind=None: [])
-    decided = {}
-    for kind in ("amx_bf16", "avx512_bf16", "avx2", "other"):
-        monkeypatch.setattr(trainer, "cpu_kind", lambda kind=kind: kind)
-        for dtype in ("float32", "bfloat16"):
-            decided[kind, dtype] = trainer.resolve_jit_compile("auto", strategy, dtype)
+    cpus = {  # /proc/cpuinfo flags of each kind (a Sapphire Rapids, a Zen 4, a Zen 3)
+        "amx_bf16": ["avx2", "avx512f", "avx512_bf16", "amx_bf16"],
+        "avx512_bf16": ["avx2", "avx512f", "avx512_bf16"],
+        "avx2": ["sse4_2", "avx2"],
+        "other": ["sse4_2"],
+    }
+    decided = {(kind, dtype): trainer.resolve_jit_compile("auto", strategy, dtype, flags)
+               for kind, flags in cpus.items() for dtype in ("float32", "bfloat16")}  # fmt: skip
     # Without AMX, XLA's fusions win the bfloat16 step; with it, oneDNN's graph-mode kernels.
     assert decided["avx512_bf16", "bfloat16"] == (
         True, "auto: on for bfloat16 on a CPU avx512_bf16, as measured")  # fmt: skip
     assert decided["amx_bf16", "bfloat16"][0] is False
     assert not any(decided[kind, "float32"][0] for kind in ("amx_bf16", "avx512_bf16", "avx2"))
-    assert decided["other", "float32"] == (False, "auto: off for float32 on a CPU other "
-                                           "(not measured there)")  # fmt: skip
+    assert decided["other", "float32"] == (
+        False, "auto: off for float32 on a CPU other (not measured there; "
+        "train.jit_compile=true tries it)")  # fmt: skip
     assert trainer.resolve_jit_compile("true", strategy) == (True, "set by train.jit_compile")
 
 

@@ -19,13 +19,19 @@ CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of a bf16 ma
 CPU_KINDS = ("amx_bf16", "avx512_bf16", "avx512f", "avx2")
 
 
-def cpu_flags(cpuinfo=Path("/proc/cpuinfo")):
-    """The flags this CPU reports in /proc/cpuinfo (empty where unknown)."""
+def cpuinfo_value(field, cpuinfo=Path("/proc/cpuinfo")):
+    """The first CPU's `field` in /proc/cpuinfo ("model name", "flags"), or None."""
     try:
-        return next(line for line in cpuinfo.read_text().splitlines()
-                    if line.startswith("flags")).split()  # fmt: skip
+        line = next(line for line in cpuinfo.read_text().splitlines()
+                    if line.split(":", 1)[0].strip() == field)  # fmt: skip
     except (OSError, StopIteration):
-        return []
+        return None
+    return line.split(":", 1)[1].strip()
+
+
+def cpu_flags():
+    """The flags this CPU reports in /proc/cpuinfo (empty where unknown)."""
+    return (cpuinfo_value("flags") or "").split()
 
 
 def cpu_bf16_flags(flags=None):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from fmkeras.training.precision import cpu_kind
+from fmkeras.training.precision import cpu_kind, cpuinfo_value
 
 CACHE = Path(os.environ.get("FMKERAS_CACHE", Path.home() / ".cache" / "fmkeras")) / "peaks.json"
 
@@ -46,15 +46,7 @@ def device_name(device="/cpu:0"):
         gpus = tf.config.list_physical_devices("GPU")
         if gpus:
             return tf.config.experimental.get_device_details(gpus[0]).get("device_name", "GPU")
-    model = "CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model} ({cpu_kind()}) x{os.cpu_count()}"
+    return f"{cpuinfo_value('model name') or 'CPU'} ({cpu_kind()}) x{os.cpu_count()}"
 
 
 BUSY_LOAD = 0.5  # load average per core (beyond this process) at which other work shares them

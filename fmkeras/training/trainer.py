@@ -62,17 +62,18 @@ XLA_BY_DEVICE = {
 }
 
 
-def resolve_jit_compile(setting, strategy, compute_dtype="float32"):
+def resolve_jit_compile(setting, strategy, compute_dtype="float32", flags=None):
     """`(xla, reason)` for `train.jit_compile`: `auto` looks `XLA_BY_DEVICE` up
     on one device and is off under multi-device strategies (XLA per replica is
-    opt-in there with `true`)."""
+    opt-in there with `true`). `flags`: the CPU's, for tests."""
     if setting != "auto":
         return setting == "true", "set by train.jit_compile"
     if not distribute.is_single_device(strategy):
         return False, "auto: off under multi-device strategies (true: XLA per replica)"
-    device = "GPU" if tf.config.list_logical_devices("GPU") else f"CPU {cpu_kind()}"
+    device = "GPU" if tf.config.list_logical_devices("GPU") else f"CPU {cpu_kind(flags)}"
     if (device, compute_dtype) not in XLA_BY_DEVICE:
-        return False, f"auto: off for {compute_dtype} on a {device} (not measured there)"
+        return False, (f"auto: off for {compute_dtype} on a {device} (not measured there; "
+                       "train.jit_compile=true tries it)")  # fmt: skip
     xla = XLA_BY_DEVICE[device, compute_dtype]
     return xla, f"auto: {'on' if xla else 'off'} for {compute_dtype} on a {device}, as measured"
 
