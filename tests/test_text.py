@@ -4,7 +4,13 @@ import tensorflow as tf
 
 from fmkeras.data import read_lines, require_file, resolve_data_dir
 from fmkeras.errors import DataError
-from fmkeras.text.mlm import mask_tokens, mlm_dataset, next_sentence_pairs, pack_sequences
+from fmkeras.text.mlm import (
+    causal_lm_dataset,
+    mask_tokens,
+    mlm_dataset,
+    next_sentence_pairs,
+    pack_sequences,
+)
 from fmkeras.text.wordpiece import RESERVED_TOKENS, WordPieceTokenizer, read_vocabulary
 
 VOCAB = RESERVED_TOKENS + ["hello", "world", "##s", "cafe", "中", "国", ",", "!", "the"]
@@ -164,13 +170,36 @@ def test_next_sentence_stream_resumes_exactly_and_shards_the_same(packed):
     np.testing.assert_array_equal(joined, targets["nsp"])
 
 
-def test_validation_stream_is_fixed(packed):
+@pytest.mark.parametrize("batch_size, sizes", [(16, [16, 16, 16, 12]), (100, [60])])
+def test_validation_stream_is_fixed_and_reads_every_sequence_once(packed, batch_size, sizes):
+    """One pass in file order: whole batches, then the rows that remain (or
+    one short batch when there are fewer rows than a batch)."""
     tokenizer, sequences = packed
-    make = lambda: mlm_dataset(sequences, tokenizer, 16, 5, seed=1, shuffle=False, repeat=False)
+    sequences = sequences[:60]
+    make = lambda **kw: mlm_dataset(sequences, tokenizer, batch_size, 5, seed=1, shuffle=False,
+                                    repeat=False, **kw)  # fmt: skip
     first, second = list(make()), list(make())
-    assert len(first) == 4
+    assert [len(mask_ids) for _, mask_ids, _ in first] == sizes
     for (a, _, _), (b, _, _) in zip(first, second, strict=True):
         np.testing.assert_array_equal(a["token_ids"], b["token_ids"])
+    unmasked = []
+    for inputs, mask_ids, weights in first:
+        ids = inputs["token_ids"].numpy()
+        np.put_along_axis(ids, inputs["mask_positions"].numpy(), mask_ids.numpy(), 1)
+        unmasked.append(ids)
+        assert weights.shape == mask_ids.shape == (len(ids), 5) and weights.numpy().all()
+    np.testing.assert_array_equal(np.concatenate(unmasked), sequences)
+    pairs = list(make(next_sentence=True))
+    assert [len(targets["nsp"]) for _, targets, _ in pairs] == sizes
+    assert [len(weights["nsp"]) for _, _, weights in pairs] == sizes
+    causal = causal_lm_dataset(sequences, batch_size, seed=1, shuffle=False, repeat=False)
+    assert [labels.shape[0] for _, labels in causal] == sizes
+
+
+def test_a_training_stream_needs_one_whole_batch(packed):
+    tokenizer, sequences = packed
+    with pytest.raises(ValueError, match="only 64 sequences, fewer than one batch of 100"):
+        mlm_dataset(sequences, tokenizer, 100, 5)
 
 
 def test_bad_utf8_names_file_and_line(tmp_path):

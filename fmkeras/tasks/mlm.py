@@ -172,7 +172,7 @@ class MaskedLMPredictor(Predictor):
         per line), with the run's masking rate and a fixed seed."""
         sequence_length = self.info["sequence_length"]
         sequences = packed(read_lines(data), self.tokenizer, sequence_length, data)
-        dataset = batches(sequences, data, self.tokenizer, min(batch_size, len(sequences)),
+        dataset = batches(sequences, data, self.tokenizer, batch_size,
                           self.info["predictions"], seed, shuffle=False, repeat=False)  # fmt: skip
         total = correct = weight = 0.0
         for inputs, labels, weights in dataset:

@@ -71,11 +71,11 @@ def mask_tokens(
     are 0 where a sequence had fewer candidates than `max_predictions`.
     """
     seeds = tf.random.experimental.stateless_split(seed, 3)
-    shape = tf.shape(token_ids)
-    rows = slice(row_offset, row_offset + token_ids.shape[0])
+    shape = tf.shape(token_ids)  # the batch may be a validation pass's last, shorter one
+    rows = slice(row_offset, row_offset + shape[0])
 
     def draw(columns, seed, **kwargs):  # this shard's rows of the global batch's draws
-        global_shape = [total_rows or token_ids.shape[0], columns]
+        global_shape = [total_rows or shape[0], columns]
         return tf.random.stateless_uniform(global_shape, seed, **kwargs)[rows]
 
     candidate = tf.reduce_all(token_ids[..., None] != tf.constant(special_ids, tf.int32), axis=-1)
@@ -120,7 +120,7 @@ def next_sentence_pairs(token_ids, table, positions, seed, cls_id, sep_id, row_o
 
     Returns: `(token_ids, segment_ids, is_next)`.
     """
-    batch, length = token_ids.shape[0], token_ids.shape[1]
+    batch, length = tf.shape(token_ids)[0], token_ids.shape[1]  # batch: maybe a last, short one
     table = tf.convert_to_tensor(table, tf.int32)
     total = total_rows or batch
     rows = slice(row_offset, row_offset + batch)
@@ -170,7 +170,8 @@ def mlm_dataset(
         seed: int; order and masks are a pure function of it.
         start_step: first global step (resuming skips in O(1)).
         shuffle: reshuffle every pass (False: file order, for validation).
-        repeat: endless stream; else one pass of whole batches.
+        repeat: endless stream of whole batches; else one pass over every
+            sequence, whose last batch holds the rows that remain.
         shard_index, num_shards: this worker's slice of every global batch.
         next_sentence: bool. Next-sentence pairs with segment ids (`mlm_nsp`).
     """
@@ -244,20 +245,24 @@ def row_batches(sequences, batch_size, seed=0, start_step=0, shuffle=True, repea
     `(batch_size / num_shards, seq)` with their indices in `sequences` (-1
     when streamed). In memory, example `i` is row `index_shuffle(i mod N,
     seed=(seed, i div N))` (module docstring); a `ShardedCorpus` streams its
-    own order. Arguments as in `mlm_dataset`."""
+    own order. Without `repeat`, one pass over the N rows: the last batch
+    holds the N mod `batch_size` that remain (weighted by its rows in Keras's
+    mean loss, as every task's validation is). Arguments as in `mlm_dataset`."""
     if batch_size % num_shards:
         raise ValueError(f"batch_size={batch_size} does not split into {num_shards} shards")
     local_batch = batch_size // num_shards
     if not isinstance(sequences, np.ndarray):  # a ShardedCorpus
         return sequences.batches(batch_size, seed, start_step, shard_index, num_shards)
     count = len(sequences)
-    if count < batch_size:
+    if count < batch_size and repeat:
         raise ValueError(f"only {count} sequences, fewer than one batch of {batch_size}")
     table = tf.constant(sequences, tf.int32)
 
     def rows(step):
         first = step * batch_size  # global index of the batch's first example
         indices = first + shard_index * local_batch + tf.range(local_batch, dtype=tf.int64)
+        if not repeat:  # one pass: the last batch stops at the last row
+            indices = indices[: tf.maximum(count - indices[0], 0)]
         passes, position = indices // count, indices % count
         if shuffle:
             seeds = tf.stack(  # (local_batch, 3): one permutation per pass over the corpus
@@ -273,5 +278,5 @@ def row_batches(sequences, batch_size, seed=0, start_step=0, shuffle=True, repea
     if repeat:
         steps = tf.data.Dataset.counter(start_step)
     else:
-        steps = tf.data.Dataset.range(start_step, count // batch_size)
+        steps = tf.data.Dataset.range(start_step, -(-count // batch_size))  # ceil
     return steps.map(rows, num_parallel_calls=tf.data.AUTOTUNE)
