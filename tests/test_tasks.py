@@ -218,7 +218,8 @@ def test_keep_best_saves_the_best_validation_not_the_last(tmp_path, capsys):
 
 
 class RecordingWordCountTask(WordCountTask):
-    """Records the weights each validation sees, by optimizer step."""
+    """Records the weights each validation sees, by optimizer step; its loss
+    is best at step 40 (so `keep_best` restores an earlier backup)."""
 
     name = "recorded_count"
     aliases = ()
@@ -227,7 +228,7 @@ class RecordingWordCountTask(WordCountTask):
     def evaluate(self, model):
         step = int(model.optimizer.iterations.numpy())
         self.seen[step] = [w.numpy() for w in model.trainable_weights]
-        return super().evaluate(model)
+        return {**super().evaluate(model), "loss": float(abs(step - 40))}
 
 
 def test_ema_validates_keeps_and_saves_the_moving_average_and_resumes_raw(tmp_path):
@@ -255,9 +256,13 @@ def test_ema_validates_keeps_and_saves_the_moving_average_and_resumes_raw(tmp_pa
         assert not all(np.array_equal(a, w) for a, w in zip(averaged, raw, strict=True))
         if step == metrics["best_step"]:
             best = averaged
+    assert metrics["best_step"] == 40
     saved = fmkeras.load_model(tmp_path / "run" / "model.keras")  # the best step's average
     for weight, average in zip(saved.trainable_weights, best, strict=True):
         np.testing.assert_array_equal(weight.numpy(), average)
+    with saved.optimizer.averaged_weights():  # its optimizer's averages too: training on from
+        for weight, average in zip(saved.trainable_weights, best, strict=True):  # it averages on
+            np.testing.assert_array_equal(weight.numpy(), average)
 
 
 def test_tasks_outside_fmkeras_work_from_the_command_line(tmp_path):

@@ -250,19 +250,16 @@ class AdamW(keras.optimizers.AdamW):
     def averaged_weights(self):
         """With `use_ema`: the trained variables hold their moving averages
         while the block runs (validation, `train.keep_best`), and their own
-        values again after it; the averages are untouched."""
-        self._swap_averages()
+        values again after it; the averages are untouched. A model saved in
+        the block (keep_best's) holds the averages as its weights and as its
+        optimizer's averages, as after `use_averaged_weights`."""
+        values = [ops.convert_to_numpy(variable) for variable in self._trainable_variables]
+        self.use_averaged_weights()
         try:
             yield
         finally:
-            self._swap_averages()
-
-    def _swap_averages(self):
-        averages = self._model_variables_moving_average
-        for variable, average in zip(self._trainable_variables, averages, strict=True):
-            value = ops.convert_to_numpy(variable)
-            variable.assign(average)
-            average.assign(value)
+            for variable, value in zip(self._trainable_variables, values, strict=True):
+                variable.assign(value)
 
     def use_averaged_weights(self):
         """With `use_ema`: the trained variables take their moving averages for good."""
