@@ -134,6 +134,7 @@ def run_tool(name, *args):
     argv, out, err, code = sys.argv, io.StringIO(), io.StringIO(), 0
     command = [str(REPO / "tools" / f"{name}.py"), *map(str, args)]
     sys.argv = command
+    sys.path.insert(0, str(REPO / "tools"))  # as `python tools/NAME.py` puts it first
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             runpy.run_path(command[0], run_name="__main__")
@@ -143,6 +144,7 @@ def run_tool(name, *args):
             err.write(exit_.code + "\n")
     finally:
         sys.argv = argv
+        sys.path.remove(str(REPO / "tools"))
     return subprocess.CompletedProcess(command, code, out.getvalue(), err.getvalue())
 
 

@@ -14,7 +14,7 @@ import pytest
 from conftest import REPO
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from run_helpers import scalars
+from run_helpers import run_tool, scalars
 
 from fmkeras.config import build_config
 from fmkeras.errors import ConfigError
@@ -281,11 +281,12 @@ def test_lora_exchange_sends_only_adapters_and_head(mlm_run, data_dir, tmp_path)
 
 @pytest.mark.slow  # ~35 s (Ray and a TensorFlow actor): the default suite is at its budget
 def test_simulation_trains_logs_checkpoints_and_leaves_a_normal_run(small_vocab, data_dir,
-                                                                    tmp_path, capsys):  # fmt: skip
+                                                                    classify_run, tmp_path,
+                                                                    capsys):  # fmt: skip
     """`simulate` end to end on Flower's simulation engine (3 clients, 2
     rounds, Dirichlet partition, FedProx, DP): per-round TensorBoard and
-    metrics.json, epsilon from the accountant, and a run directory that
-    `evaluate` scores."""
+    metrics.json, epsilon from the accountant, a run directory that
+    `evaluate` scores, and a row of `tools/compare_federated.py`'s table."""
     out = tmp_path / "fed"
     extra = ["federated.rounds=2", "federated.fraction=1", "federated.partition=dirichlet",
              "federated.strategy=fedprox", "federated.dp_noise=0.1", "federated.dp_clip=5"]
@@ -314,6 +315,19 @@ def test_simulation_trains_logs_checkpoints_and_leaves_a_normal_run(small_vocab,
     assert evaluate([str(out), "--data", str(dev)]) == 0
     scored = json.loads(capsys.readouterr().out)
     assert scored["accuracy"] == pytest.approx(metrics["accuracy"], abs=1e-4)
+
+    # Against a centralised run validated at step 6: round 2 at 3 steps per round.
+    table = run_tool("compare_federated", out, classify_run, "--steps-per-round", 3)
+    assert table.returncode == 0, table.stderr
+    header, _, federated, centralised = table.stdout.splitlines()
+    assert header == "| run | round 1 | round 2 | final | MiB per round | ε |"
+    rounds = " | ".join(f"{entry['validation']['accuracy']:.1%}" for entry in history)
+    mib = metrics["federated"]["bytes_total"] / 2 / 2**20
+    assert federated == (f"| fed | {rounds} | **{metrics['accuracy']:.1%}** | {mib:,.1f} | "
+                         f"{metrics['federated']['epsilon']:,.1f} |")  # fmt: skip
+    [(step, accuracy)] = scalars(classify_run / "logs" / "validation", "accuracy")
+    final = json.loads((classify_run / "metrics.json").read_text())["accuracy"]
+    assert step == 6 and centralised == f"| sst2 |  | {accuracy:.1%} | **{final:.1%}** | 0.0 | — |"
 
 
 def start(args, log, cwd):

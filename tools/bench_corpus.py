@@ -2,7 +2,8 @@
 throughput against what the model consumes.
 
     python tools/bench_corpus.py [--data-dir ../shared/data] [--scratch /tmp/corpora]
-                                 [--copies 1 105] [--batches 600] [--json PATH]
+                                 [--copies 1 105] [--batches 600] [--vocab PATH]
+                                 [--model-size mini] [--json PATH]
 
 Corpora are built from copies of `gutenberg_en/train.txt` (9.6 MB), one
 shard per copy, under `--scratch`. For each corpus a fresh process builds
@@ -13,8 +14,10 @@ resumes in the middle of the corpus, which counts the rows of every shard
 (tokenizing the whole corpus, streamed) and reads `--batches` more. Peak
 RSS (`ru_maxrss`, which includes TensorFlow's start-up) and the current RSS
 are reported after each phase. A last process times a
-`pretrain_gutenberg` training step (mini, float32 and bfloat16, XLA off and
-on; the fastest) to give the rate the input has to keep up with.
+`pretrain_gutenberg` training step (`--model-size`, mini by default;
+float32 and bfloat16, XLA off and on; the fastest) to give the rate the
+input has to keep up with. The vocabulary is `--vocab`, or the recipe's
+16,000 pieces learned once into `--scratch`.
 """
 
 import argparse
@@ -76,7 +79,7 @@ def stream_child(args):
 
 
 def model_child(args):
-    """The fastest training step of the pretrain_gutenberg model (mini MLM)."""
+    """A training step of the pretrain_gutenberg model (an MLM of `args.size`)."""
     import keras
     import numpy as np
     import tensorflow as tf
@@ -91,7 +94,7 @@ def model_child(args):
               "mask_positions": positions.astype("int32")}  # fmt: skip
     labels = np.take_along_axis(ids, positions, 1)
     keras.mixed_precision.set_global_policy(args.precision)
-    model = MaskedLM(Encoder(16000, max_sequence_length=512, **SIZES["mini"]))
+    model = MaskedLM(Encoder(16000, max_sequence_length=512, **SIZES[args.size]))
     model.compile(optimizer=keras.optimizers.AdamW(1e-4), jit_compile=args.xla == "on",
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))  # fmt: skip
     dataset = tf.data.Dataset.from_tensors((inputs, labels)).repeat()
@@ -128,10 +131,11 @@ def main():
     parser.add_argument("--scratch", default="/tmp/fmkeras-corpora")
     parser.add_argument("--copies", nargs="+", type=int, default=[1, 105])
     parser.add_argument("--batches", type=int, default=600)
+    parser.add_argument("--vocab", help="vocab.txt (default: learn 16,000 pieces into --scratch)")
+    parser.add_argument("--model-size", dest="size", default="mini", help="the model timed")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--child", choices=["stream", "model"], help=argparse.SUPPRESS)
     parser.add_argument("--corpus", help=argparse.SUPPRESS)
-    parser.add_argument("--vocab", help=argparse.SUPPRESS)
     parser.add_argument("--precision", help=argparse.SUPPRESS)
     parser.add_argument("--xla", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -142,7 +146,7 @@ def main():
 
     source = Path(args.data_dir) / "gutenberg_en" / "train.txt"
     scratch = Path(args.scratch)
-    vocab = scratch / "vocab.txt"
+    vocab = Path(args.vocab) if args.vocab else scratch / "vocab.txt"
     if not vocab.is_file():  # the recipe's vocabulary, learned once
         from fmkeras.data import read_lines
         from fmkeras.text.wordpiece import learn_vocabulary, write_vocabulary
@@ -156,12 +160,13 @@ def main():
                           "--batches", str(args.batches))  # fmt: skip
         results.append(found)
         print(json.dumps(found), flush=True)
-    model = max((run_child("--child", "model", "--precision", precision, "--xla", xla)
+    model = max((run_child("--child", "model", "--model-size", args.size,
+                           "--precision", precision, "--xla", xla)
                  ["tokens_per_s"], precision, xla)
                 for precision in ("float32", "mixed_bfloat16")
                 for xla in ("off", "on"))  # fmt: skip
-    print(f"\nmodel (pretrain_gutenberg: mini MLM, batch {BATCH_SIZE} x {SEQUENCE_LENGTH}) trains "
-          f"{model[0]:,.0f} tokens/s at best ({model[1]}, XLA {model[2]})\n")  # fmt: skip
+    print(f"\nmodel (pretrain_gutenberg: {args.size} MLM, batch {BATCH_SIZE} x {SEQUENCE_LENGTH}) "
+          f"trains {model[0]:,.0f} tokens/s at best ({model[1]}, XLA {model[2]})\n")  # fmt: skip
     print(f"{'corpus':>10}{'shards':>8}{'rows':>11}{'input tok/s':>13}{'x model':>9}"
           f"{'count s':>9}{'RSS fresh':>11}{'RSS resumed':>13}{'peak RSS':>10}")  # fmt: skip
     for r in results:
@@ -176,7 +181,8 @@ def main():
               f"{change:+.1%}")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps({"corpora": results, "model_tokens_per_s": model[0],
-                                               "model_config": model[1:]}, indent=2))  # fmt: skip
+                                               "model_config": [args.size, *model[1:]]},
+                                              indent=2))  # fmt: skip
 
 
 if __name__ == "__main__":
