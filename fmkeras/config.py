@@ -113,8 +113,8 @@ class GenerateConfig:
     top_k: int = 40  # 0 = no top-k filter
     top_p: float = 0.95  # 1 = no nucleus filter
     seed: int = 0
-    # validation samples continue these (separated by |)
-    prompts: str = "It was a dark and stormy night|The old man said|In the morning"
+    # validation samples continue these (separated by |); empty or null: no samples
+    prompts: str | None = "It was a dark and stormy night|The old man said|In the morning"
 
 
 @dataclasses.dataclass

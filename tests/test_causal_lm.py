@@ -10,7 +10,14 @@ import pytest
 import tensorflow as tf
 from conftest import built_once
 from model_checks import run_model_checks
-from run_helpers import REPO, request_json, scalars, serve_in_fresh_process, train_args
+from run_helpers import (
+    REPO,
+    built_task,
+    request_json,
+    scalars,
+    serve_in_fresh_process,
+    train_args,
+)
 
 from fmkeras.config import GenerateConfig
 from fmkeras.decoding import filter_logits, sample, sample_search
@@ -159,6 +166,17 @@ def test_causal_lm_trains_and_reports_perplexity_and_samples(causal_run):
     best_step, best = min(curve, key=lambda point: point[1])  # keep_best: perplexity
     assert metrics["best_step"] == best_step
     assert metrics["perplexity"] == pytest.approx(best, rel=1e-5)
+
+
+def test_empty_prompts_validate_without_samples(tmp_path, small_vocab, data_dir):
+    settings = {"model.size": "tiny", "data.max_lines": 200, "data.vocab_file": small_vocab,
+                "data.sequence_length": 32, "train.batch_size": 4, "train.eval_steps": 2,
+                "generate.prompts": ""}  # fmt: skip
+    task, model = built_task(RECIPE, settings, tmp_path / "run")
+    assert task.config.generate.prompts is None  # `--set generate.prompts=`
+    model.compile(**task.compile_args(model))
+    found = task.evaluate(model)
+    assert found["samples"] == "" and found["perplexity"] > 1
 
 
 def test_generate_command_samples_reproducibly(causal_run, capsys):

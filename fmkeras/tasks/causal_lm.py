@@ -184,7 +184,7 @@ class CausalLMTask(LanguageModelTask):
         `samples`: continuations of `generate.prompts` (TensorBoard text)."""
         loss, accuracy = trainer.evaluate(model, self.valid_data)
         settings = self.config.generate
-        prompts = [p.strip() for p in settings.prompts.split("|") if p.strip()]
+        prompts = [p.strip() for p in (settings.prompts or "").split("|") if p.strip()]
         samples = ""
         if prompts:
             found = self.generator(prompts, settings)
