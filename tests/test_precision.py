@@ -56,6 +56,8 @@ def test_auto_xla_follows_the_measurements_of_each_kind_of_cpu(monkeypatch):
     assert decided["avx512_bf16", "bfloat16"] == (
         True, "auto: on for bfloat16 on a CPU avx512_bf16, as measured")  # fmt: skip
     assert decided["amx_bf16", "bfloat16"][0] is False
+    assert decided["avx2", "bfloat16"] == (  # emulated bfloat16: graph mode ahead, measured
+        False, "auto: off for bfloat16 on a CPU avx2, as measured")  # fmt: skip
     assert not any(decided[kind, "float32"][0] for kind in ("amx_bf16", "avx512_bf16", "avx2"))
     assert decided["other", "float32"] == (
         False, "auto: off for float32 on a CPU other (not measured there; "
