@@ -322,7 +322,7 @@ def test_simulation_trains_logs_checkpoints_and_leaves_a_normal_run(small_vocab,
     header, _, federated, centralised = table.stdout.splitlines()
     assert header == "| run | round 1 | round 2 | final | MiB per round | ε |"
     rounds = " | ".join(f"{entry['validation']['accuracy']:.1%}" for entry in history)
-    mib = metrics["federated"]["bytes_total"] / 2 / 2**20
+    mib = metrics["federated"]["bytes_total"] / metrics["federated"]["rounds"] / 2**20
     assert federated == (f"| fed | {rounds} | **{metrics['accuracy']:.1%}** | {mib:,.1f} | "
                          f"{metrics['federated']['epsilon']:,.1f} |")  # fmt: skip
     [(step, accuracy)] = scalars(classify_run / "logs" / "validation", "accuracy")

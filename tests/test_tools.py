@@ -43,7 +43,6 @@ def test_the_causal_lm_benchmark_sets_best_against_best(tmp_path):
     for line in ("train -", "generate greedy"):
         assert re.search(rf"{line}: fmkeras [\d,]+ tokens/s \(float32, XLA off\) vs keras-hub "
                          r"[\d,]+ \(float32, XLA off\): \d+\.\d\dx", result.stdout), result.stdout
-        # fmt: skip
 
 
 def test_the_serving_benchmark_answers_every_request(tmp_path, classify_run):
@@ -57,8 +56,7 @@ def test_the_serving_benchmark_answers_every_request(tmp_path, classify_run):
     assert report["requests_per_second"] > 0 and report["rss_mb"][0][1] > 100  # TensorFlow
 
 
-def test_the_strategies_benchmark_compares_each_setup_with_one_device(tmp_path, small_vocab,
-                                                                      data_dir):  # fmt: skip
+def test_the_strategies_benchmark_compares_each_setup_with_one_device(small_vocab, data_dir):
     untimed = run_tool("bench_strategies", "--steps", 10)  # one compiled call, none timed
     assert untimed.returncode == 2 and "--steps must be at least 20" in untimed.stderr
     result = run_tool("bench_strategies", "--steps", 20, "--max-lines", 400, "--xla", "off",
