@@ -36,6 +36,7 @@ SIZES = {
 ARCHITECTURE_KEYS = ("num_layers", "hidden_dim", "num_heads", "intermediate_dim")
 CLASSIFY_TASKS = ("classify", "distill")  # classify a TSV (distill: learning from a teacher)
 ENCODER_TASKS = (*CLASSIFY_TASKS, "tag")
+LM_TASKS = ("mlm", "causal_lm")  # language models: text files, or a TSV's text column
 FEDERATED_TASKS = ("classify", "tag")  # what `python -m fmkeras.federated` trains
 
 
@@ -79,12 +80,14 @@ class DataConfig:
     mask_rate: float = key(0.15, "mlm")
     # per sequence; default round(mask_rate * sequence_length)
     max_predictions: int | None = key(None, "mlm")
-    text_column: str = key("sentence", *CLASSIFY_TASKS)  # TSV column names (header line required)
+    # TSV column names (header line required); mlm and causal_lm read text_column alone
+    # when a file ends in .tsv (task-adaptive pretraining on a classifier's texts)
+    text_column: str = key("sentence", *CLASSIFY_TASKS, *LM_TASKS)
     label_column: str = key("label", *CLASSIFY_TASKS)
     # a second text column: sentence pairs, [CLS] a [SEP] b [SEP] with segment ids 0/1
     text_pair_column: str | None = key(None, *CLASSIFY_TASKS)
     # fail | skip (skipped rows are counted and reported)
-    bad_rows: Literal["fail", "skip"] = key("fail", *ENCODER_TASKS)
+    bad_rows: Literal["fail", "skip"] = key("fail", *ENCODER_TASKS, *LM_TASKS)
     source_language: str = key("en", "translate")  # files are <train_file>.<language>
     target_language: str = key("zh", "translate")
     # learned from the target side when unset

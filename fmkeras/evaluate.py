@@ -1,7 +1,8 @@
 """`python -m fmkeras.evaluate RUN_DIR --data PATH`: score a finished run on a labelled file.
 
 classify / tag runs: `--data` in the format the run was trained on (TSV with
-the same columns, or CoNLL). mlm runs: `--data` is a text file; prints
+the same columns, or CoNLL). mlm runs: `--data` is a text file (or a TSV,
+whose text column the run was trained with is read); prints
 masked-LM loss, accuracy and perplexity. translate runs: `--src` and `--ref`
 are aligned line files; prints BLEU and chrF (sacreBLEU) and can write the
 hypotheses. Prints the metrics as JSON (floats to 4 decimals) and optionally
@@ -26,7 +27,8 @@ EXAMPLES = """examples:
 def build_parser():
     parser = cli.parser("evaluate", __doc__, EXAMPLES)
     parser.add_argument("run_dir", help="a finished run directory (any task)")
-    parser.add_argument("--data", help="classify/tag: labelled file; mlm: text file")
+    parser.add_argument("--data",
+                        help="classify/tag: labelled file; mlm, causal_lm: text file or TSV")
     parser.add_argument("--bad-rows", choices=["fail", "skip"], default="fail",
                         help="classify/tag: stop at the first malformed row, or skip and "
                         "count them")  # fmt: skip

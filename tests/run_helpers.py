@@ -79,8 +79,9 @@ def built_task(recipe, settings, out):
     return task, task.build_model()
 
 
-def tiny_args(vocab, steps=40, **extra):
-    """`python -m fmkeras.train` arguments of a tiny pretraining run (keys with dots)."""
+def tiny_args(vocab, steps=40, recipe=PRETRAIN_RECIPE, **extra):
+    """`python -m fmkeras.train` arguments of a tiny pretraining run (keys with dots)
+    of `recipe` (a masked-LM one)."""
     settings = {
         "model.size": "tiny",
         "data.max_lines": 1500,
@@ -98,7 +99,7 @@ def tiny_args(vocab, steps=40, **extra):
         "train.precision": "float32",  # as in `train_args`
         **extra,
     }
-    args = ["pretrain", "--recipe", str(PRETRAIN_RECIPE)]
+    args = ["pretrain", "--recipe", str(recipe)]
     for key, value in settings.items():
         args += ["--set", f"{key}={value}"]
     return args

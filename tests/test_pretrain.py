@@ -18,10 +18,13 @@ import yaml
 from run_helpers import REPO, run_cli, scalars, tiny_args, wait_for
 
 import fmkeras
+from fmkeras.errors import DataError
 from fmkeras.evaluate import main as evaluate_main
 from fmkeras.export import main as export_main
 from fmkeras.predict import main as predict_main
-from fmkeras.text.wordpiece import read_vocabulary
+from fmkeras.tasks.language_model import read_passages
+from fmkeras.text.mlm import pack_sequences
+from fmkeras.text.wordpiece import WordPieceTokenizer, read_vocabulary
 from fmkeras.train import main
 from fmkeras.training.checkpoints import backup_problem
 
@@ -223,6 +226,33 @@ def test_continued_pretraining_starts_where_the_checkpoint_ended(tmp_path, mlm_r
     assert after["loss"] == pytest.approx(before["loss"], abs=1e-4)  # a new head: ~log(vocab)
     assert after["non_embedding_parameters"] == before["non_embedding_parameters"]
     assert (run / "vocab.txt").read_bytes() == (mlm_run / "vocab.txt").read_bytes()
+
+
+def test_task_adaptive_pretraining_reads_only_a_tsvs_text_column(tmp_path, mlm_run, small_vocab,
+                                                                 data_dir, capsys):  # fmt: skip
+    """A `.tsv` train or valid file is read through `data.text_column` alone (the
+    labels never reach the language model), in training and in evaluate."""
+    dev = data_dir / "sst2" / "dev.tsv"
+    sentences = [line.split("\t")[0] for line in dev.read_text().splitlines()[1:]]
+    assert read_passages(dev) == sentences  # "sentence", the key's default
+    assert read_passages(dev, max_lines=3) == sentences[:3]
+    with pytest.raises(DataError, match=r"dev.tsv:1: no column 'text' \(data.text_column\)"):
+        read_passages(dev, text_column="text")
+
+    run, recipe = tmp_path / "tapt", REPO / "trainers" / "sst2_tapt.yaml"  # sst2/*.tsv
+    settings = {"model.init": str(mlm_run), "data.max_lines": 400,
+                "train.checkpoint_every": 4, "train.eval_every": 4}  # fmt: skip
+    assert main(tiny_args(small_vocab, 4, recipe, **settings) + ["--out", str(run)]) == 0
+    tokenizer = WordPieceTokenizer(run / "vocab.txt", lowercase=True)
+    valid_rows = len(pack_sequences(sentences[:400], tokenizer, 32))  # with labels: more tokens
+    assert f"/ {valid_rows:,} valid sequences" in capsys.readouterr().out
+    assert json.loads((run / "task.json").read_text())["text_column"] == "sentence"
+    assert evaluate_main([str(run), "--data", str(dev)]) == 0
+    assert json.loads(capsys.readouterr().out)["perplexity"] > 1
+
+    settings["data.train_file"] = "sst2/*.tsv"  # shards stream as plain text, labels included
+    assert main(tiny_args(small_vocab, 4, recipe, **settings) + ["--out", str(tmp_path / "x")]) == 2
+    assert "data.train_file: sst2/*.tsv is a glob of TSVs" in capsys.readouterr().err
 
 
 def test_next_sentence_prediction_trains_and_reports(tmp_path, small_vocab, capsys):

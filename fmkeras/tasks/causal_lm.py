@@ -9,7 +9,6 @@ import numpy as np
 import tensorflow as tf
 
 from fmkeras.config import GenerateConfig
-from fmkeras.data import read_lines
 from fmkeras.decoding import NEG_INF, sample, sample_search
 from fmkeras.errors import ConfigError, DataError
 from fmkeras.flops import training_flops_per_token
@@ -18,7 +17,7 @@ from fmkeras.models import CausalLM
 from fmkeras.models.sizes import encoder_kwargs
 from fmkeras.signatures import generation_functions
 from fmkeras.tasks.base import Predictor, log_softmax
-from fmkeras.tasks.language_model import LanguageModelTask, packed
+from fmkeras.tasks.language_model import LanguageModelTask, packed, run_passages
 from fmkeras.tasks.registry import register_task
 from fmkeras.text.detokenizer import Detokenizer
 from fmkeras.text.mlm import causal_lm_dataset
@@ -227,9 +226,9 @@ class CausalLMPredictor(Predictor):
 
     def evaluate(self, data, batch_size=16):
         """Next-token loss, accuracy and perplexity on a text file (one passage
-        per line), packed as in training."""
+        per line, or a TSV's text column), packed as in training."""
         length = self.info["sequence_length"] + 1
-        rows = packed(read_lines(data), self.tokenizer, length, data, framed=False)
+        rows = packed(run_passages(data, self.info), self.tokenizer, length, data, framed=False)
         total = correct = count = 0.0
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]

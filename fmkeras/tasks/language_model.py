@@ -9,10 +9,11 @@ import tensorflow as tf
 
 from fmkeras.data import is_glob, read_lines
 from fmkeras.distribute import accelerators_in_use
-from fmkeras.errors import DataError
+from fmkeras.errors import ConfigError, DataError
 from fmkeras.flops import parameter_counts
 from fmkeras.tasks.base import Task
 from fmkeras.text.corpus import ShardedCorpus, expand_shards
+from fmkeras.text.labelled import read_tsv
 from fmkeras.text.mlm import pack_sequences
 from fmkeras.training.throughput import peak_gflops
 
@@ -25,6 +26,22 @@ def packed(lines, tokenizer, row_length, name, framed=True):
         return pack_sequences(lines, tokenizer, row_length, framed=framed)
     except ValueError as error:
         raise DataError(f"{name}: {error}") from None
+
+
+def read_passages(path, max_lines=None, text_column="sentence", bad_rows="fail", log=print):
+    """The passages of a text file (one per line), or of a TSV's `text_column`
+    (`*.tsv`: a header line; no label is read), as a list of strings."""
+    if not str(path).endswith(".tsv"):
+        return read_lines(path, max_lines)
+    rows = read_tsv(path, text_column, None, bad_rows, max_rows=max_lines)
+    if rows.skipped:
+        log(f"{path}: skipped {len(rows.skipped)} bad rows, first: {rows.skipped[0]}")
+    return rows.inputs
+
+
+def run_passages(path, info):
+    """`read_passages` of an evaluation file, with a finished run's `data.text_column`."""
+    return read_passages(path, text_column=info.get("text_column", "sentence"))
 
 
 def sample_lines(paths, count):
@@ -51,6 +68,19 @@ class LanguageModelTask(Task):
     framed: ClassVar[bool] = True
     row_extra: ClassVar[int] = 0
 
+    @classmethod
+    def check_config(cls, config):
+        super().check_config(config)
+        train_file = config.data.train_file
+        if is_glob(train_file) and train_file.endswith(".tsv"):
+            raise ConfigError(f"data.train_file: {train_file} is a glob of TSVs; shards are "
+                              "streamed as plain text, so a TSV is read as one file "
+                              "(its data.text_column)")  # fmt: skip
+
+    def read_passages(self, path):
+        data = self.config.data
+        return read_passages(path, data.max_lines, data.text_column, data.bad_rows, self.log)
+
     def read_data(self):
         data, files = self.config.data, self.files
         self.streamed = is_glob(files["train"])
@@ -60,7 +90,7 @@ class LanguageModelTask(Task):
             vocabulary_lines = lambda: sample_lines(  # noqa: E731
                 shards, min(data.max_lines or VOCABULARY_SAMPLE_LINES, VOCABULARY_SAMPLE_LINES))
         else:
-            train_lines = read_lines(files["train"], data.max_lines)
+            train_lines = self.read_passages(files["train"])
             vocabulary_lines = lambda: train_lines  # noqa: E731
         if self.config.model.init == "random":
             self.tokenizer = self.prepare_vocabulary(vocabulary_lines())
@@ -75,7 +105,7 @@ class LanguageModelTask(Task):
             self.train_sequences = packed(train_lines, self.tokenizer, length, data.train_file,
                                           self.framed)  # fmt: skip
             train = f"{len(self.train_sequences):,} train"
-        valid_lines = read_lines(files["valid"], data.max_lines)
+        valid_lines = self.read_passages(files["valid"])
         self.valid_sequences = packed(valid_lines, self.tokenizer, length, data.valid_file,
                                       self.framed)  # fmt: skip
         self.log(f"data: {train} / {len(self.valid_sequences):,} valid sequences of "
@@ -141,7 +171,8 @@ class LanguageModelTask(Task):
         return parameter_counts(self.arch)["non_embedding"]
 
     def info(self):
-        return {**super().info(), "lowercase": self.tokenizer.lowercase}
+        return {**super().info(), "lowercase": self.tokenizer.lowercase,
+                "text_column": self.config.data.text_column}  # fmt: skip
 
     def final_metrics(self, model, validation):
         data, train = self.config.data, self.config.train

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from fmkeras.data import is_glob, read_lines
+from fmkeras.data import is_glob
 from fmkeras.errors import ConfigError, DataError
 from fmkeras.flops import training_flops_per_token
 from fmkeras.models import Encoder, MaskedLM, encoder_kwargs
@@ -14,7 +14,7 @@ from fmkeras.models.masked_lm import masked_lm_logits
 from fmkeras.models.starting_point import load_mlm_head
 from fmkeras.signatures import fill_mask_functions
 from fmkeras.tasks.base import Predictor, log_softmax
-from fmkeras.tasks.language_model import LanguageModelTask, packed
+from fmkeras.tasks.language_model import LanguageModelTask, packed, run_passages
 from fmkeras.tasks.registry import register_task
 from fmkeras.text.mlm import mlm_dataset
 from fmkeras.text.wordpiece import WordPieceTokenizer
@@ -169,9 +169,9 @@ class MaskedLMPredictor(Predictor):
 
     def evaluate(self, data, batch_size=32, seed=0):
         """Masked-LM loss, accuracy and perplexity on a text file (one passage
-        per line), with the run's masking rate and a fixed seed."""
+        per line, or a TSV's text column), with the run's masking rate and a fixed seed."""
         sequence_length = self.info["sequence_length"]
-        sequences = packed(read_lines(data), self.tokenizer, sequence_length, data)
+        sequences = packed(run_passages(data, self.info), self.tokenizer, sequence_length, data)
         dataset = batches(sequences, data, self.tokenizer, batch_size,
                           self.info["predictions"], seed, shuffle=False, repeat=False)  # fmt: skip
         total = correct = weight = 0.0

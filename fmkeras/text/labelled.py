@@ -58,7 +58,8 @@ def _decoded_lines(path, reject):
 def read_tsv(path, text_column, label_column, bad_rows="fail", max_rows=None, labels=None,
              skip_hint=RECIPE_SKIP_HINT, pair_column=None):  # fmt: skip
     """Reads a TSV with a header line into `Rows` of (text, label string);
-    with `pair_column`, each input is a `(text, second text)` pair.
+    with `pair_column`, each input is a `(text, second text)` pair; with
+    `label_column=None`, the texts alone (no label is read; `labels` is empty).
 
     `labels`, if given, is the closed label set: other labels are bad rows.
     `skip_hint` tells, in a bad-row error, how to skip such rows.
@@ -69,13 +70,16 @@ def read_tsv(path, text_column, label_column, bad_rows="fail", max_rows=None, la
     if first is None:
         raise DataError(f"{path} is empty; expected a header line naming the columns")
     header = first[1].split("\t")
-    columns = [(text_column, "data.text_column"), (label_column, "data.label_column")]
+    columns = [(text_column, "data.text_column")]
+    if label_column is not None:
+        columns.append((label_column, "data.label_column"))
     if pair_column:
         columns.append((pair_column, "data.text_pair_column"))
     for column, key in columns:
         if column not in header:
             raise DataError(f"{path}:1: no column {column!r} ({key}); the header has {header}")
-    text_at, label_at = header.index(text_column), header.index(label_column)
+    text_at = header.index(text_column)
+    label_at = header.index(label_column) if label_column is not None else None
     pair_at = header.index(pair_column) if pair_column else None
     texts, found = [], []
     for number, line in lines:
@@ -87,19 +91,21 @@ def read_tsv(path, text_column, label_column, bad_rows="fail", max_rows=None, la
         if len(fields) != len(header):
             reject(number, f"expected {len(header)} tab-separated columns, found {len(fields)}")
             continue
-        text, label = fields[text_at].strip(), fields[label_at].strip()
+        text = fields[text_at].strip()
+        label = fields[label_at].strip() if label_at is not None else None
         pair = fields[pair_at].strip() if pair_column else None
         if not text:
             reject(number, f"empty {text_column!r}")
         elif pair_column and not pair:
             reject(number, f"empty {pair_column!r}")
-        elif not label:
+        elif label_at is not None and not label:
             reject(number, f"empty {label_column!r}")
         elif labels is not None and label not in labels:
             reject(number, f"label {label!r} is not one of the training labels {sorted(labels)}")
         else:
             texts.append((text, pair) if pair_column else text)
-            found.append(label)
+            if label_at is not None:
+                found.append(label)
     if not texts:
         raise DataError(f"{path} has no usable rows ({len(reject.skipped)} skipped)")
     return Rows(texts, found, reject.skipped)
