@@ -77,7 +77,8 @@ class LanguageModelTask(Task):
                               "streamed as plain text, so a TSV is read as one file "
                               "(its data.text_column)")  # fmt: skip
 
-    def read_passages(self, path):
+    def passages(self, path):
+        """`read_passages` of a data file with the run's `data` keys."""
         data = self.config.data
         return read_passages(path, data.max_lines, data.text_column, data.bad_rows, self.log)
 
@@ -90,7 +91,7 @@ class LanguageModelTask(Task):
             vocabulary_lines = lambda: sample_lines(  # noqa: E731
                 shards, min(data.max_lines or VOCABULARY_SAMPLE_LINES, VOCABULARY_SAMPLE_LINES))
         else:
-            train_lines = self.read_passages(files["train"])
+            train_lines = self.passages(files["train"])
             vocabulary_lines = lambda: train_lines  # noqa: E731
         if self.config.model.init == "random":
             self.tokenizer = self.prepare_vocabulary(vocabulary_lines())
@@ -105,7 +106,7 @@ class LanguageModelTask(Task):
             self.train_sequences = packed(train_lines, self.tokenizer, length, data.train_file,
                                           self.framed)  # fmt: skip
             train = f"{len(self.train_sequences):,} train"
-        valid_lines = self.read_passages(files["valid"])
+        valid_lines = self.passages(files["valid"])
         self.valid_sequences = packed(valid_lines, self.tokenizer, length, data.valid_file,
                                       self.framed)  # fmt: skip
         self.log(f"data: {train} / {len(self.valid_sequences):,} valid sequences of "
