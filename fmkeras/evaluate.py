@@ -30,8 +30,8 @@ def build_parser():
     parser.add_argument("--data",
                         help="classify/tag: labelled file; mlm, causal_lm: text file or TSV")
     parser.add_argument("--bad-rows", choices=["fail", "skip"], default="fail",
-                        help="classify/tag: stop at the first malformed row, or skip and "
-                        "count them")  # fmt: skip
+                        help="classify/tag, and mlm/causal_lm on a TSV: stop at the first "
+                        "malformed row, or skip and count them")  # fmt: skip
     parser.add_argument("--src", help="translate: source sentences, one per line")
     parser.add_argument("--ref", help="translate: reference translations, aligned with --src")
     parser.add_argument("--hypotheses", help="translate: write the translations here")

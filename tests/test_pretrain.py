@@ -234,8 +234,8 @@ def test_task_adaptive_pretraining_reads_only_a_tsvs_text_column(tmp_path, mlm_r
     labels never reach the language model), in training and in evaluate."""
     dev = data_dir / "sst2" / "dev.tsv"
     sentences = [line.split("\t")[0] for line in dev.read_text().splitlines()[1:]]
-    assert read_passages(dev) == sentences  # "sentence", the key's default
-    assert read_passages(dev, max_lines=3) == sentences[:3]
+    assert read_passages(dev) == (sentences, [])  # "sentence", the key's default
+    assert read_passages(dev, max_lines=3) == (sentences[:3], [])
     with pytest.raises(DataError, match=r"dev.tsv:1: no column 'text' \(data.text_column\)"):
         read_passages(dev, text_column="text")
 
@@ -249,6 +249,13 @@ def test_task_adaptive_pretraining_reads_only_a_tsvs_text_column(tmp_path, mlm_r
     assert json.loads((run / "task.json").read_text())["text_column"] == "sentence"
     assert evaluate_main([str(run), "--data", str(dev)]) == 0
     assert json.loads(capsys.readouterr().out)["perplexity"] > 1
+    torn = tmp_path / "torn.tsv"  # row 3 lost its label column
+    lines = dev.read_text().splitlines()
+    torn.write_text("\n".join([*lines[:2], sentences[1], *lines[3:]]) + "\n")
+    assert evaluate_main([str(run), "--data", str(torn)]) == 2
+    assert "torn.tsv:3: expected 2 tab-separated columns" in capsys.readouterr().err
+    assert evaluate_main([str(run), "--data", str(torn), "--bad-rows", "skip"]) == 0
+    assert json.loads(capsys.readouterr().out)["skipped_rows"] == {"data": 1}  # stdout: JSON
 
     settings["data.train_file"] = "sst2/*.tsv"  # shards stream as plain text, labels included
     assert main(tiny_args(small_vocab, 4, recipe, **settings) + ["--out", str(tmp_path / "x")]) == 2

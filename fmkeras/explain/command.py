@@ -163,8 +163,7 @@ def print_faithfulness(result):
 def run_faithfulness(predictor, args):
     from fmkeras.errors import ConfigError
     from fmkeras.explain.faithfulness import faithfulness
-    from fmkeras.tasks.finetune import EVALUATE_SKIP_HINT
-    from fmkeras.text.labelled import read_tsv
+    from fmkeras.text.labelled import EVALUATE_SKIP_HINT, read_tsv
     from fmkeras.training.checkpoints import write_json
 
     if predictor.info["task"] != "classify":

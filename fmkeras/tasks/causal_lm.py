@@ -213,6 +213,7 @@ class CausalLMPredictor(Predictor):
     perplexity on text files."""
 
     warmup_texts = ("Once upon a time", "The")
+    evaluate_inputs = ("data", "bad_rows")  # a TSV's bad rows, as for classify
 
     def __init__(self, model, info, tokenizer, settings):
         super().__init__(model, info)
@@ -224,11 +225,12 @@ class CausalLMPredictor(Predictor):
         found = self.generator(list(texts), self.settings)
         return [{"prompt": text, **result} for text, result in zip(texts, found, strict=True)]
 
-    def evaluate(self, data, batch_size=16):
+    def evaluate(self, data, bad_rows="fail", batch_size=16):
         """Next-token loss, accuracy and perplexity on a text file (one passage
         per line, or a TSV's text column), packed as in training."""
         length = self.info["sequence_length"] + 1
-        rows = packed(run_passages(data, self.info), self.tokenizer, length, data, framed=False)
+        passages, skipped = run_passages(data, self.info, bad_rows)
+        rows = packed(passages, self.tokenizer, length, data, framed=False)
         total = correct = count = 0.0
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
@@ -240,7 +242,8 @@ class CausalLMPredictor(Predictor):
             count += labels.size
         loss = total / count
         return {"loss": loss, "accuracy": correct / count, "perplexity": perplexity(loss),
-                "tokens": int(count), "file": str(data)}  # fmt: skip
+                "tokens": int(count), "skipped_rows": {"data": len(skipped)},
+                "file": str(data)}  # fmt: skip
 
     def serving_functions(self):
         return generation_functions(self.model, self.tokenizer)

@@ -8,14 +8,19 @@ from fmkeras.explain.explainers import ClassifyExplainer
 from fmkeras.models import Classifier
 from fmkeras.signatures import classifier_functions
 from fmkeras.tasks.finetune import (
-    EVALUATE_SKIP_HINT,
     EncoderPredictor,
     EncoderTask,
     collect,
     cross_entropy,
 )
 from fmkeras.tasks.registry import register_task
-from fmkeras.text.labelled import encode_inputs, label_vocabulary, read_tsv, split_pairs
+from fmkeras.text.labelled import (
+    EVALUATE_SKIP_HINT,
+    encode_inputs,
+    label_vocabulary,
+    read_tsv,
+    split_pairs,
+)
 
 
 def classification_metrics(examples, names):

@@ -9,13 +9,10 @@ from fmkeras import config as config_lib
 from fmkeras.errors import ConfigError
 from fmkeras.models.starting_point import finished_head
 from fmkeras.tasks.base import Predictor, Task, log_softmax
-from fmkeras.text.labelled import batched
+from fmkeras.text.labelled import batched, skipped_summary
 from fmkeras.text.wordpiece import WordPieceTokenizer
 from fmkeras.training import lora
 from fmkeras.workarounds import predict_on_batch
-
-# A bad row met by `python -m fmkeras.evaluate`: the hint names that command's flag.
-EVALUATE_SKIP_HINT = "pass --bad-rows skip"
 
 
 def collect(model, dataset):
@@ -51,7 +48,7 @@ class EncoderTask(Task):
         self.valid_rows = self.read_rows(self.files["valid"], labels=set(self.names))
         for name, rows in ((data.train_file, self.train_rows), (data.valid_file, self.valid_rows)):
             if rows.skipped:
-                self.log(f"{name}: skipped {len(rows.skipped)} bad rows, first: {rows.skipped[0]}")
+                self.log(skipped_summary(name, rows.skipped))
         self.log(f"data: {len(self.train_rows):,} train / {len(self.valid_rows):,} valid "
                  f"examples, labels {self.names}")  # fmt: skip
         self.valid_rows = self.valid_rows.head(self.validation_size(len(self.valid_rows)))

@@ -13,7 +13,7 @@ from fmkeras.errors import ConfigError, DataError
 from fmkeras.flops import parameter_counts
 from fmkeras.tasks.base import Task
 from fmkeras.text.corpus import ShardedCorpus, expand_shards
-from fmkeras.text.labelled import read_tsv
+from fmkeras.text.labelled import EVALUATE_SKIP_HINT, RECIPE_SKIP_HINT, read_tsv, skipped_summary
 from fmkeras.text.mlm import pack_sequences
 from fmkeras.training.throughput import peak_gflops
 
@@ -28,20 +28,21 @@ def packed(lines, tokenizer, row_length, name, framed=True):
         raise DataError(f"{name}: {error}") from None
 
 
-def read_passages(path, max_lines=None, text_column="sentence", bad_rows="fail", log=print):
-    """The passages of a text file (one per line), or of a TSV's `text_column`
-    (`*.tsv`: a header line; no label is read), as a list of strings."""
+def read_passages(path, max_lines=None, text_column="sentence", bad_rows="fail",
+                  skip_hint=RECIPE_SKIP_HINT):  # fmt: skip
+    """`(passages, skipped)`: the lines of a text file, or a TSV's `text_column`
+    (`*.tsv`: a header line; no label is read), and the bad TSV rows skipped."""
     if not str(path).endswith(".tsv"):
-        return read_lines(path, max_lines)
-    rows = read_tsv(path, text_column, None, bad_rows, max_rows=max_lines)
-    if rows.skipped:
-        log(f"{path}: skipped {len(rows.skipped)} bad rows, first: {rows.skipped[0]}")
-    return rows.inputs
+        return read_lines(path, max_lines), []
+    rows = read_tsv(path, text_column, None, bad_rows, max_rows=max_lines, skip_hint=skip_hint)
+    return rows.inputs, rows.skipped
 
 
-def run_passages(path, info):
-    """`read_passages` of an evaluation file, with a finished run's `data.text_column`."""
-    return read_passages(path, text_column=info.get("text_column", "sentence"))
+def run_passages(path, info, bad_rows):
+    """`read_passages` of a file `python -m fmkeras.evaluate` scores, with a
+    finished run's `data.text_column` (runs before it read text files only)."""
+    return read_passages(path, None, info.get("text_column", "sentence"), bad_rows,
+                         EVALUATE_SKIP_HINT)  # fmt: skip
 
 
 def sample_lines(paths, count):
@@ -73,14 +74,17 @@ class LanguageModelTask(Task):
         super().check_config(config)
         train_file = config.data.train_file
         if is_glob(train_file) and train_file.endswith(".tsv"):
-            raise ConfigError(f"data.train_file: {train_file} is a glob of TSVs; shards are "
-                              "streamed as plain text, so a TSV is read as one file "
-                              "(its data.text_column)")  # fmt: skip
+            raise ConfigError(f"data.train_file: {train_file} is a glob of TSVs, but shards "
+                              "are streamed as plain text (labels included); name one "
+                              "TSV (its data.text_column is read) or text shards")  # fmt: skip
 
     def passages(self, path):
-        """`read_passages` of a data file with the run's `data` keys."""
+        """The passages of a data file, read with the run's `data` keys."""
         data = self.config.data
-        return read_passages(path, data.max_lines, data.text_column, data.bad_rows, self.log)
+        passages, skipped = read_passages(path, data.max_lines, data.text_column, data.bad_rows)
+        if skipped:
+            self.log(skipped_summary(path, skipped))
+        return passages
 
     def read_data(self):
         data, files = self.config.data, self.files

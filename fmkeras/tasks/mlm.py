@@ -143,6 +143,7 @@ class MaskedLMPredictor(Predictor):
     """Fill-mask with a pretrained masked LM: the `top_k` pieces for each `[MASK]`."""
 
     warmup_texts = ("The capital of France is [MASK].", "[MASK] [MASK] hello")
+    evaluate_inputs = ("data", "bad_rows")  # a TSV's bad rows, as for classify
 
     def __init__(self, model, info, tokenizer, top_k=5):
         super().__init__(model, info)
@@ -167,11 +168,12 @@ class MaskedLMPredictor(Predictor):
             results.append({"text": text, "masks": masks})
         return results
 
-    def evaluate(self, data, batch_size=32, seed=0):
+    def evaluate(self, data, bad_rows="fail", batch_size=32, seed=0):
         """Masked-LM loss, accuracy and perplexity on a text file (one passage
         per line, or a TSV's text column), with the run's masking rate and a fixed seed."""
         sequence_length = self.info["sequence_length"]
-        sequences = packed(run_passages(data, self.info), self.tokenizer, sequence_length, data)
+        passages, skipped = run_passages(data, self.info, bad_rows)
+        sequences = packed(passages, self.tokenizer, sequence_length, data)
         dataset = batches(sequences, data, self.tokenizer, batch_size,
                           self.info["predictions"], seed, shuffle=False, repeat=False)  # fmt: skip
         total = correct = weight = 0.0
@@ -185,4 +187,4 @@ class MaskedLMPredictor(Predictor):
         loss = total / weight
         return {"loss": loss, "accuracy": correct / weight,
                 "perplexity": perplexity(loss), "sequences": len(sequences),
-                "file": str(data)}  # fmt: skip
+                "skipped_rows": {"data": len(skipped)}, "file": str(data)}  # fmt: skip

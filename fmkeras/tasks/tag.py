@@ -12,14 +12,13 @@ from fmkeras.explain.explainers import TagExplainer
 from fmkeras.models import Tagger
 from fmkeras.signatures import tagger_functions
 from fmkeras.tasks.finetune import (
-    EVALUATE_SKIP_HINT,
     EncoderPredictor,
     EncoderTask,
     collect,
     cross_entropy,
 )
 from fmkeras.tasks.registry import register_task
-from fmkeras.text.labelled import encode_words, read_conll
+from fmkeras.text.labelled import EVALUATE_SKIP_HINT, encode_words, read_conll
 
 
 def tag_vocabulary(tag_lists):

@@ -32,6 +32,12 @@ class Rows:
 
 # How to skip bad rows, as the recipe says it; the evaluate command names its flag.
 RECIPE_SKIP_HINT = "set data.bad_rows=skip"
+EVALUATE_SKIP_HINT = "pass --bad-rows skip"
+
+
+def skipped_summary(name, skipped):
+    """The log line of the bad rows a reader skipped in file `name`."""
+    return f"{name}: skipped {len(skipped)} bad rows, first: {skipped[0]}"
 
 
 class _Rejecter:
