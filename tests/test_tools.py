@@ -88,3 +88,23 @@ def test_the_corpus_benchmark_streams_growing_corpora_against_the_model(tmp_path
     assert min(one["input_tokens_per_s"], two["resumed_tokens_per_s"]) > 0
     assert found["model_config"][0] == "tiny" and found["model_tokens_per_s"] > 0
     assert "trains" in result.stdout and "peak RSS" in result.stdout
+
+
+def test_the_scaling_sweep_fits_a_power_law_over_its_sizes(tmp_path, small_vocab, data_dir):
+    result = run_tool("scaling", "--mode", "tiny", "--steps", 10, "--max-lines", 1000,
+                      "--vocab", small_vocab, "--out", tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [row["name"] for row in rows] == ["L1-H32", "L1-H64", "L2-H64", "L2-H96", "L2-H128"]
+    sizes = [row["non_embedding_params"] for row in rows]
+    assert sizes == sorted(sizes) and len(set(sizes)) == 5
+    assert {row["tokens"] for row in rows} == {10 * 32 * 64}  # one budget: steps x batch x length
+    out = tmp_path / "tiny"
+    assert len((out / "scaling.csv").read_text().splitlines()) == 1 + len(rows)
+    fits = json.loads((out / "scaling_fit.json").read_text())["fits"]
+    assert set(fits) == {"L(N)", "L(C)"} and all("alpha" in fit for fit in fits.values())
+    assert (out / "scaling.png").stat().st_size > 0
+    assert re.search(r"L\(N\): E=[\d.]+±\S+, alpha=[\d.]+±", result.stdout), result.stdout
+    refused = run_tool("scaling", "--steps", 2, "--out", tmp_path / "refused")
+    assert refused.returncode == 2 and "--steps must be at least 5, got 2" in refused.stderr
+    assert not (tmp_path / "refused").exists()

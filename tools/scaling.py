@@ -2,6 +2,7 @@
 
     python tools/scaling.py --mode tiny   # 5 sizes x 1.2 M tokens, ~5 minutes on 2 cores
     python tools/scaling.py --mode full   # 5 sizes x 6.1 M tokens, ~35 minutes on 2 cores
+    python tools/scaling.py --mode tiny --steps 20 --max-lines 2000   # a one-minute check
 
 Trains every size on `gutenberg_en` for the same number of tokens (same
 vocabulary, data order, masks and schedule), records the validation loss,
@@ -68,12 +69,17 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mode", choices=sorted(SWEEPS), default="tiny")
     parser.add_argument("--vocab", help="vocab.txt shared by all sizes (default: learn once)")
+    parser.add_argument("--steps", type=int, help="steps per size (default: the mode's budget)")
+    parser.add_argument("--max-lines", type=int, help="read only the corpus's first N lines")
     parser.add_argument("--out", default="runs/scaling")
     args = parser.parse_args()
 
+    budget = {**BUDGETS[args.mode], "steps": args.steps or BUDGETS[args.mode]["steps"],
+              "max_lines": args.max_lines or BUDGETS[args.mode]["max_lines"]}  # fmt: skip
+    if budget["steps"] < 5:
+        parser.error(f"--steps must be at least 5, got {budget['steps']}")
     out = Path(args.out) / args.mode
     out.mkdir(parents=True, exist_ok=True)
-    budget = BUDGETS[args.mode]
     rows = []
     for layers, width in SWEEPS[args.mode]:
         name = f"L{layers}-H{width}"
