@@ -106,8 +106,7 @@ def write_tflite(functions, path, mode="dynamic", calibration=None, input_shape=
     if mode not in TFLITE_MODES:
         raise ConfigError(f"TFLite mode {mode!r}: use one of {', '.join(TFLITE_MODES)}")
     with tempfile.TemporaryDirectory() as directory:
-        functions.archive(texts=False, id_shape=input_shape or (None, None)).write_out(
-            directory, verbose=False)
+        functions.save(directory, texts=False, id_shape=input_shape or (None, None))
         converter = tf.lite.TFLiteConverter.from_saved_model(directory)
         if mode != "float32":
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -160,7 +159,7 @@ def export(run_dir, name, out="saved_models", version=None, overwrite=False, *,
     temporary = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=base))
     try:
         model_dir = temporary / "model"
-        functions.archive().write_out(str(model_dir), verbose=False)
+        functions.save(model_dir)
         extra = model_dir / "assets.extra"
         extra.mkdir(exist_ok=True)
         tflite_shape = [tflite_batch_size, predictor.info["sequence_length"]] \

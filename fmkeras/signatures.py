@@ -27,12 +27,12 @@ causal_lm  -> prompts `texts` and the sampling settings (scalars
 import dataclasses
 from collections.abc import Callable
 
-import keras
 import tensorflow as tf
 
 from fmkeras.models.masked_lm import masked_lm_logits
 from fmkeras.text.core_tokenizer import CoreBertTokenizer
 from fmkeras.text.labelled import add_cls_sep, pack_pair, truncate_longest_first
+from fmkeras.workarounds import save_signatures
 
 MASK_TOKEN = "[MASK]"
 ENCODER_INPUTS = ("token_ids", "segment_ids", "padding_mask")
@@ -235,23 +235,24 @@ class ServingFunctions:
     text_names: tuple = ("texts",)
     extra_inputs: tuple = ()  # `tf.TensorSpec`s both functions take after their own inputs
 
-    def archive(self, texts=True, id_shape=(None, None)):
-        """An `ExportArchive` with `serving_default` (raw texts; unless `texts`
-        is false) and `serve_token_ids`, whose inputs have the shape `id_shape`
-        (`(batch, tokens)`; None: any)."""
-        archive = keras.export.ExportArchive()
-        # The endpoints capture the model's variables by themselves; also calling
-        # `archive.track(model)` would store every weight twice (keras#23553).
-        if texts:
-            for table in self.tokenizer.tables:  # not Keras layers: tracked by hand
-                archive.track(table)
-            archive.add_endpoint(
-                "serving_default",
-                self.serve_texts,
-                input_signature=[tf.TensorSpec([None], tf.string, name=n) for n in self.text_names]
-                + list(self.extra_inputs),
-            )
+    def save(self, path, texts=True, id_shape=(None, None)):
+        """Writes a SavedModel with `serving_default` (raw texts; the token-id
+        function when `texts` is false) and `serve_token_ids`, whose inputs have
+        the shape `id_shape` (`(batch, tokens)`; None: any). Each function is
+        traced once (`fmkeras.workarounds.save_signatures`)."""
+        extra = list(self.extra_inputs)
         ids = [tf.TensorSpec(list(id_shape), tf.int32, name=name) for name in self.id_names]
-        archive.add_endpoint("serve_token_ids", self.serve_ids,
-                             input_signature=ids + list(self.extra_inputs))  # fmt: skip
-        return archive
+        serve_ids = trace(self.serve_ids, ids + extra)
+        signatures = {"serving_default": serve_ids, "serve_token_ids": serve_ids}
+        if texts:
+            strings = [tf.TensorSpec([None], tf.string, name=name) for name in self.text_names]
+            signatures["serving_default"] = trace(self.serve_texts, strings + extra)
+        tables = self.tokenizer.tables if texts else []
+        save_signatures(path, signatures, resources=tables)
+
+
+def trace(function, input_signature):
+    """The concrete graph of `function` for `input_signature`, traced without
+    AutoGraph as Keras's `ExportArchive` traces its endpoints."""
+    return tf.function(function, input_signature=input_signature,
+                       autograph=False).get_concrete_function()  # fmt: skip

@@ -50,6 +50,16 @@ sequence 128, width 512, 8 heads) drops from 99.7 to 85.7 ms in bfloat16 and
 from 178 to 155 ms in float32 (with the matmul attention of
 `fmkeras.layers.MultiHeadAttention`). `tests/test_workarounds.py` notices when
 stock `EinsumDense` stops producing `BatchMatMulV2`.
+
+`save_signatures(path, signatures, resources)`: Keras's `ExportArchive` keeps
+its endpoints as `tf.function` attributes of the saved object, and
+`tf.saved_model.save` traces each of them a second time, because the save
+context is part of a trace's cache key (tensorflow/tensorflow#56370, closed
+without a fix): about a quarter of an export's time goes to tracing again what
+was traced already. Saving the traced concrete functions as signatures only,
+on a module that tracks the variables they capture (as `ExportArchive` does,
+each once) and the lookup tables, writes the same signatures from one trace.
+`tests/test_workarounds.py` notices when `ExportArchive` traces once.
 """
 
 import keras
@@ -184,3 +194,16 @@ def trailing_contraction(equation):
         if source[-count:] == kernel[:count] and source[:-count] + kernel[count:] == output:
             return count
     return None
+
+
+def save_signatures(path, signatures, resources=()):
+    """`tf.saved_model.save` of `signatures` (`{name: ConcreteFunction}`) with
+    nothing traced again (see the module docstring). `resources`: trackable
+    resources the functions use that are not variables (lookup tables)."""
+    captured = {}  # each captured variable once, in the order the functions use them
+    for function in signatures.values():
+        captured.update((id(variable), variable) for variable in function.variables)
+    module = tf.Module()
+    module.captured_variables = list(captured.values())
+    module.resources = list(resources)
+    tf.saved_model.save(module, str(path), signatures=signatures)

@@ -1,7 +1,8 @@
 """The Keras + tf.distribute workarounds: the multi-worker ones are still
 needed where they patch and two local workers train in lockstep with them;
 the per-replica XLA step trains exactly like Keras's own; the attention
-projections' gradient is one 2-D matmul and equals stock EinsumDense's."""
+projections' gradient is one 2-D matmul and equals stock EinsumDense's; a
+SavedModel's signatures are traced once."""
 
 import inspect
 import json
@@ -16,7 +17,11 @@ import pytest
 import tensorflow as tf
 from run_helpers import run_workers
 
-from fmkeras.workarounds import TrailingEinsumDense, compile_replica_steps_with_xla
+from fmkeras.workarounds import (
+    TrailingEinsumDense,
+    compile_replica_steps_with_xla,
+    save_signatures,
+)
 
 WORKER = textwrap.dedent("""
     import json, sys
@@ -194,3 +199,48 @@ def test_trailing_einsum_dense_keeps_lora_and_other_equations():
     assert not np.allclose(layers[1](x), stock, atol=1e-3)
     transposed = TrailingEinsumDense("abc,dc->abd", (None, 5))  # not a trailing contraction
     assert transposed.tensordot_axes is None and transposed(x).shape == (3, 4, 5)
+
+
+def traced_model_function():
+    """A Keras model's call with a lookup table, and the list its traces append to."""
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    table = tf.lookup.StaticHashTable(
+        tf.lookup.KeyValueTensorInitializer(tf.constant(["a", "b"]), tf.constant([1.0, 2.0])),
+        default_value=0.0,
+    )
+    traces = []
+
+    def serve(keys):
+        traces.append(1)
+        values = tf.repeat(table.lookup(keys)[:, None], 3, axis=1)  # (batch, 3)
+        return {"outputs": model(values)}
+
+    return model, table, serve, traces
+
+
+def test_stock_export_archive_still_traces_endpoints_twice(tmp_path):
+    # When this fails, tf.saved_model.save reuses the trace (tensorflow#56370):
+    # fmkeras.workarounds.save_signatures can give way to keras.export.ExportArchive.
+    model, table, serve, traces = traced_model_function()
+    archive = keras.export.ExportArchive()
+    archive.track(table)
+    archive.add_endpoint("serve", serve, input_signature=[tf.TensorSpec([None], tf.string)])
+    archive.write_out(str(tmp_path / "stock"), verbose=False)
+    assert len(traces) == 2
+
+
+def test_saved_signatures_are_traced_once_and_answer_like_the_model(tmp_path):
+    model, table, serve, traces = traced_model_function()
+    function = tf.function(serve, input_signature=[tf.TensorSpec([None], tf.string, name="keys")])
+    concrete = function.get_concrete_function()
+    save_signatures(tmp_path / "saved", {"serving_default": concrete, "other": concrete},
+                    resources=[table])  # fmt: skip
+    assert len(traces) == 1
+    loaded = tf.saved_model.load(str(tmp_path / "saved"))
+    keys = tf.constant(["b", "a", "z"])
+    answers = loaded.signatures["other"](keys=keys)["outputs"].numpy()
+    expected = model(np.repeat([[2.0], [1.0], [0.0]], 3, axis=1))  # the table's values
+    np.testing.assert_allclose(answers, expected, atol=1e-6)
+    stored = tf.train.load_checkpoint(str(tmp_path / "saved" / "variables" / "variables"))
+    values = stored.get_variable_to_shape_map()
+    assert sum(np.prod(values[key]) for key in values if key.endswith("VARIABLE_VALUE")) == 8
