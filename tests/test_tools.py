@@ -105,6 +105,8 @@ def test_the_scaling_sweep_fits_a_power_law_over_its_sizes(tmp_path, small_vocab
     assert set(fits) == {"L(N)", "L(C)"} and all("alpha" in fit for fit in fits.values())
     assert (out / "scaling.png").stat().st_size > 0
     assert re.search(r"L\(N\): E=[\d.]+±\S+, alpha=[\d.]+±", result.stdout), result.stdout
-    refused = run_tool("scaling", "--steps", 2, "--out", tmp_path / "refused")
-    assert refused.returncode == 2 and "--steps must be at least 5, got 2" in refused.stderr
+    for flag, value, message in (("--steps", 0, "--steps must be at least 5, got 0"),
+                                 ("--max-lines", 0, "--max-lines must be positive, got 0")):
+        refused = run_tool("scaling", flag, value, "--out", tmp_path / "refused")
+        assert refused.returncode == 2 and message in refused.stderr
     assert not (tmp_path / "refused").exists()

@@ -2,7 +2,7 @@
 
     python tools/scaling.py --mode tiny   # 5 sizes x 1.2 M tokens, ~5 minutes on 2 cores
     python tools/scaling.py --mode full   # 5 sizes x 6.1 M tokens, ~35 minutes on 2 cores
-    python tools/scaling.py --mode tiny --steps 20 --max-lines 2000   # a one-minute check
+    python tools/scaling.py --mode tiny --steps 10 --max-lines 1000   # a one-minute check
 
 Trains every size on `gutenberg_en` for the same number of tokens (same
 vocabulary, data order, masks and schedule), records the validation loss,
@@ -74,10 +74,15 @@ def main():
     parser.add_argument("--out", default="runs/scaling")
     args = parser.parse_args()
 
-    budget = {**BUDGETS[args.mode], "steps": args.steps or BUDGETS[args.mode]["steps"],
-              "max_lines": args.max_lines or BUDGETS[args.mode]["max_lines"]}  # fmt: skip
-    if budget["steps"] < 5:
-        parser.error(f"--steps must be at least 5, got {budget['steps']}")
+    budget = dict(BUDGETS[args.mode])
+    if args.steps is not None:
+        if args.steps < 5:
+            parser.error(f"--steps must be at least 5, got {args.steps}")
+        budget["steps"] = args.steps
+    if args.max_lines is not None:
+        if args.max_lines < 1:
+            parser.error(f"--max-lines must be positive, got {args.max_lines}")
+        budget["max_lines"] = args.max_lines
     out = Path(args.out) / args.mode
     out.mkdir(parents=True, exist_ok=True)
     rows = []
