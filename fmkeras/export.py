@@ -106,7 +106,7 @@ def write_tflite(functions, path, mode="dynamic", calibration=None, input_shape=
     if mode not in TFLITE_MODES:
         raise ConfigError(f"TFLite mode {mode!r}: use one of {', '.join(TFLITE_MODES)}")
     with tempfile.TemporaryDirectory() as directory:
-        functions.save(directory, texts=False, id_shape=input_shape or (None, None))
+        functions.save(directory, texts=False, id_shape=input_shape)
         converter = tf.lite.TFLiteConverter.from_saved_model(directory)
         if mode != "float32":
             converter.optimizations = [tf.lite.Optimize.DEFAULT]

@@ -235,13 +235,14 @@ class ServingFunctions:
     text_names: tuple = ("texts",)
     extra_inputs: tuple = ()  # `tf.TensorSpec`s both functions take after their own inputs
 
-    def save(self, path, texts=True, id_shape=(None, None)):
+    def save(self, path, texts=True, id_shape=None):
         """Writes a SavedModel with `serving_default` (raw texts; the token-id
         function when `texts` is false) and `serve_token_ids`, whose inputs have
-        the shape `id_shape` (`(batch, tokens)`; None: any). Each function is
-        traced once (`fmkeras.workarounds.save_signatures`)."""
+        the shape `id_shape` (`(batch, tokens)`; None: any shape). Each function
+        is traced once (`fmkeras.workarounds.save_signatures`)."""
         extra = list(self.extra_inputs)
-        ids = [tf.TensorSpec(list(id_shape), tf.int32, name=name) for name in self.id_names]
+        shape = list(id_shape or (None, None))
+        ids = [tf.TensorSpec(shape, tf.int32, name=name) for name in self.id_names]
         serve_ids = trace(self.serve_ids, ids + extra)
         signatures = {"serving_default": serve_ids, "serve_token_ids": serve_ids}
         if texts:
