@@ -44,10 +44,12 @@ gradient is one matmul per example followed by a `Sum` over the batch: the
 problem keras-team/keras#22823 reported for `Dense` and #22832 fixed there (with
 `tensordot`), still present in `EinsumDense`. The subclass computes those
 equations with `ops.tensordot` (one 2-D matmul over all tokens, forward and
-backward); weights, names, LoRA and quantized calls are `EinsumDense`'s. On the
-2-core AVX512-BF16 CPU an attention layer's forward + backward (batch 32,
-sequence 128, width 512, 8 heads) drops from 99.7 to 85.7 ms in bfloat16 and
-from 178 to 155 ms in float32 (with the matmul attention of
+backward); weights, names, LoRA and quantized calls are `EinsumDense`'s (its
+`quantize` skips subclasses with a warning unless told not to check the type,
+which this one does, so int8 exports quantize the attention projections too).
+On the 2-core AVX512-BF16 CPU an attention layer's forward + backward (batch
+32, sequence 128, width 512, 8 heads) drops from 99.7 to 85.7 ms in bfloat16
+and from 178 to 155 ms in float32 (with the matmul attention of
 `fmkeras.layers.MultiHeadAttention`). `tests/test_workarounds.py` notices when
 stock `EinsumDense` stops producing `BatchMatMulV2`.
 
@@ -61,6 +63,18 @@ traced concrete functions as signatures only, on a module that tracks the
 variables they capture (as `ExportArchive` does, each once) and the lookup
 tables, writes the same signatures from one trace.
 `tests/test_workarounds.py` notices when `ExportArchive` traces once.
+
+`save_without_training_state(model, path)`: Keras 3 writes a compiled model's
+optimizer into every `.keras` file and ignores `include_optimizer=False`
+(tensorflow/tensorflow#84268, closed without a fix), so a run's final
+`model.keras` held AdamW's two moments beside the weights (three times the
+size: 75 MB instead of 25 for a BERT-Mini classifier), loading rebuilt and filled
+an optimizer nobody used, and a merged LoRA model warned that its optimizer
+had other variables than the saved one. Backups keep the optimizer state that
+resuming needs; the final model is saved with the optimizer and the compile
+configuration set aside for the call (as keras-hub presets and Hugging Face
+checkpoints ship weights only), then put back.
+`tests/test_workarounds.py` notices when `include_optimizer=False` works.
 """
 
 import keras
@@ -168,6 +182,13 @@ class TrailingEinsumDense(keras.layers.EinsumDense):
         super().__init__(equation, *args, **kwargs)
         self.tensordot_axes = trailing_contraction(equation)
 
+    def quantize(self, mode=None, type_check=True, config=None):
+        # `EinsumDense.quantize` refuses subclasses (its type check), and
+        # `Model.quantize` only warns, so int8 exports kept the attention
+        # projections in float32. A quantized layer runs `EinsumDense`'s
+        # `quantized_call`, never the `call` below, so it is safe to allow.
+        super().quantize(mode, type_check=False, config=config)
+
     def call(self, inputs, training=None):
         if self.tensordot_axes is None:
             return super().call(inputs, training=training)
@@ -208,3 +229,17 @@ def save_signatures(path, signatures, resources=()):
     module.captured_variables = list(captured.values())
     module.resources = list(resources)
     tf.saved_model.save(module, str(path), signatures=signatures)
+
+
+def save_without_training_state(model, path):
+    """`model.save(path)` without the optimizer state and the compile
+    configuration (see the module docstring); `model` keeps both."""
+    if not getattr(model, "compiled", False):  # an encoder that was never compiled
+        model.save(path)
+        return
+    optimizer, compiled = model.optimizer, model.compiled
+    model.optimizer, model.compiled = None, False
+    try:
+        model.save(path)
+    finally:
+        model.optimizer, model.compiled = optimizer, compiled

@@ -272,7 +272,9 @@ def test_quantized_and_bfloat16_variants_answer_like_the_float_model(classify_ru
     answers = quantized(texts=tf.constant(TEXTS))["probabilities"].numpy()
     np.testing.assert_allclose(answers, expected, atol=0.05)
     stored = tf.train.load_checkpoint(str(tmp_path / "sm" / "q" / "1" / "variables" / "variables"))
-    assert tf.int8 in stored.get_variable_to_dtype_map().values()
+    kernels = [w for w in load_run(classify_run).model.weights if w.path.endswith("/kernel")]
+    # every Dense and EinsumDense kernel, the attention projections' too
+    assert list(stored.get_variable_to_dtype_map().values()).count(tf.int8) == len(kernels)
 
     # bfloat16: 16-bit weights on disk, float32 outputs, the float model's answers.
     assert export_main([str(classify_run), "--name", "h", "--out", out, "--precision",

@@ -21,6 +21,7 @@ from fmkeras.tasks.classify import ClassifyTask, classification_metrics
 from fmkeras.text.wordpiece import write_vocabulary
 from fmkeras.train import main
 from fmkeras.training import lora
+from fmkeras.training.checkpoints import save_model
 
 TINY = dict(num_layers=2, num_heads=2, hidden_dim=16, intermediate_dim=32, max_sequence_length=64)
 QUICK = {
@@ -181,7 +182,7 @@ def test_lora_trains_only_adapters_and_head_and_reloads_by_path(tmp_path):
     np.testing.assert_allclose(fresh.predict(INPUTS, verbose=0), expected, atol=1e-6)
 
     # Saving merges the adapters into the kernels: the .keras model needs no LoRA.
-    model.save(tmp_path / "merged.keras")
+    save_model(model, tmp_path / "merged.keras")  # as a run saves model.keras
     merged = fmkeras.load_model(tmp_path / "merged.keras")
     assert not any("lora" in v.path for v in merged.weights)
     np.testing.assert_allclose(merged.predict(INPUTS, verbose=0), expected, atol=1e-5)

@@ -1,14 +1,16 @@
 """The Keras + tf.distribute workarounds: the multi-worker ones are still
 needed where they patch and two local workers train in lockstep with them;
 the per-replica XLA step trains exactly like Keras's own; the attention
-projections' gradient is one 2-D matmul and equals stock EinsumDense's; a
-SavedModel's signatures are traced once."""
+projections' gradient is one 2-D matmul and equals stock EinsumDense's, and
+they quantize like it; a SavedModel's signatures are traced once; a final
+model is saved without its optimizer."""
 
 import inspect
 import json
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import keras
 import keras.src.backend.tensorflow.trainer as trainer
@@ -17,10 +19,12 @@ import pytest
 import tensorflow as tf
 from run_helpers import run_workers
 
+from fmkeras.export import quantize_model
 from fmkeras.workarounds import (
     TrailingEinsumDense,
     compile_replica_steps_with_xla,
     save_signatures,
+    save_without_training_state,
 )
 
 WORKER = textwrap.dedent("""
@@ -185,12 +189,19 @@ def test_trailing_einsum_dense_matches_einsum_dense_with_2d_matmuls(
     assert fixed.tensordot_axes == {"btd,dnh->btnh": 1, "btnh,nhd->btd": 2}[equation]
 
 
-def test_trailing_einsum_dense_keeps_lora_and_other_equations():
-    x = tf.random.stateless_normal((3, 4, 6), seed=(3, 4))
+def stock_and_trailing_projections(shape):
+    """A built `EinsumDense` query projection and a `TrailingEinsumDense` one."""
     layers = [cls("btd,dnh->btnh", (None, 2, 3), bias_axes="nh")
               for cls in (keras.layers.EinsumDense, TrailingEinsumDense)]  # fmt: skip
     for layer in layers:
-        layer.build(x.shape)
+        layer.build(shape)
+    return layers
+
+
+def test_trailing_einsum_dense_keeps_lora_and_other_equations():
+    x = tf.random.stateless_normal((3, 4, 6), seed=(3, 4))
+    layers = stock_and_trailing_projections(x.shape)
+    for layer in layers:
         layer.enable_lora(2, b_initializer="ones")  # adapters that change the output
     layers[1].set_weights(layers[0].get_weights())
     stock, fixed = (layer(x) for layer in layers)
@@ -199,6 +210,23 @@ def test_trailing_einsum_dense_keeps_lora_and_other_equations():
     assert not np.allclose(layers[1](x), stock, atol=1e-3)
     transposed = TrailingEinsumDense("abc,dc->abd", (None, 5))  # not a trailing contraction
     assert transposed.tensordot_axes is None and transposed(x).shape == (3, 4, 5)
+
+
+def test_trailing_einsum_dense_quantizes_like_einsum_dense():
+    # EinsumDense.quantize skips subclasses with only a warning (its type check):
+    # int8 exports kept the attention projections in float32.
+    x = tf.random.stateless_normal((3, 4, 6), seed=(5, 6))
+    layers = stock_and_trailing_projections(x.shape)
+    layers[1].set_weights(layers[0].get_weights())
+    float_output = layers[1](x)
+    model = keras.Sequential([keras.Input((4, 6)), layers[1]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # Model.quantize warns on a skipped layer
+        quantize_model(model, "int8")  # what `fmkeras export --quantize int8` runs
+    layers[0].quantize("int8")
+    assert layers[1].quantization_mode == "int8" and layers[1]._kernel.dtype == "int8"
+    np.testing.assert_allclose(layers[1](x), layers[0](x), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(layers[1](x), float_output, atol=0.05)
 
 
 def traced_model_function():
@@ -244,3 +272,44 @@ def test_saved_signatures_are_traced_once_and_answer_like_the_model(tmp_path):
     stored = tf.train.load_checkpoint(str(tmp_path / "saved" / "variables" / "variables"))
     values = stored.get_variable_to_shape_map()
     assert sum(np.prod(values[key]) for key in values if key.endswith("VARIABLE_VALUE")) == 8
+
+
+def compiled_and_trained_model():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(optimizer="adam", loss="mse")
+    model.fit(np.ones((4, 3)), np.ones((4, 2)), verbose=0)
+    return model
+
+
+def saved_groups(path):
+    """The top-level groups of a `.keras` file's weights and its compile config."""
+    import zipfile
+
+    import h5py
+
+    with zipfile.ZipFile(path) as archive:
+        config = json.loads(archive.read("config.json"))
+        with archive.open("model.weights.h5") as weights, h5py.File(weights) as store:
+            return set(store), config.get("compile_config")
+
+
+def test_stock_keras_still_saves_the_optimizer_it_is_told_to_leave_out(tmp_path):
+    # When this fails, Keras honours include_optimizer=False in .keras files
+    # (tensorflow#84268): drop save_without_training_state.
+    compiled_and_trained_model().save(tmp_path / "m.keras", include_optimizer=False)
+    assert "optimizer" in saved_groups(tmp_path / "m.keras")[0]
+
+
+def test_saved_without_training_state_loads_quietly_and_keeps_training(tmp_path):
+    model = compiled_and_trained_model()
+    save_without_training_state(model, tmp_path / "m.keras")
+    groups, compile_config = saved_groups(tmp_path / "m.keras")
+    assert "optimizer" not in groups and not compile_config
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # e.g. "Skipping variable loading"
+        loaded = keras.saving.load_model(tmp_path / "m.keras")
+    np.testing.assert_allclose(loaded.predict(np.ones((2, 3)), verbose=0),
+                               model.predict(np.ones((2, 3)), verbose=0))  # fmt: skip
+    assert model.compiled and int(model.optimizer.iterations) == 1
+    model.fit(np.ones((4, 3)), np.ones((4, 2)), verbose=0)  # the optimizer trains on
+    assert int(model.optimizer.iterations) == 2

@@ -156,7 +156,7 @@ def finished_head(init, model, labels):
         return None
     if json.loads(info_path.read_text(encoding="utf-8")).get("labels") != list(labels):
         return None
-    finished = keras.saving.load_model(model_path)
+    finished = keras.saving.load_model(model_path, compile=False)
     if type(finished) is not type(model):
         return None
     return finished.output_dense.get_weights()

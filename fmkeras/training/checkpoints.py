@@ -21,6 +21,7 @@ import keras
 
 from fmkeras.errors import ConfigError, TrainingError
 from fmkeras.training.callbacks import optimizer_step
+from fmkeras.workarounds import save_without_training_state
 
 STATE_FILE = "state.json"
 WEIGHTS_FILE = "state.weights.h5"
@@ -52,9 +53,10 @@ def write_json(path, data):
 
 
 def save_model(model, path):
-    """`model.save` to `path` (`.keras`), atomically."""
+    """`model.save` to `path` (`.keras`), atomically, without the optimizer
+    state and compile configuration (backups hold what resuming needs)."""
     with atomic_path(path) as temporary:
-        model.save(temporary)
+        save_without_training_state(model, temporary)
 
 
 def checksums(directory):
