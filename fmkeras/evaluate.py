@@ -1,4 +1,8 @@
-"""`python -m fmkeras.evaluate RUN_DIR --data PATH`: score a finished run on a labelled file.
+"""`python -m fmkeras.evaluate RUN_DIR [--data PATH]`: score a finished run on a labelled file.
+
+Without --data (or --src/--ref) it scores the run's own validation file, the
+`data.valid_file` its config.yaml names, in the data directory (--data-dir,
+then the run's `data.dir`, then $FMKERAS_DATA_DIR).
 
 classify / tag runs: `--data` in the format the run was trained on (TSV with
 the same columns, or CoNLL). mlm runs: `--data` is a text file (or a TSV,
@@ -18,6 +22,7 @@ from fmkeras import cli
 from fmkeras.errors import ConfigError, DataError
 
 EXAMPLES = """examples:
+  python -m fmkeras.evaluate runs/sst2                # the run's validation file
   python -m fmkeras.evaluate runs/sst2 --data $FMKERAS_DATA_DIR/sst2/dev.tsv
   python -m fmkeras.evaluate runs/en_zh --src valid.en --ref valid.zh --beam 4
   python -m fmkeras.evaluate runs/pretrain_gutenberg \
@@ -35,9 +40,44 @@ def build_parser():
     parser.add_argument("--src", help="translate: source sentences, one per line")
     parser.add_argument("--ref", help="translate: reference translations, aligned with --src")
     parser.add_argument("--hypotheses", help="translate: write the translations here")
+    parser.add_argument("--data-dir", help="where the run's validation file is looked up when "
+                        "no --data/--src/--ref is given (default: the run's data.dir, then "
+                        "$FMKERAS_DATA_DIR)")  # fmt: skip
     cli.decode_arguments(parser)
     parser.add_argument("--out", help="also write the metrics JSON here")
     return parser
+
+
+FILE_INPUTS = ("data", "src", "ref")
+VALIDATION_ROLES = {"valid": "data", "valid_source": "src", "valid_target": "ref"}
+
+
+def validation_inputs(run_dir, data_dir_option, missing, predictor):
+    """`{input name: path}` of the files the finished run `run_dir` validated
+    on (its config.yaml's `data.valid_file` in the data directory), for the
+    `missing` inputs; a one-line error when the run does not name them."""
+    from fmkeras.config import build_config
+    from fmkeras.data import require_file, resolve_data_dir
+    from fmkeras.tasks.registry import get_task
+    from fmkeras.training.run_dir import RunDir
+
+    run = RunDir(run_dir)
+    required = " and ".join(f"--{name}" for name in missing)
+    try:
+        config = build_config(run.config)
+    except ConfigError as error:
+        raise ConfigError(f"{required} required: the run's validation file is unknown "
+                          f"({error})") from None  # fmt: skip
+    files = get_task(config.task).data_files(config)
+    found = {VALIDATION_ROLES[role]: relative for role, relative in files.items()
+             if VALIDATION_ROLES.get(role) in missing}  # fmt: skip
+    if set(found) != set(missing):
+        raise ConfigError(f"{required} required for {predictor.info['task']} runs")
+    data_dir, origin = resolve_data_dir(data_dir_option, config.data.dir)
+    paths = {name: require_file(relative, data_dir, origin) for name, relative in found.items()}
+    print(f"evaluating on the run's validation data: {', '.join(map(str, paths.values()))}",
+          file=sys.stderr)  # fmt: skip
+    return {name: str(path) for name, path in paths.items()}
 
 
 @cli.command
@@ -48,11 +88,14 @@ def main(argv):
 
     predictor = load_run(args.run_dir, decode=cli.decode_config(args))
     inputs = {name: getattr(args, name) for name in predictor.evaluate_inputs}
-    missing = [f"--{name}" for name in ("data", "src", "ref") if name in inputs
-               and not inputs[name]]  # fmt: skip
-    if missing:
-        raise ConfigError(f"{' and '.join(missing)} required for {predictor.info['task']} runs")
-    for name in ("data", "src", "ref"):
+    files = [name for name in FILE_INPUTS if name in inputs]  # data, or src and ref
+    missing = [name for name in files if not inputs[name]]
+    if missing and missing == files:  # none given: the run's own validation files
+        inputs.update(validation_inputs(args.run_dir, args.data_dir, missing, predictor))
+    elif missing:
+        raise ConfigError(f"{' and '.join(f'--{name}' for name in missing)} required for "
+                          f"{predictor.info['task']} runs")  # fmt: skip
+    for name in files:
         if inputs.get(name) and not Path(inputs[name]).is_file():
             raise DataError(f"{inputs[name]} does not exist")
     metrics = predictor.evaluate(**inputs)

@@ -55,9 +55,13 @@ def test_classify_end_to_end_with_evaluate_and_predict(tmp_path, capsys, data_di
     assert {"confusion_matrix", "confusion_matrix_table"} <= set(images)  # image and table
 
     capsys.readouterr()
-    assert evaluate_main([str(run), "--data", str(data_dir / "sst2" / "dev.tsv")]) == 0
-    scored = json.loads(capsys.readouterr().out)  # the keys of metrics.json, 4 decimals
+    assert evaluate_main([str(run)]) == 0  # the run's validation file, sst2/dev.tsv
+    output = capsys.readouterr()
+    assert f"validation data: {data_dir / 'sst2' / 'dev.tsv'}" in output.err
+    scored = json.loads(output.out)  # the keys of metrics.json, 4 decimals
     assert scored["accuracy"] == round(metrics["accuracy"], 4)
+    assert evaluate_main([str(run), "--data-dir", str(tmp_path / "nowhere")]) == 2
+    assert f"sst2/dev.tsv in data directory {tmp_path / 'nowhere'}" in capsys.readouterr().err
     assert {"loss", "accuracy", "macro_f1", "skipped_rows"} <= set(scored) & set(metrics)
     assert evaluate_main([str(run), "--data", str(data_dir / "sst2" / "dev.tsv"), "--out",
                           str(tmp_path / "scored.json")]) == 0  # fmt: skip
