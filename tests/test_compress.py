@@ -273,6 +273,8 @@ def test_the_compression_table_measures_a_bfloat16_trained_run_in_float32(tmp_pa
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["examples"] == 40
+    ceilings = report["matmul_gops"]  # what the float32 and Keras int8 kernels multiply at
+    assert set(ceilings) == {"float32", "int8"} and min(ceilings.values()) > 0
     # The run again as another run: its own exports, the reference's predictions.
     variants = [row["variant"] for row in report["variants"]]
     assert variants == ["float32", "tflite-dynamic", "tflite-float32-fixed", "float32"]

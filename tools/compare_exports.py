@@ -31,6 +31,9 @@ Each row's speed-up is against the reference run's same variant (a student's
 TFLite against the teacher's TFLite), the like-for-like comparison; a last
 line compares each run's fastest variant at batch 1 with the reference's
 fastest (best against best).
+The last line also holds `matmul_gops`: float32 and int8 matmul throughput
+of this TensorFlow in graph mode (1024³), which explains the Keras int8 row
+(its kernels multiply int8 through TensorFlow's int8 `MatMul`).
 Latency is measured on whatever else the machine is doing: run it on an
 idle machine.
 """
@@ -49,6 +52,7 @@ import tensorflow as tf
 from fmkeras.export import export, write_tflite
 from fmkeras.tasks import load_run
 from fmkeras.text.labelled import encode_texts, read_tsv
+from fmkeras.training.throughput import measure_matmul_gflops
 
 VARIANTS = ("float32", "bfloat16", "int8", "tflite-dynamic", "tflite-float32", "tflite-int8",
             "tflite-dynamic-fixed", "tflite-float32-fixed")  # fmt: skip
@@ -256,6 +260,14 @@ def markdown(report, reference_rows):
     return "\n".join(lines) + "\n"
 
 
+def matmul_ceilings(size=1024):
+    """GFLOP/s (GOP/s for int8) of a `size`³ matmul in graph mode, float32 and
+    int8: how fast this TensorFlow multiplies what the float32 and Keras int8
+    SavedModels multiply."""
+    return {dtype: round(measure_matmul_gflops(size, dtype=dtype, jit_compile=False), 1)
+            for dtype in ("float32", "int8")}  # fmt: skip
+
+
 def variant_list(text):
     chosen = [v.strip() for v in text.split(",") if v.strip()]
     unknown = set(chosen) - set(VARIANTS)
@@ -298,7 +310,8 @@ def main():
     if args.markdown:
         Path(args.markdown).write_text(markdown(report, len(args.variants)), encoding="utf-8")
     print(json.dumps({"examples": len(reference["predictions"]), "variants": report,
-                      "best_against_best": best_against_best(report, len(args.variants))}))
+                      "best_against_best": best_against_best(report, len(args.variants)),
+                      "matmul_gops": matmul_ceilings()}))  # fmt: skip
 
 
 if __name__ == "__main__":
