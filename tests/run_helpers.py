@@ -105,6 +105,19 @@ def tiny_args(vocab, steps=40, recipe=PRETRAIN_RECIPE, **extra):
     return args
 
 
+def assert_model_holds_backup(model_path, backup):
+    """The `.keras` model at `model_path` holds the weights of the backup
+    directory `backup`: restoring the backup over them changes nothing."""
+    import fmkeras
+    from fmkeras.training.checkpoints import restore_backup
+
+    model = fmkeras.load_model(model_path)
+    saved = [weight.numpy() for weight in model.weights]
+    restore_backup(model, backup)
+    for weight, value in zip(model.weights, saved, strict=True):
+        np.testing.assert_array_equal(weight.numpy(), value, err_msg=weight.path)
+
+
 def wait_for(path, process, seconds=300):
     """Waits until `path` exists while `process` runs."""
     deadline = time.time() + seconds

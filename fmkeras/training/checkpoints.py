@@ -124,10 +124,13 @@ def set_aside(backup, reason, log):
 
 
 def restore_backup(model, backup_path):
-    """Loads weights and optimizer state (iterations, moments) into `model`."""
+    """Loads weights and optimizer state (iterations, moments) into `model`;
+    the weights alone into a model without an optimizer (one loaded from a
+    run's model.keras)."""
     with model.distribute_strategy.scope():  # optimizer slots are mirrored variables too
-        if model.optimizer is not None and not model.optimizer.built:
-            model.optimizer.build(model.trainable_variables)
+        optimizer = getattr(model, "optimizer", None)  # uncompiled models have no attribute
+        if optimizer is not None and not optimizer.built:
+            optimizer.build(model.trainable_variables)
         model.load_weights(Path(backup_path) / WEIGHTS_FILE)
 
 
