@@ -27,8 +27,8 @@ def measure_matmul_gflops(size=2048, repeats=6, device=None, dtype="float32", ji
     or in graph mode (`int8`: int8 operands, int32 products, as Keras's int8
     layers multiply on TensorFlow)."""
     with tf.device(device or "/cpu:0"):
-        a = tf.cast(tf.random.normal((size, size)) * 20, dtype)
-        b = tf.cast(tf.random.normal((size, size)) * 20, dtype)
+        a = tf.cast(tf.random.normal((size, size)), dtype)
+        b = tf.cast(tf.random.normal((size, size)), dtype)
         products = {"output_type": tf.int32} if dtype == "int8" else {}
         # Return the whole product: XLA would simplify a reduction of it away.
         matmul = tf.function(lambda a, b: tf.matmul(a, b, **products), jit_compile=jit_compile)
