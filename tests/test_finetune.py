@@ -60,9 +60,9 @@ def test_classify_end_to_end_with_evaluate_and_predict(tmp_path, capsys, data_di
     assert f"validation data: {data_dir / 'sst2' / 'dev.tsv'}" in output.err
     scored = json.loads(output.out)  # the keys of metrics.json, 4 decimals
     assert scored["accuracy"] == round(metrics["accuracy"], 4)
+    assert {"loss", "accuracy", "macro_f1", "skipped_rows"} <= set(scored) & set(metrics)
     assert evaluate_main([str(run), "--data-dir", str(tmp_path / "nowhere")]) == 2
     assert f"sst2/dev.tsv in data directory {tmp_path / 'nowhere'}" in capsys.readouterr().err
-    assert {"loss", "accuracy", "macro_f1", "skipped_rows"} <= set(scored) & set(metrics)
     assert evaluate_main([str(run), "--data", str(data_dir / "sst2" / "dev.tsv"), "--out",
                           str(tmp_path / "scored.json")]) == 0  # fmt: skip
     written = json.loads((tmp_path / "scored.json").read_text())
