@@ -52,7 +52,7 @@ FILE_INPUTS = ("data", "src", "ref")
 VALIDATION_ROLES = {"valid": "data", "valid_source": "src", "valid_target": "ref"}
 
 
-def validation_inputs(run_dir, data_dir_option, missing, predictor):
+def validation_inputs(run_dir, data_dir_option, missing):
     """`{input name: path}` of the files the finished run `run_dir` validated
     on (its config.yaml's `data.valid_file` in the data directory), for the
     `missing` inputs; a one-line error when the run does not name them."""
@@ -72,7 +72,7 @@ def validation_inputs(run_dir, data_dir_option, missing, predictor):
     found = {VALIDATION_ROLES[role]: relative for role, relative in files.items()
              if VALIDATION_ROLES.get(role) in missing}  # fmt: skip
     if set(found) != set(missing):
-        raise ConfigError(f"{required} required for {predictor.info['task']} runs")
+        raise ConfigError(f"{required} required for {config.task} runs")
     data_dir, origin = resolve_data_dir(data_dir_option, config.data.dir)
     paths = {name: require_file(relative, data_dir, origin) for name, relative in found.items()}
     print(f"evaluating on the run's validation data: {', '.join(map(str, paths.values()))}",
@@ -91,7 +91,7 @@ def main(argv):
     files = [name for name in FILE_INPUTS if name in inputs]  # data, or src and ref
     missing = [name for name in files if not inputs[name]]
     if missing and missing == files:  # none given: the run's own validation files
-        inputs.update(validation_inputs(args.run_dir, args.data_dir, missing, predictor))
+        inputs.update(validation_inputs(args.run_dir, args.data_dir, missing))
     elif missing:
         raise ConfigError(f"{' and '.join(f'--{name}' for name in missing)} required for "
                           f"{predictor.info['task']} runs")  # fmt: skip
