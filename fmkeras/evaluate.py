@@ -52,27 +52,29 @@ FILE_INPUTS = ("data", "src", "ref")
 VALIDATION_ROLES = {"valid": "data", "valid_source": "src", "valid_target": "ref"}
 
 
-def validation_inputs(run_dir, data_dir_option, missing):
+def validation_inputs(run_dir, data_dir_option):
     """`{input name: path}` of the files the finished run `run_dir` validated
-    on (its config.yaml's `data.valid_file` in the data directory), for the
-    `missing` inputs; a one-line error when the run does not name them."""
+    on (its config.yaml's `data.valid_file`, or a translator's source and
+    target files, in the data directory); a one-line error when the run names
+    none or they are missing. Reads no model, so it fails fast."""
     from fmkeras.config import build_config
     from fmkeras.data import require_file, resolve_data_dir
     from fmkeras.tasks.registry import get_task
     from fmkeras.training.run_dir import RunDir
 
     run = RunDir(run_dir)
-    required = " and ".join(f"--{name}" for name in missing)
+    run.read_info()  # a one-line error for a directory that holds no finished run
     try:
         config = build_config(run.config)
     except ConfigError as error:
-        raise ConfigError(f"{required} required: the run's validation file is unknown "
-                          f"({error})") from None  # fmt: skip
+        raise ConfigError(f"--data (or --src and --ref) required: the run's validation file is "
+                          f"unknown ({error})") from None  # fmt: skip
     files = get_task(config.task).data_files(config)
     found = {VALIDATION_ROLES[role]: relative for role, relative in files.items()
-             if VALIDATION_ROLES.get(role) in missing}  # fmt: skip
-    if set(found) != set(missing):
-        raise ConfigError(f"{required} required for {config.task} runs")
+             if role in VALIDATION_ROLES and relative}  # fmt: skip
+    if not found:
+        raise ConfigError(f"--data (or --src and --ref) required: the {config.task} run names "
+                          "no validation file")  # fmt: skip
     data_dir, origin = resolve_data_dir(data_dir_option, config.data.dir)
     paths = {name: require_file(relative, data_dir, origin) for name, relative in found.items()}
     print(f"evaluating on the run's validation data: {', '.join(map(str, paths.values()))}",
@@ -83,21 +85,20 @@ def validation_inputs(run_dir, data_dir_option, missing):
 @cli.command
 def main(argv):
     args = build_parser().parse_args(argv)
+    given = {name: getattr(args, name) for name in FILE_INPUTS if getattr(args, name)}
+    for path in given.values():  # before the model loads, so a typo fails at once
+        if not Path(path).is_file():
+            raise DataError(f"{path} does not exist")
+    files = given or validation_inputs(args.run_dir, args.data_dir)
     from fmkeras.tasks import load_run
     from fmkeras.training.checkpoints import write_json
 
     predictor = load_run(args.run_dir, decode=cli.decode_config(args))
-    inputs = {name: getattr(args, name) for name in predictor.evaluate_inputs}
-    files = [name for name in FILE_INPUTS if name in inputs]  # data, or src and ref
-    missing = [name for name in files if not inputs[name]]
-    if missing and missing == files:  # none given: the run's own validation files
-        inputs.update(validation_inputs(args.run_dir, args.data_dir, missing))
-    elif missing:
-        raise ConfigError(f"{' and '.join(f'--{name}' for name in missing)} required for "
+    wanted = [name for name in FILE_INPUTS if name in predictor.evaluate_inputs]
+    if set(files) != set(wanted):
+        raise ConfigError(f"{' and '.join(f'--{name}' for name in wanted)} required for "
                           f"{predictor.info['task']} runs")  # fmt: skip
-    for name in files:
-        if inputs.get(name) and not Path(inputs[name]).is_file():
-            raise DataError(f"{inputs[name]} does not exist")
+    inputs = {name: getattr(args, name) for name in predictor.evaluate_inputs} | files
     metrics = predictor.evaluate(**inputs)
     if args.out:
         write_json(args.out, metrics)  # full precision

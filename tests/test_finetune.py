@@ -40,7 +40,7 @@ QUICK = {
 }
 
 
-def test_classify_end_to_end_with_evaluate_and_predict(tmp_path, capsys, data_dir):
+def test_classify_end_to_end_with_evaluate_and_predict(tmp_path, capsys, data_dir, monkeypatch):
     run = tmp_path / "sst2"
     assert main(train_args("classify", REPO / "trainers" / "sst2.yaml", QUICK, run)) == 0
     for name in ("model.keras", "encoder.keras", "vocab.txt", "task.json", "metrics.json"):
@@ -61,8 +61,6 @@ def test_classify_end_to_end_with_evaluate_and_predict(tmp_path, capsys, data_di
     scored = json.loads(output.out)  # the keys of metrics.json, 4 decimals
     assert scored["accuracy"] == round(metrics["accuracy"], 4)
     assert {"loss", "accuracy", "macro_f1", "skipped_rows"} <= set(scored) & set(metrics)
-    assert evaluate_main([str(run), "--data-dir", str(tmp_path / "nowhere")]) == 2
-    assert f"sst2/dev.tsv in data directory {tmp_path / 'nowhere'}" in capsys.readouterr().err
     assert evaluate_main([str(run), "--data", str(data_dir / "sst2" / "dev.tsv"), "--out",
                           str(tmp_path / "scored.json")]) == 0  # fmt: skip
     written = json.loads((tmp_path / "scored.json").read_text())
@@ -82,8 +80,14 @@ def test_classify_end_to_end_with_evaluate_and_predict(tmp_path, capsys, data_di
     labelled = [line["text"] for line in lines if "label" in line]
     assert labelled == ["dull", "a gorgeous , witty film"]
 
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the input files were checked")
+
+    monkeypatch.setattr("fmkeras.tasks.load_run", no_model)
     assert evaluate_main([str(run), "--data", str(tmp_path / "missing.tsv")]) == 2
     assert "missing.tsv does not exist" in capsys.readouterr().err
+    assert evaluate_main([str(run), "--data-dir", str(tmp_path / "nowhere")]) == 2
+    assert f"sst2/dev.tsv in data directory {tmp_path / 'nowhere'}" in capsys.readouterr().err
 
 
 @pytest.mark.long_running

@@ -232,6 +232,8 @@ def test_translate_end_to_end(tmp_path, data_dir, capsys):
     assert evaluate_main([str(run), *out]) == 0
     scored = json.loads(capsys.readouterr().out)
     assert scored["chrf"] == pytest.approx(metrics["greedy"]["chrf"], abs=0.5)
+    assert evaluate_main([str(run), *out[:2]]) == 2  # a source without its references
+    assert "--src and --ref required for translate runs" in capsys.readouterr().err
 
     # Exported: beam search and detokenization in the serving graph, as the run decodes.
     decode = ["--beam", "2", "--max-length", "8"]
