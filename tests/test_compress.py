@@ -16,8 +16,10 @@ from run_helpers import run_tool, train_tiny_classifier
 from fmkeras.compress.command import main as compress_main
 from fmkeras.compress.sparsity import magnitude_mask, prunable_kernels, scheduled_sparsity
 from fmkeras.compress.structured import (
+    channel_importance,
     head_importance,
     plan_pruning,
+    pooler_importance,
     pruned_model,
     unit_importance,
 )
@@ -55,10 +57,68 @@ def scores(model):
     return head_importance(model, [(FEATURES, LABELS, np.ones(2, "float32"))])
 
 
+def channel_scores(model, features=FEATURES):
+    return channel_importance(model.encoder, [(features, LABELS, np.ones(2, "float32"))])
+
+
+def width_plan(model, hidden, **shares):
+    return plan_pruning(scores(model), unit_importance(model.encoder), **shares,
+                        channel_scores=channel_scores(model),
+                        pooler_scores=pooler_importance(model), hidden=hidden)  # fmt: skip
+
+
 def test_pruning_nothing_leaves_outputs_identical(classifier):
-    plan = plan_pruning(scores(classifier), unit_importance(classifier.encoder), 0.0, 0.0)
+    plan = width_plan(classifier, hidden=0.0, heads=0.0, ffn=0.0)
     assert plan.heads == [[0, 1, 2, 3]] * 2 and plan.units == [list(range(32))] * 2
+    assert plan.channels is None and plan.pooled is None  # every channel
     np.testing.assert_array_equal(logits(pruned_model(classifier, plan)), logits(classifier))
+
+
+def test_width_pruning_slices_every_weight_of_the_residual_stream(classifier, tmp_path):
+    """Minitron's width pruning: the kept hidden channels are the most active
+    ones, and every weight that reads or writes the stream keeps exactly
+    those rows or columns (heads and units pruned at the same time)."""
+    importance = channel_scores(classifier)
+    plan = width_plan(classifier, hidden=0.25, heads=0.5, ffn=0.25)
+    assert plan.channels == sorted(np.argsort(-importance, kind="stable")[:12].tolist())
+    assert len(plan.pooled) == 12
+    smaller = pruned_model(classifier, plan)
+    assert smaller.encoder.hidden_dim == 12
+    before = {weight.path: np.asarray(weight) for weight in classifier.weights}
+    after = {weight.path: np.asarray(weight) for weight in smaller.weights}
+    channels, pooled = plan.channels, plan.pooled
+    heads, units = plan.heads[1], plan.units[1]
+    block = "transformer_layer_1/"
+    expected = {
+        "embedding/token_embedding/embeddings": lambda w: w[:, channels],
+        "embedding/embeddings_layer_norm/gamma": lambda w: w[channels],
+        block + "self_attention_layer/query/kernel": lambda w: w[channels][:, heads],
+        block + "self_attention_layer/attention_output/kernel": lambda w: w[heads][..., channels],
+        block + "feedforward_intermediate_dense/kernel": lambda w: w[channels][:, units],
+        block + "feedforward_output_dense/kernel": lambda w: w[units][:, channels],
+        block + "feedforward_layer_norm/gamma": lambda w: w[channels],
+        "pooled_dense/kernel": lambda w: w[channels][:, pooled],
+        "logits/kernel": lambda w: w[pooled],
+    }
+    for path, select in expected.items():
+        np.testing.assert_array_equal(after[path], select(before[path]), err_msg=path)
+    assert {path for path in after if after[path].shape != before[path].shape} >= set(expected)
+    assert smaller.count_params() < classifier.count_params()
+    run_model_checks(smaller, FEATURES, tmp_path)  # a narrower encoder saves and loads
+
+
+def test_channel_importance_is_the_mean_activation_over_real_tokens(classifier):
+    encoder = classifier.encoder
+    x = encoder.embedding(FEATURES["token_ids"], FEATURES["segment_ids"])
+    real = FEATURES["padding_mask"][..., None].astype("float32")  # (batch, seq, 1)
+    expected = 0.0
+    for block in encoder.transformer_layers:
+        x = block(x, padding_mask=FEATURES["padding_mask"])  # (batch, seq, hidden)
+        expected += (np.abs(np.asarray(x)) * real).sum(axis=(0, 1)) / real.sum()
+    np.testing.assert_allclose(channel_scores(classifier), expected, rtol=1e-5)
+    padded_differently = {**FEATURES, "token_ids": np.where(IDS > 0, IDS, 9)}
+    np.testing.assert_allclose(channel_scores(classifier, padded_differently), expected,
+                               rtol=1e-5)  # fmt: skip
 
 
 def test_a_pruned_model_equals_the_original_with_those_heads_and_units_zeroed(
@@ -151,12 +211,13 @@ def test_prune_command_writes_a_smaller_run_that_recovers_evaluates_and_exports(
     classify_run, tmp_path, capsys
 ):
     out = tmp_path / "pruned"
-    args = ["prune", str(classify_run), "--heads", "0.5", "--ffn", "0.5", "--batches", "3",
-            "--recover-steps", "6", "--out", str(out)]  # fmt: skip
+    args = ["prune", str(classify_run), "--heads", "0.5", "--ffn", "0.5", "--hidden", "0.25",
+            "--batches", "3", "--recover-steps", "6", "--out", str(out)]  # fmt: skip
     assert compress_main(args) == 0
     pruned = load_run(out / "pruned")
     assert pruned.info["pruned"]["heads_per_layer"] == [1, 1]  # tiny: 2 heads per layer
     assert pruned.info["pruned"]["intermediate_dim_per_layer"] == [256, 256]
+    assert pruned.info["pruned"]["hidden_dim"] == 96 and pruned.model.encoder.hidden_dim == 96
     assert "its trained classifier head" in capsys.readouterr().out  # recovery kept the head
     recovered = load_run(out)
     assert recovered.model.count_params() == pruned.model.count_params()
@@ -178,6 +239,7 @@ def test_prune_command_writes_a_smaller_run_that_recovers_evaluates_and_exports(
 @pytest.mark.parametrize(("flags", "message"), [
     (["--heads", "1.0"], "--heads is a share in [0, 1), got 1.0"),
     (["--ffn", "-0.1"], "--ffn is a share in [0, 1), got -0.1"),
+    (["--hidden", "1"], "--hidden is a share in [0, 1), got 1.0"),
     (["--layers", "3"], "--layers 3: the encoder has 2 layers"),
 ])  # fmt: skip
 def test_prune_command_says_what_is_wrong(classify_run, tmp_path, capsys, flags, message):

@@ -3,9 +3,11 @@ structured pruning of a finished classify (or distill) run.
 
 Keeps `--layers` evenly spaced layers (a teacher-initialised student, as
 DistilBERT's), scores every attention head by its gradient importance on training batches
-(Michel et al. 2019) and every feed-forward unit by magnitude
-(`fmkeras.compress.structured`), removes the share `--heads` of all heads
-and `--ffn` of each layer's units, and writes the smaller model as a
+(Michel et al. 2019), every feed-forward unit by magnitude and, with
+`--hidden`, every hidden channel by its activations (Minitron)
+(`fmkeras.compress.structured`), removes the share `--heads` of all heads,
+`--ffn` of each layer's units and `--hidden` of the hidden width (the
+embedding tables with it), and writes the smaller model as a
 finished classify run: `evaluate`, `predict`, `explain`, `export` and
 `model.init` take it like any. With `--recover-steps N` a short recovery
 fine-tune follows: the pruned model goes to `DIR/pruned` and `DIR` is the
@@ -26,14 +28,16 @@ EXAMPLES = """examples:
   python -m fmkeras.compress prune runs/sst2 --heads 0.4 --ffn 0.3 --recover-steps 300 \\
       --out runs/sst2-pruned --set train.learning_rate=5e-5
   python -m fmkeras.compress prune runs/sst2 --layers 3 --recover-steps 1000 --out runs/student \\
-      --set task=distill --set distill.teacher=runs/sst2"""
+      --set task=distill --set distill.teacher=runs/sst2
+  python -m fmkeras.compress prune runs/sst2 --layers 4 --hidden 0.333 --out runs/narrow"""
 COMPRESSIBLE = ("classify", "distill")
 
 
 def build_parser():
     parser = cli.parser("compress", __doc__, EXAMPLES)
     commands = parser.add_subparsers(dest="command", required=True)
-    prune = commands.add_parser("prune", help="remove attention heads and feed-forward units",
+    prune = commands.add_parser("prune", help="remove layers, attention heads, feed-forward "
+                                "units and hidden channels",
                                 description=__doc__, epilog=EXAMPLES,
                                 formatter_class=cli.HelpFormatter)  # fmt: skip
     prune.add_argument("run_dir", help="a finished classify or distill run")
@@ -41,6 +45,9 @@ def build_parser():
                        help="share of all attention heads to remove (least important first)")
     prune.add_argument("--ffn", type=float, default=0.0,
                        help="share of each layer's feed-forward units to remove")
+    prune.add_argument("--hidden", type=float, default=0.0,
+                       help="share of the hidden channels (the residual stream's width, "
+                       "embedding tables included) to remove, by activation importance")
     prune.add_argument("--layers", type=int,
                        help="keep this many layers, evenly spaced from the first to the last "
                        "(default: all)")  # fmt: skip
@@ -58,7 +65,7 @@ def build_parser():
 
 
 def check_shares(args):
-    for flag in ("heads", "ffn"):
+    for flag in ("heads", "ffn", "hidden"):
         value = getattr(args, flag)
         if not 0.0 <= value < 1.0:
             raise ConfigError(f"--{flag} is a share in [0, 1), got {value}")
@@ -108,8 +115,10 @@ def prune(args):
     import keras
 
     from fmkeras.compress.structured import (
+        channel_importance,
         head_importance,
         plan_pruning,
+        pooler_importance,
         pruned_model,
         unit_importance,
     )
@@ -132,13 +141,15 @@ def prune(args):
     if args.layers is not None and not 1 <= args.layers <= depth:
         raise ConfigError(f"--layers {args.layers}: the encoder has {depth} layers")
     started = time.time()
-    head_scores = head_importance(model, scoring_batches(predictor, config, args.data_dir,
-                                                         args.batches))  # fmt: skip
+    batches = scoring_batches(predictor, config, args.data_dir, args.batches)
+    head_scores = head_importance(model, batches)
+    channel_scores = channel_importance(model.encoder, batches) if args.hidden else None
     plan = plan_pruning(head_scores, unit_importance(model.encoder), args.heads, args.ffn,
-                        args.layers)  # fmt: skip
+                        args.layers, channel_scores, pooler_importance(model),
+                        args.hidden)  # fmt: skip
     smaller = pruned_model(model, plan)
     details = {**plan.summary(model.encoder), "source": str(source.root),
-               "heads_share": args.heads, "ffn_share": args.ffn,
+               "heads_share": args.heads, "ffn_share": args.ffn, "hidden_share": args.hidden,
                "parameters_before": model.count_params(),
                "parameters_after": smaller.count_params(),
                "head_importance": [scores.tolist() for scores in head_scores],
@@ -146,7 +157,8 @@ def prune(args):
     log(f"kept layers {plan.layers} of {depth}; "
         f"pruned {details['heads_removed']} of {details['heads_total']} heads (per layer now "
         f"{details['heads_per_layer']}) and {details['units_removed']:,} of "
-        f"{details['units_total']:,} feed-forward units: {model.count_params():,} -> "
+        f"{details['units_total']:,} feed-forward units, hidden width "
+        f"{details['hidden_dim_before']} -> {details['hidden_dim']}: {model.count_params():,} -> "
         f"{smaller.count_params():,} parameters ({time.time() - started:.0f} s)")  # fmt: skip
     if not args.recover_steps:
         run = write_run(source, smaller, args.out, details)
