@@ -74,6 +74,10 @@ class PruningPlan:
     channels: list | None = None  # indices of the kept hidden channels (None: all)
     pooled: list | None = None  # indices of the kept pooler units, as many (None: all)
 
+    def hidden_dim(self, encoder):
+        """The pruned width of `encoder`'s hidden channels."""
+        return encoder.hidden_dim if self.channels is None else len(self.channels)
+
     def summary(self, encoder):
         total_heads = sum(block.num_heads for block in encoder.transformer_layers)
         total_units = sum(block.intermediate_dim for block in encoder.transformer_layers)
@@ -85,7 +89,7 @@ class PruningPlan:
             "heads_total": total_heads,
             "units_removed": total_units - sum(map(len, self.units)),
             "units_total": total_units,
-            "hidden_dim": encoder.hidden_dim if self.channels is None else len(self.channels),
+            "hidden_dim": self.hidden_dim(encoder),
             "hidden_dim_before": encoder.hidden_dim,
         }
 
@@ -191,7 +195,7 @@ def pruned_model(model, plan):
         "num_heads": [len(kept) for kept in plan.heads],
         "intermediate_dim": [len(kept) for kept in plan.units],
         "key_dim": key_dim,
-        "hidden_dim": encoder.hidden_dim if plan.channels is None else len(plan.channels),
+        "hidden_dim": plan.hidden_dim(encoder),
     })  # fmt: skip
     copy = type(model)(**{**model.get_config(), "encoder": smaller})
     sources = {weight.path: weight for weight in model.weights}
