@@ -157,6 +157,9 @@ def test_keeping_fewer_layers_runs_the_kept_layers_weights(classifier):
     x = encoder.transformer_layers[0](x, padding_mask=FEATURES["padding_mask"])
     expected = classifier.output_dense(encoder.pooler(x[:, 0, :]))
     np.testing.assert_allclose(logits(student), expected, atol=1e-5)
+    summary = plan.summary(encoder)  # the log says how many heads went with the dropped layer
+    dropped = encoder.transformer_layers[1].num_heads
+    assert summary["heads_in_dropped_layers"] == summary["heads_removed"] == dropped
     assert plan_pruning(scores(classifier), unit_importance(encoder), layers=2).layers == [0, 1]
 
 

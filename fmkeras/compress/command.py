@@ -76,11 +76,11 @@ def check_shares(args):
 def scoring_batches(predictor, config, data_dir, count):
     """The first `count` shuffled training batches of the source run (its data files)."""
     from fmkeras.tasks.classify import encode_rows
-    from fmkeras.tasks.registry import get_task
+    from fmkeras.tasks.registry import get_spec
+    from fmkeras.tasks.spec import resolve_files
     from fmkeras.text.labelled import batched, read_tsv
-    from fmkeras.training.driver import resolve_files
 
-    files = resolve_files(get_task(config.task), config, data_dir, log)
+    files = resolve_files(get_spec(config.task), config, data_dir, log)
     data, info = config.data, predictor.info
     rows = read_tsv(files["train"], data.text_column, data.label_column, data.bad_rows,
                     data.max_lines, set(predictor.labels),
@@ -154,9 +154,11 @@ def prune(args):
                "parameters_after": smaller.count_params(),
                "head_importance": [scores.tolist() for scores in head_scores],
                "importance_batches": args.batches}  # fmt: skip
+    dropped = details["heads_in_dropped_layers"]
+    with_layers = f"{dropped} with the dropped layers; " if dropped else ""
     log(f"kept layers {plan.layers} of {depth}; "
-        f"pruned {details['heads_removed']} of {details['heads_total']} heads (per layer now "
-        f"{details['heads_per_layer']}) and {details['units_removed']:,} of "
+        f"pruned {details['heads_removed']} of {details['heads_total']} heads ({with_layers}per "
+        f"layer now {details['heads_per_layer']}) and {details['units_removed']:,} of "
         f"{details['units_total']:,} feed-forward units, hidden width "
         f"{details['hidden_dim_before']} -> {details['hidden_dim']}: {model.count_params():,} -> "
         f"{smaller.count_params():,} parameters ({time.time() - started:.0f} s)")  # fmt: skip

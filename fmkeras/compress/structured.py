@@ -79,14 +79,17 @@ class PruningPlan:
         return encoder.hidden_dim if self.channels is None else len(self.channels)
 
     def summary(self, encoder):
-        total_heads = sum(block.num_heads for block in encoder.transformer_layers)
-        total_units = sum(block.intermediate_dim for block in encoder.transformer_layers)
+        blocks = encoder.transformer_layers
+        total_heads = sum(block.num_heads for block in blocks)
+        total_units = sum(block.intermediate_dim for block in blocks)
+        dropped = [block for index, block in enumerate(blocks) if index not in self.layers]
         return {
             "layers_kept": list(self.layers),
             "heads_per_layer": [len(kept) for kept in self.heads],
             "intermediate_dim_per_layer": [len(kept) for kept in self.units],
             "heads_removed": total_heads - sum(map(len, self.heads)),
             "heads_total": total_heads,
+            "heads_in_dropped_layers": sum(block.num_heads for block in dropped),
             "units_removed": total_units - sum(map(len, self.units)),
             "units_total": total_units,
             "hidden_dim": self.hidden_dim(encoder),
