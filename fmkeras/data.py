@@ -48,8 +48,9 @@ def require_file(relative, data_dir, origin, allow_glob=False):
     if not path.is_absolute():
         if data_dir is None:
             raise DataError(
-                f"no data directory for {relative}: pass --data-dir DIR, set data.dir in the "
-                f"recipe, or export {DATA_DIR_ENV}=DIR (see README, 'Data')"
+                f"no data directory for {relative}: pass --data-dir DIR, set data.dir (in "
+                f"the recipe, or the run's config.yaml), or export {DATA_DIR_ENV}=DIR (see "
+                "README, 'Data')"
             )
         path = data_dir / path
     if allow_glob and is_glob(relative):

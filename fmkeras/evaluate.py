@@ -59,7 +59,7 @@ def validation_inputs(run_dir, data_dir_option):
     none or they are missing. Reads no model, so it fails fast."""
     from fmkeras.config import build_config
     from fmkeras.data import require_file, resolve_data_dir
-    from fmkeras.tasks.registry import get_task
+    from fmkeras.tasks.registry import get_spec
     from fmkeras.training.run_dir import RunDir
 
     run = RunDir(run_dir)
@@ -69,7 +69,7 @@ def validation_inputs(run_dir, data_dir_option):
     except ConfigError as error:
         raise ConfigError(f"--data (or --src and --ref) required: the run's validation file is "
                           f"unknown ({error})") from None  # fmt: skip
-    files = get_task(config.task).data_files(config)
+    files = get_spec(config.task).data_files(config)
     found = {VALIDATION_ROLES[role]: relative for role, relative in files.items()
              if role in VALIDATION_ROLES and relative}  # fmt: skip
     if not found:

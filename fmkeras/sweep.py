@@ -138,13 +138,14 @@ def metric_name(args, points):
 def check_points(args, points, metric):
     """What the driver checks before a run (the task's settings, `train.keep_best`,
     the data files) and the ranking metric, for every point before the first trains."""
-    from fmkeras.training.driver import check_run
+    from fmkeras.tasks.registry import get_spec
+    from fmkeras.tasks.spec import check_run
 
     option = "--metric" if args.metric else "train.keep_best"
     for point in points:
         try:
-            task_class, _ = check_run(point.config, args.data_dir, log=lambda _: None)
-            task_class.check_metric(point.config, metric, option)
+            check_run(point.config, args.data_dir, log=lambda _: None)
+            get_spec(point.config.task).check_metric(point.config, metric, option)
         except (ConfigError, DataError) as error:
             raise type(error)(f"sweep point {point.name}: {error}") from None
 

@@ -155,6 +155,7 @@ def main(argv):
     args = build_parser().parse_args(argv)
     from fmkeras.config import build_config, keys_for
     from fmkeras.tasks.registry import canonical_task
+    from fmkeras.tasks.spec import check_run
 
     if not args.recipe and not args.task and not args.list_keys:
         quickstart(args)
@@ -172,6 +173,7 @@ def main(argv):
             print(f"{key}: {value}")
         return 0
     default_out = Path("runs") / (recipe.stem if recipe else config.task)
+    check_run(config, args.data_dir, log=lambda _: None)  # before the TensorFlow import
     train_one(config, args.out or default_out, args.data_dir)
     return 0
 

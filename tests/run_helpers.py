@@ -67,7 +67,7 @@ def built_task(recipe, settings, out):
     `build_model`, for tests of what a task builds (its log goes to stdout)."""
     from fmkeras.config import build_config
     from fmkeras.tasks.registry import get_task
-    from fmkeras.training.driver import resolve_files
+    from fmkeras.tasks.spec import resolve_files
     from fmkeras.training.run_dir import RunDir
 
     config = build_config(recipe, [f"{key}={value}" for key, value in settings.items()])

@@ -68,34 +68,56 @@ def test_bundled_recipes_are_found_by_name_from_anywhere(tmp_path):
     assert "sst2" in missing.stderr and "Traceback" not in missing.stderr
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--set", "model.size=tinyy"], "model.size='tinyy' is not one of"),
-        (["--recipe", "pretrain_gutenberg", "--set", "model.num_heads=3"], "must divide"),
-        (["--recipe", "pretrain_gutenberg", "--set", "distribute.strategy=tpu"],
-         "distribute.strategy=tpu needs distribute.tpu"),
-        (["--recipe", "pretrain_gutenberg", "--set", "model.init=runs/nowhere"],
-         "model.init='runs/nowhere': runs/nowhere is not a directory"),
-        (["--recipe", "sst2", "--set", "model.init=/no/such/dir"],
-         "/no/such/dir is not a directory"),
-        (["--recipe", "pretrain_gutenberg", "--data-dir", "/no/data"],
-         "expected the file gutenberg_en/train.txt in data directory /no/data"),
-        (["--recipe", "sst2", "--set", "train.keep_best=acc"],
-         "train.keep_best='acc': task=classify validation reports loss, accuracy, macro_f1, f1"),
-        (["--recipe", "pretrain_gutenberg", "--set", "train.keep_best=nsp_accuracy"],
-         "train.keep_best='nsp_accuracy': task=mlm validation reports loss, accuracy, "
-         "perplexity"),
-    ],
-)
+BAD_CONFIGURATIONS = [
+    (["--set", "model.size=tinyy"], "model.size='tinyy' is not one of"),
+    (["--recipe", "pretrain_gutenberg", "--set", "model.num_heads=3"], "must divide"),
+    (["--recipe", "pretrain_gutenberg", "--set", "distribute.strategy=tpu"],
+     "distribute.strategy=tpu needs distribute.tpu"),
+    (["--recipe", "pretrain_gutenberg", "--set", "model.init=runs/nowhere"],
+     "model.init='runs/nowhere': runs/nowhere is not a directory"),
+    (["--recipe", "sst2", "--set", "model.init=/no/such/dir"], "/no/such/dir is not a directory"),
+    (["--recipe", "pretrain_gutenberg", "--data-dir", "/no/data"],
+     "expected the file gutenberg_en/train.txt in data directory /no/data"),
+    (["--recipe", "sst2", "--data-dir", "/no/data"],
+     "expected the file sst2/train.tsv in data directory /no/data"),
+    (["--recipe", "en_zh", "--data-dir", "/no/data"],
+     "expected the file tatoeba_en_zh/train.en in data directory /no/data"),
+    (["--recipe", "causal_lm_gutenberg", "--set", "data.train_file=books/*.tsv"],
+     "data.train_file: books/*.tsv is a glob of TSVs"),
+    (["--recipe", "sst2_distill", "--set", "distill.teacher=/no/teacher"],
+     "distill.teacher: /no/teacher is not a finished run (no task.json)"),
+    (["--recipe", "sst2", "--set", "train.keep_best=acc"],
+     "train.keep_best='acc': task=classify validation reports loss, accuracy, macro_f1, f1"),
+    (["--recipe", "pretrain_gutenberg", "--set", "train.keep_best=nsp_accuracy"],
+     "train.keep_best='nsp_accuracy': task=mlm validation reports loss, accuracy, perplexity"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_CONFIGURATIONS)
 def test_bad_configuration_fails_before_anything_is_written(tmp_path, args, message, capsys):
-    """In-process (a fresh process spends its seconds importing TensorFlow; the
-    recipe test above runs the same error path as a user's command line)."""
+    """In-process, one case each (the next test runs them all in one fresh
+    process; the recipe test above runs a user's command line)."""
     out = tmp_path / "run"
     assert train_main([*args, "--out", str(out)]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[-1].startswith("error: ") and message in lines[-1]
     assert not out.exists()
+
+
+def test_bad_configuration_fails_before_tensorflow_is_imported(tmp_path):
+    """The same errors in one fresh process: the checks are the tasks' specs
+    (`fmkeras.tasks.spec`), so a typo costs no TensorFlow import."""
+    code = ("import json, sys\nfrom fmkeras.train import main\n"
+            "codes = [main([*args, '--out', sys.argv[2]]) for args in json.loads(sys.argv[1])]\n"
+            "print(json.dumps([codes, 'tensorflow' in sys.modules, 'keras' in sys.modules]))")
+    cases = json.dumps([args for args, _ in BAD_CONFIGURATIONS])
+    result = run("-c", code, cases, str(tmp_path / "run"))
+    codes, tensorflow, keras = json.loads(result.stdout.splitlines()[-1])
+    assert codes == [2] * len(BAD_CONFIGURATIONS) and not tensorflow and not keras
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    for line, (_, message) in zip(errors, BAD_CONFIGURATIONS, strict=True):
+        assert message in line
+    assert not (tmp_path / "run").exists()
 
 
 def test_an_unwritable_run_directory_is_one_line(data_dir, tmp_path, capsys):

@@ -26,7 +26,15 @@ from fmkeras.predict import main as predict_main
 from fmkeras.signatures import ServingFunctions
 from fmkeras.tasks import load_run
 from fmkeras.tasks.base import Predictor, Task
-from fmkeras.tasks.registry import canonical_task, get_task, register_task, task_names
+from fmkeras.tasks.registry import (
+    BUILT_IN,
+    canonical_task,
+    get_spec,
+    get_task,
+    register_task,
+    task_names,
+)
+from fmkeras.tasks.spec import BUILT_IN_SPECS
 from fmkeras.train import main as train_main
 from fmkeras.training.checkpoints import read_state, restore_backup
 from fmkeras.training.optimizer import create_optimizer
@@ -187,6 +195,16 @@ def test_names_and_aliases():
     assert task_names()[:4] == ["mlm", "classify", "tag", "translate"]
     with pytest.raises(ConfigError, match="task='clasify' is not one of mlm, classify"):
         build_config(None, ["task=clasify"])
+
+
+def test_every_task_is_its_spec(word_count_task):
+    """What `train` checks before importing TensorFlow (a built-in task's spec)
+    is what the task itself declares; a registered task is its own spec."""
+    assert list(BUILT_IN_SPECS) == list(BUILT_IN)
+    for name, spec in BUILT_IN_SPECS.items():
+        assert issubclass(get_task(name), spec) and get_task(name).name == name
+    assert get_spec("pretrain").name == "mlm"
+    assert get_spec("word_count") is word_count_task
 
 
 class PeakedWordCountTask(WordCountTask):

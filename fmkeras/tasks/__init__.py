@@ -1,9 +1,10 @@
 """Tasks: what a run trains, and how its finished run is used.
 
-`registry` maps task names to `Task` classes (`base`); each task is one
-module: `mlm` (masked-LM pretraining) and `causal_lm` (GPT-style, both on
-`language_model.LanguageModelTask`), `classify`, `tag` (both on
-`finetune.EncoderTask`) and `translation`.
+`registry` maps task names to `Task` classes (`base`) and to their specs
+(`spec`: what a run checks before it starts, without TensorFlow); each task
+is one module: `mlm` (masked-LM pretraining) and `causal_lm` (GPT-style, both
+on `language_model.LanguageModelTask`), `classify`, `tag` (both on
+`finetune.EncoderTask`), `distill` and `translation`.
 """
 
 

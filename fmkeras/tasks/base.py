@@ -6,7 +6,8 @@ A task is a subclass of `Task` registered with
 `fmkeras.tasks.registry.register_task`. The driver
 (`fmkeras.training.driver.train`) calls, in this order:
 
-    data_files(config)       classmethod: the files to read, checked before anything runs
+    check_config(config)     classmethod: settings the task cannot run
+    data_files(config)       classmethod: the files it reads
     validation_metrics(config)  classmethod: the metric names `evaluate` reports
     read_data()              read them (before the model exists)
     build_model()            inside the strategy scope: vocabulary and model
@@ -18,6 +19,10 @@ A task is a subclass of `Task` registered with
     evaluate(model)          validation: `loss`, `accuracy` and task scalars
     save(model)              model.keras, encoder.keras, task.json, ...
     final_metrics(...)       what metrics.json holds besides the common keys
+
+The three classmethods come from `TaskSpec` (`fmkeras.tasks.spec`); the
+commands run them before anything else, without TensorFlow for the built-in
+tasks, whose specs live in that module.
 
 A finished run is used through `load(run, info, **options)`, which returns
 a `Predictor`.
@@ -31,7 +36,8 @@ import numpy as np
 from fmkeras.config import ARCHITECTURE_KEYS, SIZES, ModelConfig
 from fmkeras.errors import ConfigError
 from fmkeras.models import Encoder, encoder_kwargs
-from fmkeras.models.starting_point import load_starting_point, resolve_init, starting_vocabulary
+from fmkeras.models.starting_point import load_starting_point, starting_vocabulary
+from fmkeras.tasks.spec import TaskSpec
 from fmkeras.text.wordpiece import WordPieceTokenizer, learn_vocabulary, write_vocabulary
 from fmkeras.training.checkpoints import save_model
 
@@ -59,54 +65,20 @@ def check_against_checkpoint(model, encoder, log):
             f"own encoder ({shape}); model.init=random trains a {model.size} one")  # fmt: skip
 
 
-class Task:
-    """Base class of every task. Subclasses set `name` and implement the methods above.
+class Task(TaskSpec):
+    """Base class of every task. Subclasses set `name` and implement the methods
+    above; the configuration half (`name`, `data_files`, `check_config`, ...)
+    comes from `TaskSpec`, or from a built-in task's spec.
 
     Attributes set by the driver: `config` (`RunConfig`), `run` (`RunDir`),
     `files` (role -> resolved `Path` of `data_files`), `log` (a print function).
     """
-
-    name: ClassVar[str] = ""
-    aliases: ClassVar[tuple] = ()  # old names that recipes and run directories may use
-    sections: ClassVar[dict] = {}  # config sections this task declares: name -> dataclass
-    glob_roles: ClassVar[tuple] = ()  # data_files roles that may be globs of shards
 
     def __init__(self, config, run, files, log=print):
         self.config = config
         self.run = run
         self.files = files
         self.log = log
-
-    @classmethod
-    def data_files(cls, config):
-        """`{role: path relative to the data directory}` of every file the run reads."""
-        data = config.data
-        files = {"train": data.train_file, "valid": data.valid_file}
-        if data.vocab_file:
-            files["vocab"] = data.vocab_file
-        return files
-
-    @classmethod
-    def check_config(cls, config):
-        """Raises `ConfigError` for settings this task cannot run (before anything
-        runs); by default, a `model.init` that names no directory."""
-        if config.model.init != "random":
-            resolve_init(config.model.init)
-
-    @classmethod
-    def validation_metrics(cls, config):
-        """The numeric metrics `evaluate` may report; `train.keep_best` and
-        `sweep --metric` are checked against them before anything trains.
-        Empty (the default): not declared, checked at the first validation."""
-        return ()
-
-    @classmethod
-    def check_metric(cls, config, metric, option):
-        """ConfigError naming `option` if validation never reports `metric`."""
-        known = cls.validation_metrics(config)
-        if known and metric not in known:
-            raise ConfigError(f"{option}={metric!r}: task={cls.name} validation reports "
-                              f"{', '.join(known)}")  # fmt: skip
 
     def read_data(self):
         raise NotImplementedError

@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from fmkeras.config import GenerateConfig
 from fmkeras.decoding import NEG_INF, sample, sample_search
-from fmkeras.errors import ConfigError, DataError
+from fmkeras.errors import DataError
 from fmkeras.flops import training_flops_per_token
 from fmkeras.layers.utils import count_weights
 from fmkeras.models import CausalLM
@@ -19,6 +19,7 @@ from fmkeras.signatures import generation_functions
 from fmkeras.tasks.base import Predictor, log_softmax
 from fmkeras.tasks.language_model import LanguageModelTask, packed, run_passages
 from fmkeras.tasks.registry import register_task
+from fmkeras.tasks.spec import CausalLMSpec
 from fmkeras.text.detokenizer import Detokenizer
 from fmkeras.text.mlm import causal_lm_dataset
 from fmkeras.text.wordpiece import WordPieceTokenizer
@@ -135,24 +136,9 @@ def causal_lm_kwargs(model_config, vocabulary_size):
 
 
 @register_task
-class CausalLMTask(LanguageModelTask):
-    name = "causal_lm"
+class CausalLMTask(CausalLMSpec, LanguageModelTask):
     framed = False  # plain windows of the token stream
     row_extra = 1  # inputs and next-token labels come from one row
-
-    @classmethod
-    def validation_metrics(cls, config):
-        return ("loss", "accuracy", "perplexity")
-
-    @classmethod
-    def check_config(cls, config):
-        if config.model.init != "random":
-            raise ConfigError(f"task=causal_lm trains from model.init=random (got "
-                              f"{config.model.init!r}); a killed run resumes by itself")
-        if config.data.sequence_length > config.model.max_sequence_length:
-            model, data = config.model, config.data
-            raise ConfigError(f"data.sequence_length={data.sequence_length} exceeds "
-                              f"model.max_sequence_length={model.max_sequence_length}")
 
     def dataset(self, sequences, name, step, **kwargs):
         train = self.config.train

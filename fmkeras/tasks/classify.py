@@ -14,6 +14,7 @@ from fmkeras.tasks.finetune import (
     cross_entropy,
 )
 from fmkeras.tasks.registry import register_task
+from fmkeras.tasks.spec import ClassifySpec
 from fmkeras.text.labelled import (
     EVALUATE_SKIP_HINT,
     encode_inputs,
@@ -96,13 +97,8 @@ class ClassifyPredictor(EncoderPredictor):
 
 
 @register_task
-class ClassifyTask(EncoderTask):
-    name = "classify"
+class ClassifyTask(ClassifySpec, EncoderTask):
     predictor = ClassifyPredictor
-
-    @classmethod
-    def validation_metrics(cls, config):
-        return ("loss", "accuracy", "macro_f1", "f1")  # f1: with two labels
 
     def read_rows(self, path, labels=None):
         data = self.config.data

@@ -50,6 +50,7 @@ from fmkeras.tasks import load_run
 from fmkeras.tasks.classify import ClassifyTask
 from fmkeras.tasks.finetune import EncoderTask, collect
 from fmkeras.tasks.registry import register_task
+from fmkeras.tasks.spec import LAYER_WEIGHTS, DistillSpec, intermediate, teacher_runs
 from fmkeras.text.augment import augment_texts
 from fmkeras.text.labelled import encode_inputs
 from fmkeras.training.checkpoints import atomic_path
@@ -57,35 +58,10 @@ from fmkeras.training.run_dir import RunDir
 
 TEACHER_TASKS = ("classify", "distill")
 TEACHER_LOGITS = "teacher_logits.npz"  # in the student's run directory
-LAYER_WEIGHTS = "distill.hidden_weight/attention_weight/value_weight"  # intermediate transfer
 
 
 @register_task
-class DistillTask(ClassifyTask):
-    name = "distill"
-
-    @classmethod
-    def check_config(cls, config):
-        if not config.distill.teacher:
-            raise ConfigError("task=distill needs distill.teacher=RUN_DIR, a finished classify run")
-        teachers = teacher_runs(config.distill)
-        for teacher in teachers:
-            if not (Path(teacher) / "task.json").is_file():
-                raise ConfigError(f"distill.teacher: {teacher} is not a finished run (no "
-                                  f"task.json)")  # fmt: skip
-        if intermediate(config.distill) and len(teachers) > 1:
-            raise ConfigError(f"{LAYER_WEIGHTS} pair the student's blocks with one teacher's, "
-                              f"but distill.teacher names {len(teachers)} runs: name one, or "
-                              f"set the weights to 0")  # fmt: skip
-        if intermediate(config.distill) and config.sparsity.target:
-            raise ConfigError(f"sparsity.target cannot be combined with {LAYER_WEIGHTS} (the "
-                              f"teacher's kernels would be pruned too)")  # fmt: skip
-        if intermediate(config.distill) and config.distill.augment:
-            raise ConfigError(f"distill.augment labels its copies with cached teacher logits, "
-                              f"which intermediate transfer does not use: set distill.augment=0 "
-                              f"or {LAYER_WEIGHTS} to 0")  # fmt: skip
-        super().check_config(config)
-
+class DistillTask(DistillSpec, ClassifyTask):
     def read_data(self):
         super().read_data()
         self.teachers = teacher_runs(self.config.distill)
@@ -261,11 +237,6 @@ class DistillTask(ClassifyTask):
         return {**super().info(), "distill": {key: getattr(distill, key) for key in keys}}
 
 
-def teacher_runs(distill):
-    """The run directories `distill.teacher` names ("RUN" or "RUN1,RUN2,...")."""
-    return [run.strip() for run in str(distill.teacher).split(",") if run.strip()]
-
-
 def load_teacher(run):
     """A teacher `Predictor` in the run's compute precision."""
     policy = keras.mixed_precision.global_policy().name
@@ -281,11 +252,6 @@ def cached_logits(path, fingerprint):
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # none, or unreadable
         pass
     return None
-
-
-def intermediate(distill):
-    """Whether `distill` transfers intermediate layers (the teacher runs on the fly)."""
-    return bool(distill.hidden_weight or distill.attention_weight or distill.value_weight)
 
 
 def student_of(model):

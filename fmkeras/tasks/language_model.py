@@ -9,9 +9,10 @@ import tensorflow as tf
 
 from fmkeras.data import is_glob, read_lines
 from fmkeras.distribute import accelerators_in_use
-from fmkeras.errors import ConfigError, DataError
+from fmkeras.errors import DataError
 from fmkeras.flops import parameter_counts
 from fmkeras.tasks.base import Task
+from fmkeras.tasks.spec import LanguageModelSpec
 from fmkeras.text.corpus import ShardedCorpus, expand_shards
 from fmkeras.text.labelled import EVALUATE_SKIP_HINT, RECIPE_SKIP_HINT, read_tsv, skipped_summary
 from fmkeras.text.mlm import pack_sequences
@@ -55,7 +56,7 @@ def sample_lines(paths, count):
     return lines
 
 
-class LanguageModelTask(Task):
+class LanguageModelTask(LanguageModelSpec, Task):
     """Base of `mlm` and `causal_lm`. `data.train_file` may be a glob of text
     shards, streamed rather than read into memory (`fmkeras.text.corpus`).
 
@@ -65,18 +66,8 @@ class LanguageModelTask(Task):
     `self.arch` (the model's size arguments) in `build_model`.
     """
 
-    glob_roles = ("train",)
     framed: ClassVar[bool] = True
     row_extra: ClassVar[int] = 0
-
-    @classmethod
-    def check_config(cls, config):
-        super().check_config(config)
-        train_file = config.data.train_file
-        if is_glob(train_file) and train_file.endswith(".tsv"):
-            raise ConfigError(f"data.train_file: {train_file} is a glob of TSVs, but shards "
-                              "are streamed as plain text (labels included); name one "
-                              "TSV (its data.text_column is read) or text shards")  # fmt: skip
 
     def passages(self, path):
         """The passages of a data file, read with the run's `data` keys."""

@@ -6,8 +6,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from fmkeras.data import is_glob
-from fmkeras.errors import ConfigError, DataError
+from fmkeras.errors import DataError
 from fmkeras.flops import training_flops_per_token
 from fmkeras.models import Encoder, MaskedLM, encoder_kwargs
 from fmkeras.models.masked_lm import masked_lm_logits
@@ -16,6 +15,7 @@ from fmkeras.signatures import fill_mask_functions
 from fmkeras.tasks.base import Predictor, log_softmax
 from fmkeras.tasks.language_model import LanguageModelTask, packed, run_passages
 from fmkeras.tasks.registry import register_task
+from fmkeras.tasks.spec import MaskedLMSpec
 from fmkeras.text.mlm import mlm_dataset
 from fmkeras.text.wordpiece import WordPieceTokenizer
 from fmkeras.training import trainer
@@ -39,18 +39,7 @@ def masked_lm_loss():
 
 
 @register_task
-class MaskedLMTask(LanguageModelTask):
-    name = "mlm"
-    aliases = ("pretrain",)
-
-    @classmethod
-    def check_config(cls, config):
-        super().check_config(config)
-        if config.data.objective == "mlm_nsp" and is_glob(config.data.train_file):
-            raise ConfigError(f"data.objective=mlm_nsp draws second segments from anywhere in "
-                              f"the corpus and needs one train_file, not the glob "
-                              f"{config.data.train_file}; use data.objective=mlm")  # fmt: skip
-
+class MaskedLMTask(MaskedLMSpec, LanguageModelTask):
     @property
     def predictions(self):
         data = self.config.data
@@ -80,11 +69,6 @@ class MaskedLMTask(LanguageModelTask):
             self.log(f"model: {start.description} + {load_mlm_head(masked_lm, model.init)}")
         self.arch = masked_lm.encoder.get_config()  # the sizes FLOPs and parameters count
         return masked_lm
-
-    @classmethod
-    def validation_metrics(cls, config):
-        nsp = ("nsp_loss", "nsp_accuracy") if config.data.objective == "mlm_nsp" else ()
-        return ("loss", "accuracy", "perplexity", *nsp)
 
     @property
     def next_sentence(self):

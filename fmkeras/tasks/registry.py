@@ -1,7 +1,8 @@
 """The task registry: task names (and their old spellings) -> `Task` classes.
 
 Built-in tasks are imported on first use, so looking up or validating a
-name needs no TensorFlow. A new task registers itself with
+name, and checking a configuration against its task's spec (`get_spec`,
+`fmkeras.tasks.spec`), needs no TensorFlow. A new task registers itself with
 `@register_task` (see README, "Adding a task"); recipes then name it with
 `task: NAME`, and `train`, `evaluate`, `predict` and `export` find it here.
 The command lines import the modules named in `$FMKERAS_TASK_MODULES`
@@ -13,8 +14,9 @@ import importlib
 import os
 
 from fmkeras.errors import ConfigError
+from fmkeras.tasks.spec import BUILT_IN_SPECS
 
-BUILT_IN = {
+BUILT_IN = {  # name -> "module:class" of the Task, imported on first use
     "mlm": "fmkeras.tasks.mlm:MaskedLMTask",
     "classify": "fmkeras.tasks.classify:ClassifyTask",
     "tag": "fmkeras.tasks.tag:TagTask",
@@ -22,7 +24,8 @@ BUILT_IN = {
     "causal_lm": "fmkeras.tasks.causal_lm:CausalLMTask",
     "distill": "fmkeras.tasks.distill:DistillTask",
 }
-ALIASES = {"pretrain": "mlm"}  # old spellings that recipes and run directories still use
+# Old spellings that recipes and run directories still use.
+ALIASES = {alias: spec.name for spec in BUILT_IN_SPECS.values() for alias in spec.aliases}
 _registered = {}  # tasks registered at run time: name -> class
 MODULES_ENV = "FMKERAS_TASK_MODULES"
 
@@ -71,6 +74,13 @@ def get_task(name):
         module, _, attribute = BUILT_IN[name].partition(":")
         _registered[name] = getattr(importlib.import_module(module), attribute)
     return _registered[name]
+
+
+def get_spec(name):
+    """The `TaskSpec` of task `name` (or an alias): its checks, without importing
+    a built-in task's module (so without TensorFlow)."""
+    name = canonical_task(name)
+    return _registered.get(name) or BUILT_IN_SPECS[name]
 
 
 def declared_sections(task=None):

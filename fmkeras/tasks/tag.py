@@ -18,6 +18,7 @@ from fmkeras.tasks.finetune import (
     cross_entropy,
 )
 from fmkeras.tasks.registry import register_task
+from fmkeras.tasks.spec import TagSpec
 from fmkeras.text.labelled import EVALUATE_SKIP_HINT, encode_words, read_conll
 
 
@@ -95,13 +96,8 @@ class TagPredictor(EncoderPredictor):
 
 
 @register_task
-class TagTask(EncoderTask):
-    name = "tag"
+class TagTask(TagSpec, EncoderTask):
     predictor = TagPredictor
-
-    @classmethod
-    def validation_metrics(cls, config):
-        return ("loss", "accuracy", "precision", "recall", "f1")
 
     def read_rows(self, path, labels=None):
         data = self.config.data

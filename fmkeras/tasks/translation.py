@@ -18,6 +18,7 @@ from fmkeras.models import Encoder, Translator, encoder_kwargs
 from fmkeras.signatures import translator_functions
 from fmkeras.tasks.base import Predictor, Task
 from fmkeras.tasks.registry import register_task
+from fmkeras.tasks.spec import TranslateSpec
 from fmkeras.text.detokenizer import Detokenizer
 from fmkeras.text.labelled import bucket_boundaries
 from fmkeras.text.parallel import encode_pairs, read_parallel, translation_batches
@@ -124,28 +125,7 @@ def build_translator(config, source, target, encoder):
 
 
 @register_task
-class TranslateTask(Task):
-    name = "translate"
-
-    @classmethod
-    def validation_metrics(cls, config):
-        return ("loss", "accuracy", "bleu", "chrf", "sentences_per_second")
-
-    @classmethod
-    def data_files(cls, config):
-        data = config.data
-        files = {
-            f"{split}_{side}": f"{prefix}.{language}"
-            for split, prefix in (("train", data.train_file), ("valid", data.valid_file))
-            for side, language in (("source", data.source_language),
-                                   ("target", data.target_language))
-        }  # fmt: skip
-        if data.vocab_file:
-            files["vocab"] = data.vocab_file
-        if data.target_vocab_file:
-            files["target_vocab"] = data.target_vocab_file
-        return files
-
+class TranslateTask(TranslateSpec, Task):
     def read_data(self):
         files, data = self.files, self.config.data
         self.train_pairs = read_parallel(files["train_source"], files["train_target"],

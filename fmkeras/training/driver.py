@@ -12,27 +12,16 @@ import keras
 
 from fmkeras import distribute
 from fmkeras.config import flat_config, profile_range
-from fmkeras.data import require_file, resolve_data_dir
 from fmkeras.errors import ConfigError
 from fmkeras.layers.utils import count_weights
 from fmkeras.tasks.registry import get_task
+from fmkeras.tasks.spec import check_run
 from fmkeras.training import trainer
 from fmkeras.training.callbacks import Evaluator, Profiler, TrainingLogger
 from fmkeras.training.checkpoints import BestKeeper, restore_backup, write_json
 from fmkeras.training.optimizer import create_optimizer
 from fmkeras.training.precision import resolve_precision
 from fmkeras.training.run_dir import RunDir
-
-
-def resolve_files(task_class, config, data_dir_option, log):
-    """`{role: Path}` of the task's data files; a missing one fails here, before
-    any file is read or written."""
-    data_dir, origin = resolve_data_dir(data_dir_option, config.data.dir)
-    files = {role: require_file(relative, data_dir, origin, role in task_class.glob_roles)
-             for role, relative in task_class.data_files(config).items()}  # fmt: skip
-    if data_dir is not None:
-        log(f"data directory {data_dir} (from {origin})")
-    return files
 
 
 @contextlib.contextmanager
@@ -60,19 +49,10 @@ def gradual_pruning(model, optimizer, config, log):
     return pruning
 
 
-def check_run(config, data_dir_option=None, log=print):
-    """What fails before anything runs -> `(task class, {role: Path})`: the
-    task's own checks, `train.keep_best`, and the data files."""
-    task_class = get_task(config.task)
-    task_class.check_config(config)
-    if config.train.keep_best:
-        task_class.check_metric(config, config.train.keep_best, "train.keep_best")
-    return task_class, resolve_files(task_class, config, data_dir_option, log)
-
-
 def train(config, out, data_dir_option=None, log=print):
     """Trains `config.task` into the run directory `out`; returns `(RunDir, metrics)`."""
-    task_class, files = check_run(config, data_dir_option, log)
+    files = check_run(config, data_dir_option, log)
+    task_class = get_task(config.task)
     distribute.configure_cpu_devices(config.distribute.cpu_devices)  # before any TF op
     # The strategy (a TPU or cluster connection) comes before any data work, so an
     # unreachable device fails within seconds.
