@@ -120,6 +120,24 @@ def test_bad_configuration_fails_before_tensorflow_is_imported(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_missing_run_fails_every_command_before_tensorflow_is_imported(tmp_path):
+    """Commands that read a finished run check it exists before loading anything."""
+    missing = str(tmp_path / "no-run")
+    commands = [["evaluate", missing], ["predict", missing, "hi"], ["translate", missing, "hi"],
+                ["generate", missing, "hi"], ["explain", missing, "hi"],
+                ["export", missing, "--name", "x", "--out", str(tmp_path / "sm")],
+                ["compress", "prune", missing, "--heads", "0.5", "--out", str(tmp_path / "p")]]
+    code = ("import importlib, json, sys\n"
+            "codes = [importlib.import_module(f'fmkeras.{argv[0]}').main(argv[1:])\n"
+            "         for argv in json.loads(sys.argv[1])]\n"
+            "print(json.dumps([codes, 'tensorflow' in sys.modules, 'keras' in sys.modules]))")
+    result = run("-c", code, json.dumps(commands))
+    codes, tensorflow, keras = json.loads(result.stdout.splitlines()[-1])
+    assert codes == [2] * len(commands) and not tensorflow and not keras, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: run directory {missing} does not exist"] * len(commands)
+
+
 def test_an_unwritable_run_directory_is_one_line(data_dir, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")

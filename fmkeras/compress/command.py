@@ -112,6 +112,17 @@ def write_run(source, model, destination, details):
 
 def prune(args):
     check_shares(args)
+    from fmkeras.training.run_dir import RunDir
+
+    source, out = RunDir(args.run_dir), RunDir(args.out)
+    source.read_info()  # a directory that holds no finished run fails before TensorFlow loads
+    if out.root.resolve() == source.root.resolve() or out.model.is_file():
+        raise ConfigError(f"--out {out.root} holds a finished run; choose another --out")
+    pruned = RunDir(out.root / "pruned")
+    if args.recover_steps and pruned.model.is_file():  # a killed recovery: resume it
+        log(f"{pruned.root} exists: resuming its recovery fine-tune")
+        recover(args, source, pruned, json.loads(pruned.metrics.read_text())["pruned"])
+        return
     import keras
 
     from fmkeras.compress.structured import (
@@ -124,16 +135,7 @@ def prune(args):
     )
     from fmkeras.config import build_config
     from fmkeras.tasks import load_run
-    from fmkeras.training.run_dir import RunDir
 
-    source, out = RunDir(args.run_dir), RunDir(args.out)
-    if out.root.resolve() == source.root.resolve() or out.model.is_file():
-        raise ConfigError(f"--out {out.root} holds a finished run; choose another --out")
-    pruned = RunDir(out.root / "pruned")
-    if args.recover_steps and pruned.model.is_file():  # a killed recovery: resume it
-        log(f"{pruned.root} exists: resuming its recovery fine-tune")
-        recover(args, source, pruned, json.loads(pruned.metrics.read_text())["pruned"])
-        return
     predictor = load_run(source.root, tasks=COMPRESSIBLE)
     config = build_config(source.config)
     model = predictor.model

@@ -18,8 +18,6 @@ from fmkeras.explain.attribution import Attributor, attention_rollout, completen
 from fmkeras.explain.choices import BASELINES, OUTPUTS
 from fmkeras.text.labelled import IGNORE, encode_inputs, encode_texts, encode_words, split_pairs
 
-METHODS = ("integrated_gradients", "gradient_x_input", "attention_rollout")
-
 
 @dataclass
 class Target:

@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fmkeras.explain.explainers import METHODS  # noqa: E402
+from fmkeras.explain.choices import METHODS  # noqa: E402
 from fmkeras.training.checkpoints import atomic_path  # noqa: E402
 
 POSITIVE = (22, 163, 74)  # green: raises F

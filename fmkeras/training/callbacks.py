@@ -1,16 +1,20 @@
 """Callbacks: TensorBoard scalars with throughput and MFU, periodic
-validation, a NaN guard and a SIGTERM stop."""
+validation, a NaN guard, a SIGTERM stop, and the periodic backups."""
 
 import contextlib
 import math
+import shutil
 import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 import keras
 import numpy as np
 import tensorflow as tf
+
+from fmkeras.training.checkpoints import write_backup
 
 
 def _scalar(value):
@@ -357,3 +361,47 @@ class Profiler(keras.callbacks.Callback):
         if self.active:
             tf.profiler.experimental.stop()
             self.active = False
+
+
+class Backup(keras.callbacks.Callback):
+    """Saves a backup at the end of each Keras epoch that ends on a multiple of
+    `every` or at `final_step` (`trainer.fit_phases` makes epochs end there),
+    named by the optimizer step, unless training was stopped (a NaN loss);
+    keeps the newest `keep` (`train.keep_backups`).
+
+    Args:
+        directory: where `step-*` backups go.
+        every: steps between backups (`train.checkpoint_every`).
+        final_step: the run's last step, always backed up.
+        keep: how many backups to keep.
+        write_extra: optional `fn(directory)` that adds files to each backup
+            (e.g. LoRA adapters) before it is renamed into place.
+    """
+
+    def __init__(self, directory, every, final_step, keep=2, write_extra=None):
+        super().__init__()
+        self.directory = Path(directory)
+        self.every = every
+        self.final_step = final_step
+        self.keep = keep
+        self.write_extra = write_extra
+
+    def on_train_begin(self, logs=None):
+        for partial in self.directory.glob(".partial-*"):  # left by a killed run
+            shutil.rmtree(partial, ignore_errors=True)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.model.stop_training:  # e.g. NaN loss: keep the last good backup
+            return
+        step = optimizer_step(self.model)
+        if step % self.every == 0 or step >= self.final_step:
+            self.save()
+
+    def save(self):
+        """Backs up the model at its current step; returns the backup's path."""
+        step = optimizer_step(self.model)
+        final = self.directory / f"step-{step:08d}"
+        write_backup(self.model, final, {"step": step}, self.write_extra)
+        for old in sorted(self.directory.glob("step-*"))[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final

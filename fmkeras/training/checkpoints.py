@@ -7,6 +7,10 @@ temporary name and renamed into place, so a run killed at any moment leaves
 either the previous backup or the new one, never a torn one; a backup
 damaged afterwards (a bad disk, a copy cut short) fails its checksums, and
 resuming falls back to the previous one.
+
+This module imports no Keras (the `Backup` callback lives in
+`fmkeras.training.callbacks`), so run directories can be read and checked
+before TensorFlow is imported.
 """
 
 import contextlib
@@ -17,11 +21,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import keras
-
 from fmkeras.errors import ConfigError, TrainingError
-from fmkeras.training.callbacks import optimizer_step
-from fmkeras.workarounds import save_without_training_state
 
 STATE_FILE = "state.json"
 WEIGHTS_FILE = "state.weights.h5"
@@ -55,6 +55,8 @@ def write_json(path, data):
 def save_model(model, path):
     """`model.save` to `path` (`.keras`), atomically, without the optimizer
     state and compile configuration (backups hold what resuming needs)."""
+    from fmkeras.workarounds import save_without_training_state  # Keras: not at import
+
     with atomic_path(path) as temporary:
         save_without_training_state(model, temporary)
 
@@ -214,47 +216,3 @@ class BestKeeper:
             write_backup(model, self.directory, {"step": step, "metric": self.metric,
                                                  "value": value}, self.write_extra)  # fmt: skip
             self.step, self.value = step, value
-
-
-class Backup(keras.callbacks.Callback):
-    """Saves a backup at the end of each Keras epoch that ends on a multiple of
-    `every` or at `final_step` (`trainer.fit_phases` makes epochs end there),
-    named by the optimizer step, unless training was stopped (a NaN loss);
-    keeps the newest `keep` (`train.keep_backups`).
-
-    Args:
-        directory: where `step-*` backups go.
-        every: steps between backups (`train.checkpoint_every`).
-        final_step: the run's last step, always backed up.
-        keep: how many backups to keep.
-        write_extra: optional `fn(directory)` that adds files to each backup
-            (e.g. LoRA adapters) before it is renamed into place.
-    """
-
-    def __init__(self, directory, every, final_step, keep=2, write_extra=None):
-        super().__init__()
-        self.directory = Path(directory)
-        self.every = every
-        self.final_step = final_step
-        self.keep = keep
-        self.write_extra = write_extra
-
-    def on_train_begin(self, logs=None):
-        for partial in self.directory.glob(".partial-*"):  # left by a killed run
-            shutil.rmtree(partial, ignore_errors=True)
-
-    def on_epoch_end(self, epoch, logs=None):
-        if self.model.stop_training:  # e.g. NaN loss: keep the last good backup
-            return
-        step = optimizer_step(self.model)
-        if step % self.every == 0 or step >= self.final_step:
-            self.save()
-
-    def save(self):
-        """Backs up the model at its current step; returns the backup's path."""
-        step = optimizer_step(self.model)
-        final = self.directory / f"step-{step:08d}"
-        write_backup(self.model, final, {"step": step}, self.write_extra)
-        for old in sorted(self.directory.glob("step-*"))[: -self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
-        return final

@@ -12,9 +12,8 @@ import tensorflow as tf
 from fmkeras import distribute
 from fmkeras.errors import ConfigError, Stopped, TrainingError
 from fmkeras.fused import fused_elementwise
-from fmkeras.training.callbacks import StopOnNaN, StopOnSignal
+from fmkeras.training.callbacks import Backup, StopOnNaN, StopOnSignal
 from fmkeras.training.checkpoints import (
-    Backup,
     backup_problem,
     backups,
     latest_backup,
