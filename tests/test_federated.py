@@ -122,6 +122,10 @@ def test_settings_travel_as_a_flower_run_config_and_the_app_names_the_apps(tmp_p
      "federated.rounds must be positive"),
     (["simulate", "--recipe", "sst2_federated", "--set", "train.ema=0.99"],
      "train.ema averages one run's weights over its steps"),
+    (["simulate", "--recipe", "sst2_federated", "--data-dir", "/no/data"],
+     "expected the file sst2/train.tsv in data directory /no/data"),
+    (["server", "--recipe", "sst2_federated", "--set", "model.init=/no/dir"],
+     "model.init='/no/dir': /no/dir is not a directory"),
 ])  # fmt: skip
 def test_command_line_mistakes_are_one_line_errors(args, message, capsys):
     from fmkeras.federated.command import main
@@ -129,6 +133,15 @@ def test_command_line_mistakes_are_one_line_errors(args, message, capsys):
     assert main(args) == 2
     error = capsys.readouterr().err
     assert message in error and error.count("\n") == 1
+
+
+def test_a_missing_data_file_fails_before_flower_or_tensorflow_loads():
+    code = ("import sys\nfrom fmkeras.federated.command import main\n"
+            "code = main(['simulate', '--recipe', 'sst2_federated', '--data-dir', '/no/data'])\n"
+            "print(code, *(name in sys.modules for name in ('flwr', 'ray', 'tensorflow')))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    assert result.stdout.split() == ["2", "False", "False", "False"], result.stderr
 
 
 def test_a_resumed_server_refuses_a_changed_configuration_but_not_more_rounds(tmp_path):

@@ -70,15 +70,19 @@ def build_parser():
 
 
 def settings_from(args):
-    """`Settings` of a `simulate` or `server` command, with the recipe checked."""
-    from fmkeras.federated.app import Settings
+    """`Settings` of a `simulate` or `server` command, with the recipe, its
+    task's settings and its data files checked (before Flower or TensorFlow loads)."""
+    from fmkeras.federated.settings import Settings
+    from fmkeras.tasks.spec import check_run
     from fmkeras.train import find_recipe
 
     recipe = find_recipe(args.recipe)
     out = Path(args.out or Path("runs") / recipe.stem).resolve()
     data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else None
     settings = Settings(str(recipe.resolve()), tuple(args.overrides), str(out), data_dir)
-    return settings, settings.config()
+    config = settings.config()
+    check_run(config, data_dir, log=lambda _: None)
+    return settings, config
 
 
 def finished(settings, config):
@@ -101,11 +105,11 @@ def finished(settings, config):
 
 
 def simulate(args):
+    settings, config = settings_from(args)
     from flwr.simulation import run_simulation
 
     from fmkeras.federated.app import make_client_app, make_server_app
 
-    settings, config = settings_from(args)
     cores = os.cpu_count() or 1
     # One client at a time with every core: TensorFlow parallelises each step itself.
     backend = {"client_resources": {"num_cpus": cores, "num_gpus": 0.0},
