@@ -135,11 +135,16 @@ def train_one(config, out, data_dir_option):
 
 def quickstart(args):
     from fmkeras.config import build_config
+    from fmkeras.tasks.registry import get_spec
+    from fmkeras.tasks.spec import check_run, resolve_files
 
     root = Path(args.out or Path("runs") / "quickstart")
     pretrain_config = build_config(None, args.overrides, base=QUICKSTART_PRETRAIN)
     classify_config = build_config(None, args.overrides, base={**QUICKSTART_CLASSIFY,
                                    "model.init": str(root / "pretrain")})  # fmt: skip
+    # Both stages' data before the first trains (the second's model.init does not exist yet).
+    check_run(pretrain_config, args.data_dir, log=lambda _: None)
+    resolve_files(get_spec("classify"), classify_config, args.data_dir, log=lambda _: None)
     pretrained, _ = train_one(pretrain_config, root / "pretrain", args.data_dir)
     classifier, metrics = train_one(classify_config, root / "sst2", args.data_dir)
     log(

@@ -138,6 +138,17 @@ def test_a_missing_run_fails_every_command_before_tensorflow_is_imported(tmp_pat
     assert errors == [f"error: run directory {missing} does not exist"] * len(commands)
 
 
+def test_the_quickstart_checks_both_stages_data_before_pretraining(tmp_path, capsys):
+    data = tmp_path / "data" / "gutenberg_en"
+    data.mkdir(parents=True)
+    for name in ("train.txt", "valid.txt"):
+        (data / name).write_text("a line of text\n", encoding="utf-8")
+    out = tmp_path / "quickstart"
+    assert train_main(["--data-dir", str(tmp_path / "data"), "--out", str(out)]) == 2
+    assert "expected the file sst2/train.tsv" in capsys.readouterr().err
+    assert not out.exists()  # nothing pretrained for a fine-tuning stage that cannot run
+
+
 def test_an_unwritable_run_directory_is_one_line(data_dir, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")
