@@ -326,3 +326,10 @@ def test_distill_needs_a_teacher(tmp_path, capsys, data_dir):
     settings = {"distill.teacher": f"{REPO / 'trainers'},{tmp_path / 'nothing'}"}  # a list
     assert train_main(train_args("distill", recipe, settings, tmp_path)) == 2
     assert f"distill.teacher: {REPO / 'trainers'} is not a finished run" in capsys.readouterr().err
+    pretraining = tmp_path / "mlm-run"  # a finished run of another task
+    pretraining.mkdir()
+    (pretraining / "task.json").write_text('{"task": "mlm"}', encoding="utf-8")
+    (pretraining / "model.keras").write_bytes(b"")
+    assert train_main(train_args("distill", recipe, {"distill.teacher": pretraining},
+                                 tmp_path)) == 2  # fmt: skip
+    assert "holds a 'mlm' run; the teacher must be a classify run" in capsys.readouterr().err

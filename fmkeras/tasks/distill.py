@@ -50,13 +50,18 @@ from fmkeras.tasks import load_run
 from fmkeras.tasks.classify import ClassifyTask
 from fmkeras.tasks.finetune import EncoderTask, collect
 from fmkeras.tasks.registry import register_task
-from fmkeras.tasks.spec import LAYER_WEIGHTS, DistillSpec, intermediate, teacher_runs
+from fmkeras.tasks.spec import (
+    LAYER_WEIGHTS,
+    TEACHER_TASKS,
+    DistillSpec,
+    intermediate,
+    teacher_runs,
+)
 from fmkeras.text.augment import augment_texts
 from fmkeras.text.labelled import encode_inputs
 from fmkeras.training.checkpoints import atomic_path
 from fmkeras.training.run_dir import RunDir
 
-TEACHER_TASKS = ("classify", "distill")
 TEACHER_LOGITS = "teacher_logits.npz"  # in the student's run directory
 
 
@@ -65,11 +70,8 @@ class DistillTask(DistillSpec, ClassifyTask):
     def read_data(self):
         super().read_data()
         self.teachers = teacher_runs(self.config.distill)
-        for teacher in self.teachers:
+        for teacher in self.teachers:  # the spec checked that each is a classify run
             info = RunDir(teacher).read_info()
-            if info["task"] not in TEACHER_TASKS:
-                raise ConfigError(f"distill.teacher: {teacher} holds a {info['task']!r} run; "
-                                  f"the teacher must be a classify run")  # fmt: skip
             if list(info["labels"]) != list(self.names):
                 raise ConfigError(f"distill.teacher: {teacher} has the labels "
                                   f"{info['labels']}, but {self.config.data.train_file} has "

@@ -14,6 +14,7 @@ from typing import ClassVar
 from fmkeras.config import resolve_init
 from fmkeras.data import is_glob, require_file, resolve_data_dir
 from fmkeras.errors import ConfigError
+from fmkeras.training.run_dir import RunDir
 
 
 class TaskSpec:
@@ -77,6 +78,7 @@ class TagSpec(TaskSpec):
 
 
 LAYER_WEIGHTS = "distill.hidden_weight/attention_weight/value_weight"  # intermediate transfer
+TEACHER_TASKS = ("classify", "distill")
 
 
 def teacher_runs(distill):
@@ -101,6 +103,10 @@ class DistillSpec(ClassifySpec):
             if not (Path(teacher) / "task.json").is_file():
                 raise ConfigError(f"distill.teacher: {teacher} is not a finished run (no "
                                   f"task.json)")  # fmt: skip
+            task = RunDir(teacher).read_info()["task"]
+            if task not in TEACHER_TASKS:
+                raise ConfigError(f"distill.teacher: {teacher} holds a {task!r} run; the "
+                                  f"teacher must be a classify run")  # fmt: skip
         if intermediate(config.distill) and len(teachers) > 1:
             raise ConfigError(f"{LAYER_WEIGHTS} pair the student's blocks with one teacher's, "
                               f"but distill.teacher names {len(teachers)} runs: name one, or "
