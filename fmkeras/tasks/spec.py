@@ -1,11 +1,12 @@
 """The configuration half of a task: what a run needs, checked before it starts.
 
 Every `Task` is a `TaskSpec`. The built-in tasks' specs live here, in a module
-that imports neither Keras nor TensorFlow, so `train`, `sweep`, `evaluate` and
-`compress` reject a missing `model.init` or teacher, a missing data file or a
-`train.keep_best` that validation never reports in a fraction of a second,
-not after the seconds TensorFlow takes to import. A task registered with
-`register_task` is its own spec (its module is imported already).
+that imports neither Keras nor TensorFlow, so `train`, `sweep`, `evaluate`,
+`compress` and `federated` reject a missing `model.init` or teacher, a missing
+data file or a `train.keep_best` that validation never reports in a fraction
+of a second, not after the seconds TensorFlow takes to import. A task
+registered with `register_task` is its own spec (its module is imported
+already).
 """
 
 from pathlib import Path
