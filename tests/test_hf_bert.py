@@ -156,7 +156,7 @@ def test_bad_checkpoints_name_the_tensor_or_key(tmp_path, minilm_dir, change, me
         load_starting_point(str(broken), dropout=0.1)
 
 
-def test_bad_model_init_is_explained(tmp_path):
+def test_bad_model_init_is_explained(tmp_path, capsys):
     with pytest.raises(ConfigError, match="is not a directory"):
         load_starting_point(str(tmp_path / "nowhere"), 0.1)
     with pytest.raises(ConfigError, match="pip install"):
@@ -164,3 +164,6 @@ def test_bad_model_init_is_explained(tmp_path):
     with pytest.raises(ConfigError, match="holds neither an fmkeras encoder"):
         load_starting_point(str(tmp_path), 0.1)
     assert convert_main(["hf-bert", str(tmp_path), str(tmp_path / "out")]) == 2
+    capsys.readouterr()
+    assert convert_main(["hf-bert", str(tmp_path / "nowhere"), str(tmp_path / "out")]) == 2
+    assert f"error: SOURCE='{tmp_path / 'nowhere'}': " in capsys.readouterr().err
