@@ -223,7 +223,7 @@ class TrainConfig:
     # decay of a moving average of the weights (e.g. 0.99: about the last 100 steps; 0: off):
     # validation, keep_best and the saved model use the average
     ema: float = 0.0
-    label_smoothing: float = key(0.0, "translate")
+    label_smoothing: float = key(0.0, "translate", "classify", "tag")
     peak_gflops: float | None = None  # per-replica peak for MFU; default measured matmul ceiling
     seed: int = 42
 

@@ -6,10 +6,11 @@ import keras
 import numpy as np
 import pytest
 from conftest import REPO
-from run_helpers import scalars, serve_in_fresh_process, train_args
+from run_helpers import built_task, scalars, serve_in_fresh_process, train_args
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import fmkeras
+from fmkeras.config import applies_to
 from fmkeras.errors import DataError
 from fmkeras.evaluate import main as evaluate_main
 from fmkeras.export import main as export_main
@@ -275,3 +276,25 @@ def test_layer_decay_slows_each_layer_below_the_head(tmp_path, data_dir, capsys)
                           ("transformer_layer_1", 1e-2)):  # fmt: skip
         assert 0 < moved[group] <= 4 * 3.2 * 1e-3 * factor, (group, moved[group])
     assert moved["pooled_dense"] > 10 * moved["transformer_layer_1"]  # the pooler: full rate
+
+
+def test_label_smoothing_smooths_the_classifiers_cross_entropy(tmp_path, data_dir):
+    """`train.label_smoothing` (as HF's `label_smoothing_factor`): (1 - s) x the
+    true class's negative log-likelihood + s x the mean over classes, over
+    weighted positions; 0 is Keras's cross-entropy."""
+    settings = {"model.size": "tiny", "model.init": "random", "data.max_lines": 50,
+                "data.vocab_size": 300, "data.sequence_length": 16}  # fmt: skip
+    logits = np.array([[2.0, -1.0], [0.3, 0.5], [1.0, 1.0], [-2.0, 0.5]], "float32")
+    labels, weights = np.array([0, 0, 1, 1]), np.array([1.0, 1.0, 0.0, 1.0], "float32")
+    log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    nll, uniform = -log_p[np.arange(4), labels], -log_p.mean(-1)
+    for smoothing in (0.2, 0.0):
+        task, model = built_task(REPO / "trainers" / "sst2.yaml",
+                                 {**settings, "train.label_smoothing": smoothing},
+                                 tmp_path / f"run-{smoothing}")  # fmt: skip
+        loss = task.compile_args(model)["loss"]
+        expected = (weights * ((1 - smoothing) * nll + smoothing * uniform)).sum() / weights.sum()
+        assert float(loss(labels, logits, sample_weight=weights)) == pytest.approx(expected, 1e-5)
+    assert applies_to("train.label_smoothing", "tag")
+    assert not applies_to("train.label_smoothing", "distill")  # its soft targets smooth already
+

@@ -60,6 +60,7 @@ from fmkeras.tasks.spec import (
 from fmkeras.text.augment import augment_texts
 from fmkeras.text.labelled import encode_inputs
 from fmkeras.training.checkpoints import atomic_path
+from fmkeras.training.losses import label_loss
 from fmkeras.training.run_dir import RunDir
 
 TEACHER_LOGITS = "teacher_logits.npz"  # in the student's run directory
@@ -203,7 +204,8 @@ class DistillTask(DistillSpec, ClassifyTask):
     def compile_args(self, model):
         distill = self.config.distill
         if isinstance(model, Distiller):  # the soft and intermediate terms are the model's
-            return {**EncoderTask.compile_args(self, model), "loss_weights": 1.0 - distill.alpha}
+            return {**EncoderTask.compile_args(self, model), "loss": label_loss(),
+                    "loss_weights": 1.0 - distill.alpha}  # fmt: skip
         accuracy = keras.metrics.MeanMetricWrapper(label_accuracy, name="accuracy")
         return {"loss": DistillationLoss(distill.temperature, distill.alpha),
                 "weighted_metrics": [accuracy]}  # fmt: skip

@@ -12,6 +12,7 @@ from fmkeras.tasks.base import Predictor, Task, log_softmax
 from fmkeras.text.labelled import batched, skipped_summary
 from fmkeras.text.wordpiece import WordPieceTokenizer
 from fmkeras.training import lora
+from fmkeras.training.losses import label_loss
 from fmkeras.workarounds import predict_on_batch
 
 
@@ -100,11 +101,9 @@ class EncoderTask(Task):
                 "total_parameters": total, "trainable_share": trainable / total}  # fmt: skip
 
     def compile_args(self, model):
-        loss = keras.losses.SparseCategoricalCrossentropy(
-            from_logits=True, reduction="mean_with_sample_weight"
-        )
         accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
-        return {"loss": loss, "weighted_metrics": [accuracy]}
+        return {"loss": label_loss(self.config.train.label_smoothing),
+                "weighted_metrics": [accuracy]}  # fmt: skip
 
     def backup_hooks(self, model):
         """Adapters in every backup (the saved kernels are merged) and back on resume."""

@@ -74,3 +74,13 @@ class SmoothedSparseCrossEntropy(keras.losses.Loss):
 
     def get_config(self):
         return {**super().get_config(), "label_smoothing": self.label_smoothing}
+
+
+def label_loss(label_smoothing=0.0):
+    """The cross-entropy of integer labels from logits, averaged over positions
+    with non-zero sample weight: Keras's, or label-smoothed (`train.label_smoothing`)."""
+    if label_smoothing:
+        return SmoothedSparseCrossEntropy(label_smoothing)
+    return keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True, reduction="mean_with_sample_weight"
+    )
