@@ -333,3 +333,8 @@ def test_distill_needs_a_teacher(tmp_path, capsys, data_dir):
     assert train_main(train_args("distill", recipe, {"distill.teacher": pretraining},
                                  tmp_path)) == 2  # fmt: skip
     assert "holds a 'mlm' run; the teacher must be a classify run" in capsys.readouterr().err
+    (pretraining / "model.keras").unlink()  # task.json alone: the error names the key
+    assert train_main(train_args("distill", recipe, {"distill.teacher": pretraining},
+                                 tmp_path)) == 2  # fmt: skip
+    assert f"error: distill.teacher: {pretraining} is not an fmkeras run directory" in \
+        capsys.readouterr().err  # fmt: skip

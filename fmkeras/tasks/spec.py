@@ -104,7 +104,10 @@ class DistillSpec(ClassifySpec):
             if not (Path(teacher) / "task.json").is_file():
                 raise ConfigError(f"distill.teacher: {teacher} is not a finished run (no "
                                   f"task.json)")  # fmt: skip
-            task = RunDir(teacher).read_info()["task"]
+            try:  # e.g. a task.json without its model.keras
+                task = RunDir(teacher).read_info()["task"]
+            except ConfigError as error:
+                raise ConfigError(f"distill.teacher: {error}") from None
             if task not in TEACHER_TASKS:
                 raise ConfigError(f"distill.teacher: {teacher} holds a {task!r} run; the "
                                   f"teacher must be a classify run")  # fmt: skip
